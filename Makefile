@@ -1,0 +1,35 @@
+# centrifugo-relay: `make run` and `make test` are all the set-up a new machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fuzz bench protos lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## the default pipeline: embedded server + ticker + file tail
+	$(VENV)/bin/relay run -c config.toml
+
+test: $(STAMP)  ## the whole suite; starts real Kafka and real Centrifugo itself
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fuzz: $(STAMP)  ## the long fuzz profile (10,000 examples per target)
+	RELAY_FUZZ_EXAMPLES=10000 $(PY) -m pytest -p no:cacheprovider -m slow tests/test_fuzz.py
+
+bench: $(STAMP)  ## every benchmark; writes BENCHMARKS.md and plots
+	$(PY) bench/run.py
+
+protos: $(STAMP)  ## regenerate relay/proto/ from protos/
+	$(PY) protos/generate.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check relay tests bench
+	$(VENV)/bin/mypy relay
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

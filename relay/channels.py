@@ -1,0 +1,34 @@
+"""Centrifugo's channel-name rules, shared by the routing table and the embedded server."""
+
+from __future__ import annotations
+
+import re
+
+MAX_CHANNEL_BYTES = 255
+NAMESPACE_SEPARATOR = ":"
+# Centrifugo reserves these in channel names (`chat:*` is not a wildcard).
+RESERVED = frozenset("*$#/&")
+NAMESPACE_NAME = re.compile(r"^[-a-zA-Z0-9_.]{2,}$")
+
+
+def namespace_of(channel: str) -> str:
+    """The namespace part of a channel: what comes before the first `:`, or "" for none."""
+    head, sep, _ = channel.partition(NAMESPACE_SEPARATOR)
+    return head if sep else ""
+
+
+def channel_problem(channel: str) -> str | None:
+    """Why Centrifugo would reject this channel name by its form, or None when it is fine.
+
+    Whether the namespace exists is the server's business (error 102), not checked here.
+    """
+    if not channel:
+        return "channel is empty"
+    if len(channel.encode()) > MAX_CHANNEL_BYTES:
+        return f"channel is longer than {MAX_CHANNEL_BYTES} bytes"
+    bad = sorted(set(channel) & RESERVED)
+    if bad:
+        return f"channel {channel!r} contains reserved character(s) {''.join(bad)!r}"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in channel):
+        return f"channel {channel!r} contains control characters"
+    return None

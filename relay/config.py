@@ -1,0 +1,308 @@
+"""The config file: TOML read with tomllib into pydantic models, one problem per line on error.
+
+Every error reads `FILE: dotted.key: what is wrong`, so a user can go straight to the line.
+Source tables are validated by the model of their `type` (relay/sources/<type>.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from relay import sources
+from relay.channels import NAMESPACE_NAME
+from relay.templates import Template, TemplateError
+from relay.units import Duration, Size
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RelaySection(Model):
+    state_dir: str = Field("var/relay", description="Checkpoints and dead letters live here.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
+    metrics_listen: str = Field("127.0.0.1:9108", description='/metrics, /healthz, /readyz; "" turns it off.')
+    shutdown_timeout: Duration = Field(10.0, description="Drain in-flight work on SIGTERM, then stop.")
+    unmatched: Literal["drop", "dead_letter"] = Field("drop", description="What happens to a message no route takes.")
+
+
+class NamespaceConfig(Model):
+    name: str = Field(description="Namespace name, the part of a channel before the first ':'.")
+    history_size: int = Field(1000, ge=0, description="Publications kept per channel; 0 turns history off.")
+    history_ttl: Duration = Field(600.0, description="How long publications are kept; 0s turns history off.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAMESPACE_NAME.match(value):
+            raise ValueError(f"namespace name {value!r} must match {NAMESPACE_NAME.pattern}")
+        return value
+
+
+class ServerTls(Model):
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = Field("", description="Demand client certificates signed by this CA (mTLS).")
+
+
+class ServerSection(Model):
+    enabled: bool = Field(False, description="Run the embedded Centrifugo-compatible server.")
+    listen: str = Field("127.0.0.1:10000", description="host:port of the embedded server.")
+    api_key_env: str = Field("", description="Environment variable holding the API key; unset = no auth.")
+    api_key_file: str = Field("", description="File holding the API key.")
+    namespaces: list[NamespaceConfig] = Field(default_factory=list, description="Configured namespaces.")
+    tls: ServerTls = Field(default_factory=ServerTls)
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow a non-loopback listen address without an API key.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        # A bare name gets history on (1000, 10m): the embedded server is for trying things out.
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class SinkTls(Model):
+    enabled: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+
+class RetryConfig(Model):
+    initial_backoff: Duration = 0.05
+    max_backoff: Duration = 5.0
+    max_elapsed: Duration = Field(0.0, description="0s = retry forever.")
+
+
+class SinkSection(Model):
+    address: str = Field("127.0.0.1:10000", description="Centrifugo's GRPC API address, host:port.")
+    api: Literal["v6", "v2"] = Field("v6", description="v6 = CentrifugoApi (v3..v6); v2 = legacy api.Centrifugo.")
+    api_key_env: str = Field("", description="Environment variable holding the GRPC API key.")
+    api_key_file: str = Field("", description="File holding the GRPC API key.")
+    tls: SinkTls = Field(default_factory=SinkTls)
+    timeout: Duration = Field(5.0, description="Per-call deadline.")
+    batch_max_size: int = Field(500, ge=1, le=10000)
+    batch_linger: Duration = 0.005
+    max_in_flight: int = Field(4, ge=1, le=256, description="Batches in flight at once (ordered lanes).")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    idempotency: bool = Field(True, description="Every publication carries an idempotency key.")
+    dead_letter: str = Field("", description='Dead letter file; default "<state_dir>/dead-letter.jsonl".')
+    max_message_bytes: Size = Field(4 * 1024 * 1024, description="Largest GRPC request sent.")
+
+
+WhenValue = str
+
+
+class RouteConfig(Model):
+    source: str = Field(description="Name of the source whose messages this route takes.")
+    when: dict[str, WhenValue] = Field(default_factory=dict,
+                                       description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
+    channel: str = ""
+    channels: list[str] = Field(default_factory=list)
+    data: Literal["json", "wrap", "raw"] | None = Field(
+        None, description="json (must be JSON), wrap ({line, file}), raw; a string with {{ }} is a template.")
+    data_template: str = Field("", description="Publication data built from a template.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    continue_: bool = Field(False, alias="continue")
+    skip_history: bool = False
+
+    @model_validator(mode="after")
+    def _targets(self) -> RouteConfig:
+        if bool(self.channel) == bool(self.channels):
+            raise ValueError("a route needs exactly one of channel or channels")
+        return self
+
+    @field_validator("channel", "data_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value:
+            Template.compile(value)
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _templates(cls, value: list[str]) -> list[str]:
+        for item in value:
+            Template.compile(item)
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for item in value.values():
+            Template.compile(item)
+        return value
+
+    @field_validator("when")
+    @classmethod
+    def _when_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        from relay.templates import check_field
+        for key in value:
+            if key not in ("key", "topic", "partition", "source") and not key.startswith(
+                    ("header.", "json.", "file.")):
+                raise ValueError(f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
+            check_field(key)
+        return value
+
+
+class Config(Model):
+    relay: RelaySection = Field(default_factory=RelaySection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    sink: SinkSection = Field(default_factory=SinkSection)
+    sources: dict[str, Annotated[Any, Field()]] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @property
+    def dead_letter_path(self) -> Path:
+        return Path(self.sink.dead_letter or os.path.join(self.relay.state_dir, "dead-letter.jsonl"))
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each a line `FILE: dotted.key: what is wrong`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    names = []
+    for name, info in model.model_fields.items():
+        names.append(info.alias or name)
+    return names
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the last key of `loc`, for did-you-mean suggestions."""
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation: Any = info.annotation
+        for arg in getattr(annotation, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                annotation = arg
+        model = annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _problems(file: str, err: ValidationError, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[str]:
+    out = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+            owner = _model_at(root, loc)
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), _field_names(owner), n=1)
+                if close:
+                    msg += f" (did you mean {close[0]!r}?)"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+        out.append(f"{file}: {_dotted(prefix + loc)}: {msg}")
+    return out
+
+
+def _validate_sources(file: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        return built, [f"{file}: sources: expected a table of named sources"]
+    for name, table in raw.items():
+        where = f"sources.{name}"
+        if not isinstance(table, dict):
+            problems.append(f"{file}: {where}: expected a table")
+            continue
+        kind = table.get("type")
+        if kind not in sources.TYPES:
+            close = difflib.get_close_matches(str(kind), sources.TYPES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (one of {', '.join(sources.TYPES)})"
+            what = "required key is missing" if kind is None else f"unknown source type {kind!r}{hint}"
+            problems.append(f"{file}: {where}.type: {what}")
+            continue
+        model = sources.config_model(kind)
+        try:
+            built[name] = model.model_validate(table)
+        except ValidationError as err:
+            problems.extend(_problems(file, err, model, ("sources", name)))
+    return built, problems
+
+
+def parse_config(text: str, file: str = "config.toml") -> Config:
+    """Parse and validate config text; raises ConfigError with every problem found."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{file}: (toml): {err}"]) from None
+    source_tables, problems = _validate_sources(file, raw.pop("sources", {}))
+    try:
+        config = Config.model_validate({**raw, "sources": {}})
+    except ValidationError as err:
+        problems.extend(_problems(file, err, Config))
+        raise ConfigError(problems) from None
+    config = config.model_copy(update={"sources": source_tables})
+    problems.extend(_cross_checks(file, config, raw_source_names=source_tables.keys() | set()))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(file: str, config: Config, raw_source_names: Any) -> list[str]:
+    problems = []
+    for i, route in enumerate(config.routes):
+        if route.source not in config.sources:
+            close = difflib.get_close_matches(route.source, list(config.sources), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{file}: routes[{i}].source: no source named {route.source!r}{hint}")
+    names = [ns.name for ns in config.server.namespaces]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{file}: server.namespaces: namespace {dup!r} is listed twice")
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"{file}: cannot read: {err.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{file}: not UTF-8 text"]) from None
+    return parse_config(text, file)
+
+
+def default_config_path() -> str:
+    return os.environ.get("RELAY_CONFIG") or "config.toml"
+
+
+__all__ = ["Config", "ConfigError", "Duration", "Size", "TemplateError", "load_config", "parse_config"]

@@ -1,0 +1,52 @@
+"""The message envelope: the one type every source emits and the pipeline routes.
+
+A message carries its source position (`stream` and `offset`) and an acknowledgement callback.
+The pipeline calls `settle()` once every publication made from the message was accepted by
+Centrifugo or written to the dead letter file; only then may the source commit that position.
+Sources never learn which sink delivered; the sink never learns what a source is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Ack = Callable[["Message"], None]
+
+
+def _no_ack(_: Message) -> None:
+    return None
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One record from a source.
+
+    `stream` names the ordered sequence the message belongs to within its source (a Kafka
+    "topic/partition", a file identity, "" for the ticker); `offset` is its position there.
+    Order is kept per (source, stream) all the way to every channel.
+    """
+
+    source: str
+    data: bytes
+    stream: str = ""
+    offset: int = 0
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # Template fields a route may use besides key/headers/json: topic, partition, file.path, seq ...
+    attributes: dict[str, Any] = field(default_factory=dict)
+    on_settled: Ack = _no_ack
+    read_at: float = field(default_factory=time.monotonic)
+    # Publications made from this message that are not yet settled (set by the pipeline).
+    pending: int = 0
+
+    @property
+    def position(self) -> str:
+        """A stable, printable source position; idempotency keys derive from it."""
+        return f"{self.source}/{self.stream}/{self.offset}" if self.stream else f"{self.source}/{self.offset}"
+
+    def settle(self) -> None:
+        """Called by the pipeline when nothing more is owed for this message."""
+        self.on_settled(self)

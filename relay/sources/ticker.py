@@ -1,0 +1,108 @@
+"""`type = "ticker"`: a message every interval (or on a 5-field cron schedule), `count` times."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from relay.message import Message
+from relay.sources import Emit
+from relay.templates import Template
+from relay.units import Duration
+
+DEFAULT_DATA = '{"type": "tick", "seq": {{ seq }}, "at": "{{ now }}"}'
+# With interval = "0s" the ticker emits as fast as the sink takes, in batches of this many.
+BURST = 500
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["ticker"]
+    interval: Duration = Field(1.0, description='Time between messages; "0s" = as fast as the sink takes.')
+    cron: str = Field("", description='A 5-field cron schedule instead of interval, like "*/5 * * * *".')
+    count: int = Field(0, ge=0, description="Messages to emit, then stop; 0 = forever.")
+    data: str = Field(DEFAULT_DATA, description="Data template: {{ seq }} (from 1), {{ now }} (RFC 3339 UTC).")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: str) -> str:
+        Template.compile(value)
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if value:
+            from croniter import croniter
+            if len(value.split()) != 5 or not croniter.is_valid(value):
+                raise ValueError(f"bad cron expression {value!r} (want 5 fields, like \"*/5 * * * *\")")
+        return value
+
+    @model_validator(mode="after")
+    def _schedule(self) -> Config:
+        if self.interval < 0:
+            raise ValueError("interval must not be negative")
+        return self
+
+
+class Ticker:
+    """Emits `data` rendered with a growing `seq`; positions are (run id, seq)."""
+
+    def __init__(self, name: str, config: Config) -> None:
+        self.name = name
+        self.config = config
+        self._template = Template.compile(config.data)
+        self._stopped = asyncio.Event()
+        # Ticks are not replayed after a restart, so a restart must not collide with the
+        # idempotency keys of the previous run: each run is its own stream.
+        self._stream = uuid.uuid4().hex[:12]
+
+    def _message(self, seq: int) -> Message:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        values = {"seq": str(seq), "now": now, "source": self.name}
+        data = self._template.render(values.get).encode()
+        return Message(source=self.name, data=data, stream=self._stream, offset=seq,
+                       attributes={"seq": seq, "now": now})
+
+    async def _sleep_until_next(self) -> None:
+        if self.config.cron:
+            from croniter import croniter
+            delay = croniter(self.config.cron, datetime.now(UTC)).get_next(float) - time.time()
+        else:
+            delay = self.config.interval
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._stopped.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def run(self, emit: Emit) -> None:
+        seq = 0
+        limit = self.config.count
+        fast = not self.config.cron and self.config.interval == 0
+        while not self._stopped.is_set() and (limit == 0 or seq < limit):
+            if not fast:
+                await self._sleep_until_next()
+                if self._stopped.is_set():
+                    break
+            n = min(BURST, limit - seq) if (fast and limit) else (BURST if fast else 1)
+            batch = [self._message(seq + i + 1) for i in range(n)]
+            seq += n
+            await emit(batch)
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        return None
+
+
+def build(name: str, config: Config, state_dir: Path) -> Ticker:
+    return Ticker(name, config)

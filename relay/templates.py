@@ -1,0 +1,81 @@
+"""Vector-style `{{ name }}` templates for channels, data and tags.
+
+JSON braces need no escaping: only `{{` ... `}}` around a field name is a placeholder. Field names
+are checked when the config is read, so a typo is a config error and not a dead letter per message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+SIMPLE_FIELDS = frozenset(
+    {"key", "topic", "partition", "offset", "timestamp", "seq", "now", "source", "line"}
+)
+PREFIX_FIELDS = ("header.", "json.", "file.")
+FILE_FIELDS = frozenset({"file.path", "file.name", "file.line", "file.offset"})
+_FIELD_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled (config time) or filled (message time)."""
+
+
+def check_field(name: str) -> None:
+    if name in SIMPLE_FIELDS or name in FILE_FIELDS:
+        return
+    for prefix in ("header.", "json."):
+        if name.startswith(prefix):
+            parts = name[len(prefix):].split(".") if prefix == "json." else [name[len(prefix):]]
+            if all(_FIELD_PART.match(p) for p in parts):
+                return
+            raise TemplateError(f"bad field name {{{{ {name} }}}}")
+    known = ", ".join(sorted(SIMPLE_FIELDS | FILE_FIELDS)) + ", header.NAME, json.PATH"
+    raise TemplateError(f"unknown template field {{{{ {name} }}}} (known: {known})")
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled template: literal text split around field names."""
+
+    source: str
+    literals: tuple[str, ...]
+    fields: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, text: str) -> Template:
+        literals: list[str] = []
+        fields: list[str] = []
+        pos = 0
+        for match in PLACEHOLDER.finditer(text):
+            name = match.group(1)
+            if not name:
+                raise TemplateError(f"empty placeholder in {text!r}")
+            check_field(name)
+            literals.append(text[pos:match.start()])
+            fields.append(name)
+            pos = match.end()
+        rest = text[pos:]
+        if "{{" in rest or "}}" in rest:
+            raise TemplateError(f"unbalanced {{{{ }}}} in {text!r}")
+        literals.append(rest)
+        return cls(text, tuple(literals), tuple(fields))
+
+    @property
+    def is_constant(self) -> bool:
+        return not self.fields
+
+    def render(self, lookup: Callable[[str], str | None]) -> str:
+        """Fill the template; `lookup` returns None for a field the message does not have."""
+        if not self.fields:
+            return self.literals[0]
+        out = [self.literals[0]]
+        for name, literal in zip(self.fields, self.literals[1:], strict=True):
+            value = lookup(name)
+            if value is None:
+                raise TemplateError(f"template {self.source!r}: message has no {name!r}")
+            out.append(value)
+            out.append(literal)
+        return "".join(out)

@@ -1,0 +1,7 @@
+"""Fixtures live in tests/harness/; this file only registers them."""
+
+pytest_plugins = [
+    "tests.harness.embedded",
+    "tests.harness.kafka",
+    "tests.harness.centrifugo",
+]

@@ -68,7 +68,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(describe(_load(args.config), args.config or default_config_path()))
         return EXIT_OK
     if command == "run":
-        from relay.pipeline import run_pipeline
+        from relay.daemon import run_pipeline
         return _run_async(run_pipeline, _load(args.config), args.config or default_config_path())
     if command == "serve":
         from relay.server.app import serve_from_args

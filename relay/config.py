@@ -21,7 +21,7 @@ from relay.units import Duration, Size
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class RelaySection(Model):
@@ -103,6 +103,7 @@ class SinkSection(Model):
 
 
 WhenValue = str
+DATA_MODES = ("json", "wrap", "raw")
 
 
 class RouteConfig(Model):
@@ -111,9 +112,9 @@ class RouteConfig(Model):
                                        description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
     channel: str = ""
     channels: list[str] = Field(default_factory=list)
-    data: Literal["json", "wrap", "raw"] | None = Field(
-        None, description="json (must be JSON), wrap ({line, file}), raw; a string with {{ }} is a template.")
-    data_template: str = Field("", description="Publication data built from a template.")
+    data: str = Field("json", description=(
+        "json: the message data must be JSON (sent as is); wrap: {\"line\": text, \"file\": path}; "
+        "raw: bytes as they are; or a template like '{\"room\": \"{{ key }}\"}' (must render to JSON)."))
     tags: dict[str, str] = Field(default_factory=dict)
     continue_: bool = Field(False, alias="continue")
     skip_history: bool = False
@@ -124,11 +125,20 @@ class RouteConfig(Model):
             raise ValueError("a route needs exactly one of channel or channels")
         return self
 
-    @field_validator("channel", "data_template")
+    @field_validator("channel")
     @classmethod
     def _template(cls, value: str) -> str:
         if value:
             Template.compile(value)
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: str) -> str:
+        if value in DATA_MODES:
+            return value
+        if Template.compile(value).is_constant:
+            raise ValueError(f"data must be one of {', '.join(DATA_MODES)} or a {{{{ }}}} template, got {value!r}")
         return value
 
     @field_validator("channels")
@@ -154,6 +164,11 @@ class RouteConfig(Model):
                     ("header.", "json.", "file.")):
                 raise ValueError(f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
             check_field(key)
+        for key, pattern in value.items():
+            if not pattern:
+                raise ValueError(f"glob for {key!r} is empty")
+            if pattern.count("[") != pattern.count("]"):
+                raise ValueError(f"glob {pattern!r} for {key!r} has an unbalanced [ ]")
         return value
 
 

@@ -22,7 +22,7 @@ BURST = 500
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: Literal["ticker"]
     interval: Duration = Field(1.0, description='Time between messages; "0s" = as fast as the sink takes.')

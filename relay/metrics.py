@@ -1,0 +1,40 @@
+"""Every Prometheus metric the relay exports, defined in one place (SPEC "Metrics").
+
+Labels never carry secrets: only source names, result kinds, reasons, topics and partitions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+SOURCE_MESSAGES = Counter("relay_source_messages", "Messages read from a source.", ["source"],
+                          registry=REGISTRY)
+PUBLICATIONS = Counter("relay_publications", "Publications by result: ok, retried, dead_letter.",
+                       ["result"], registry=REGISTRY)
+SINK_BATCHES = Counter("relay_sink_batches", "Batches sent to Centrifugo.", registry=REGISTRY)
+SINK_RETRIES = Counter("relay_sink_retries", "Sink retries by reason.", ["reason"], registry=REGISTRY)
+PUBLISH_LATENCY = Histogram(
+    "relay_publish_latency_seconds", "From source read to accepted by Centrifugo.", registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+IN_FLIGHT = Gauge("relay_in_flight", "Messages emitted and not yet settled.", ["source"], registry=REGISTRY)
+KAFKA_LAG = Gauge("relay_kafka_lag", "High watermark minus committed offset.", ["topic", "partition"],
+                  registry=REGISTRY)
+FILE_CHECKPOINTS = Counter("relay_file_checkpoints", "Checkpoint files written.", registry=REGISTRY)
+FILES_WATCHED = Gauge("relay_files_watched", "Files being tailed.", registry=REGISTRY)
+DEAD_LETTERS = Counter("relay_dead_letters", "Dead letters written, by reason.", ["reason"],
+                       registry=REGISTRY)
+READY = Gauge("relay_ready", "1 while sources run and the sink answers.", registry=REGISTRY)
+
+
+def reason_label(code: int, reason: str) -> str:
+    """A short, bounded label for a dead letter reason (never the message text itself)."""
+    if code:
+        return f"code_{code}"
+    lowered = reason.lower()
+    for word in ("template", "json", "channel", "oversized", "max_line_bytes", "no route", "empty",
+                 "too large", "retries exhausted", "method", "utf-8"):
+        if word in lowered:
+            return word.replace(" ", "_").replace("-", "")
+    return "other"

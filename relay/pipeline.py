@@ -1,0 +1,171 @@
+"""The pipeline: sources → routing table → ordered lanes → sink → acknowledgements.
+
+Every message of one source stream (a Kafka partition, a file) goes to the same lane, and a lane
+has one batch in flight at a time, so publications reach each channel in source order while
+different streams proceed in parallel (`sink.max_in_flight` lanes). Lanes are bounded: when the
+sink is slow or down, `emit` blocks and sources stop reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from relay import metrics
+from relay.dead_letter import DeadLetterFile
+from relay.message import Message
+from relay.routing import Publication, Rejection, RoutingTable
+from relay.sinks.grpc_centrifugo import Failure, GrpcCentrifugoSink
+
+log = logging.getLogger("relay.pipeline")
+
+
+class Lane:
+    """An ordered, bounded queue of publications feeding one batch at a time to the sink."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[Publication] = deque()
+        self._limit = limit
+        self._space = asyncio.Event()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, pubs: list[Publication]) -> None:
+        # A put may overshoot the limit by one source batch: the bound stays fixed all the same.
+        while len(self._items) >= self._limit:
+            self._space.clear()
+            await self._space.wait()
+        self._items.extend(pubs)
+        self._ready.set()
+
+    async def take(self, max_size: int, linger: float) -> list[Publication]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        if len(self._items) < max_size and linger > 0:
+            await asyncio.sleep(linger)
+        n = min(max_size, len(self._items))
+        batch = [self._items.popleft() for _ in range(n)]
+        self._space.set()
+        return batch
+
+
+class Pipeline:
+    def __init__(self, router: RoutingTable, sink: GrpcCentrifugoSink, dead_letters: DeadLetterFile,
+                 lanes: int, batch_max_size: int, batch_linger: float) -> None:
+        self.router = router
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self._batch_max_size = batch_max_size
+        self._batch_linger = batch_linger
+        self.lanes = [Lane(limit=batch_max_size * 4) for _ in range(lanes)]
+        self._lane_of: dict[tuple[str, str], int] = {}
+        self._unsettled = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._workers: list[asyncio.Task[None]] = []
+
+    # -- source side -------------------------------------------------------------------------
+
+    async def emit(self, batch: list[Message]) -> None:
+        """Route a batch of messages from one source; returns once they are queued (backpressure)."""
+        if not batch:
+            return
+        per_lane: dict[int, list[Publication]] = {}
+        settle_now: list[Message] = []
+        rejected = False
+        for msg in batch:
+            pubs, rejects = self.router.route(msg)
+            for rejection in rejects:
+                self._dead_letter(rejection)
+                rejected = True
+            if not pubs:
+                settle_now.append(msg)
+                continue
+            msg.pending = len(pubs)
+            self._unsettled += 1
+            per_lane.setdefault(self._lane(msg), []).extend(pubs)
+        metrics.SOURCE_MESSAGES.labels(source=batch[0].source).inc(len(batch))
+        if rejected:
+            self.dead_letters.flush()
+        for msg in settle_now:
+            msg.settle()
+        if per_lane:
+            self._idle.clear()
+        for index, pubs in per_lane.items():
+            await self.lanes[index].put(pubs)
+
+    def _lane(self, msg: Message) -> int:
+        stream = (msg.source, msg.stream)
+        index = self._lane_of.get(stream)
+        if index is None:
+            index = self._lane_of[stream] = hash(stream) % len(self.lanes)
+        return index
+
+    def _dead_letter(self, rejection: Rejection) -> None:
+        self.dead_letters.write(rejection.message, rejection.reason, channel=rejection.channel,
+                                code=rejection.code, data=rejection.data)
+        metrics.DEAD_LETTERS.labels(reason=metrics.reason_label(rejection.code, rejection.reason)).inc()
+        log.warning("dead letter: %s at %s: %s", rejection.message.source, rejection.message.position,
+                    rejection.reason)
+
+    # -- sink side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._run_lane(lane), name=f"lane-{i}")
+                         for i, lane in enumerate(self.lanes)]
+
+    async def _run_lane(self, lane: Lane) -> None:
+        while True:
+            batch = await lane.take(self._batch_max_size, self._batch_linger)
+            failures = await self.sink.deliver(batch)
+            self._finish(batch, failures)
+
+    def _finish(self, batch: list[Publication], failures: list[list[Failure]]) -> None:
+        dead = 0
+        for pub, failed in zip(batch, failures, strict=True):
+            for failure in failed:
+                reason = f"centrifugo error {failure.code}: {failure.message}" if failure.code else failure.message
+                self._dead_letter(Rejection(pub.message, reason, channel=failure.channel, code=failure.code,
+                                            data=pub.data))
+                dead += 1
+        if dead:
+            self.dead_letters.flush()
+            metrics.PUBLICATIONS.labels(result="dead_letter").inc(dead)
+        metrics.PUBLICATIONS.labels(result="ok").inc(len(batch) - sum(1 for f in failures if f))
+        now = time.monotonic()
+        observe = metrics.PUBLISH_LATENCY.observe
+        for pub in batch:
+            msg = pub.message
+            msg.pending -= 1
+            if msg.pending == 0:
+                observe(now - msg.read_at)
+                self._unsettled -= 1
+                msg.settle()
+        if self._unsettled == 0:
+            self._idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def unsettled(self) -> int:
+        return self._unsettled
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every emitted message is settled; False if `timeout` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self.dead_letters.close()

@@ -1,0 +1,226 @@
+"""The routing table: each message becomes zero or more publications, or a dead letter.
+
+Routes are tried in order; the first that matches takes the message unless it says
+`continue = true`. Nothing here knows where messages come from or how they are sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from fnmatch import translate
+from typing import Any
+
+from relay.channels import channel_problem
+from relay.config import RouteConfig
+from relay.message import Message
+from relay.templates import Template, TemplateError
+
+_MISSING = object()
+
+
+@dataclass(slots=True, eq=False)
+class Publication:
+    """What the sink sends: one channel → Publish, several → one Broadcast."""
+
+    channels: list[str]
+    data: bytes
+    message: Message
+    idempotency_key: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    skip_history: bool = False
+    delta: bool = False
+    version: int = 0
+    version_epoch: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Rejection:
+    """A message (or one of its publications) that goes to the dead letter file, and why."""
+
+    message: Message
+    reason: str
+    channel: str = ""
+    code: int = 0
+    data: bytes | None = None
+
+
+class _Fields:
+    """Template values of one message; JSON is parsed at most once, and only if asked for."""
+
+    __slots__ = ("_json", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._json: Any = _MISSING
+
+    def json(self) -> Any:
+        if self._json is _MISSING:
+            try:
+                self._json = json.loads(self.message.data)
+            except (ValueError, UnicodeDecodeError):
+                self._json = None
+        return self._json
+
+    def get(self, name: str) -> str | None:
+        msg = self.message
+        if name == "key":
+            return msg.key
+        if name == "source":
+            return msg.source
+        if name.startswith("header."):
+            return msg.headers.get(name[7:])
+        if name.startswith("json."):
+            return _json_path(self.json(), name[5:].split("."))
+        value = msg.attributes.get(name)
+        return None if value is None else str(value)
+
+
+def _json_path(doc: Any, path: list[str]) -> str | None:
+    for part in path:
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    if doc is None or isinstance(doc, (dict, list)):
+        return None if doc is None else json.dumps(doc, separators=(",", ":"))
+    if isinstance(doc, bool):
+        return "true" if doc else "false"
+    return str(doc)
+
+
+class Route:
+    """One compiled `[[routes]]` entry."""
+
+    def __init__(self, index: int, config: RouteConfig) -> None:
+        self.index = index
+        self.config = config
+        self.source = config.source
+        self.when = [(name, re.compile(translate(glob))) for name, glob in config.when.items()]
+        targets = config.channels or [config.channel]
+        self.channels = [Template.compile(t) for t in targets]
+        self.data_mode = config.data if config.data in ("json", "wrap", "raw") else "template"
+        self.data_template = Template.compile(config.data) if self.data_mode == "template" else None
+        self.tags = {k: Template.compile(v) for k, v in config.tags.items()}
+        self.continue_ = config.continue_
+
+    def matches(self, fields: _Fields) -> bool:
+        for name, pattern in self.when:
+            value = fields.get(name)
+            if value is None or not pattern.match(value):
+                return False
+        return True
+
+    def build(self, fields: _Fields) -> Publication | Rejection:
+        msg = fields.message
+        try:
+            channels = [t.render(fields.get) for t in self.channels]
+            tags = {k: t.render(fields.get) for k, t in self.tags.items()}
+            data = self._data(fields)
+        except TemplateError as err:
+            return Rejection(msg, f"route {self.index}: {err}")
+        except _BadData as err:
+            return Rejection(msg, f"route {self.index}: {err}")
+        for channel in channels:
+            problem = channel_problem(channel)
+            if problem:
+                return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
+        return Publication(channels=channels, data=data, message=msg, tags=tags,
+                           idempotency_key=f"{msg.position}#{self.index}",
+                           skip_history=self.config.skip_history)
+
+    def _data(self, fields: _Fields) -> bytes:
+        msg = fields.message
+        if self.data_mode == "raw":
+            if not msg.data:
+                raise _BadData("data is empty")
+            return msg.data
+        if self.data_mode == "wrap":
+            wrapped: dict[str, Any] = {"line": msg.data.decode("utf-8", "replace")}
+            path = msg.attributes.get("file.path")
+            if path is not None:
+                wrapped["file"] = path
+            return json.dumps(wrapped, ensure_ascii=False, separators=(",", ":")).encode()
+        if self.data_mode == "template":
+            assert self.data_template is not None
+            text = self.data_template.render(fields.get).encode()
+            _require_json(text, "rendered data")
+            return text
+        if fields.json() is None and not _is_json_null(msg.data):
+            _require_json(msg.data, "data")
+        return msg.data
+
+
+class _BadData(ValueError):
+    pass
+
+
+def _is_json_null(data: bytes) -> bool:
+    return data.strip() == b"null"
+
+
+def _require_json(data: bytes, what: str) -> None:
+    try:
+        json.loads(data)
+    except UnicodeDecodeError:
+        raise _BadData(f"{what} is not UTF-8, so not JSON (use data = \"raw\" or \"wrap\")") from None
+    except ValueError as err:
+        raise _BadData(f"{what} is not JSON ({err}); use data = \"raw\" or \"wrap\"") from None
+
+
+class RoutingTable:
+    """Ordered routes; `unmatched` says what happens to a message no route takes."""
+
+    def __init__(self, routes: list[RouteConfig], unmatched: str = "drop") -> None:
+        self.routes = [Route(i, r) for i, r in enumerate(routes)]
+        self.unmatched = unmatched
+        self._by_source: dict[str, list[Route]] = {}
+        for route in self.routes:
+            self._by_source.setdefault(route.source, []).append(route)
+
+    def route(self, message: Message) -> tuple[list[Publication], list[Rejection]]:
+        """The publications made from a message and the rejections (dead letters) it caused."""
+        error = message.attributes.get("error")
+        if error:
+            return [], [Rejection(message, str(error))]
+        native = message.attributes.get("centrifugo")
+        if native is not None:
+            return self._native(message, native)
+        fields = _Fields(message)
+        pubs: list[Publication] = []
+        rejects: list[Rejection] = []
+        for route in self._by_source.get(message.source, ()):
+            if not route.matches(fields):
+                continue
+            result = route.build(fields)
+            (pubs if isinstance(result, Publication) else rejects).append(result)  # type: ignore[arg-type]
+            if not route.continue_:
+                break
+        if not pubs and not rejects and self.unmatched == "dead_letter":
+            rejects.append(Rejection(message, "no route matched"))
+        return pubs, rejects
+
+    @staticmethod
+    def _native(message: Message, spec: dict[str, Any]) -> tuple[list[Publication], list[Rejection]]:
+        """A record in Centrifugo's own consumer format names its own channels and options."""
+        channels = list(spec.get("channels") or [])
+        data = spec.get("data", b"")
+        if isinstance(data, str):
+            data = data.encode()
+        if not data and spec.get("b64data"):
+            data = base64.b64decode(spec["b64data"])
+        for channel in channels:
+            problem = channel_problem(channel)
+            if problem:
+                return [], [Rejection(message, problem, channel=channel)]
+        if not channels:
+            return [], [Rejection(message, "record names no channel")]
+        key = spec.get("idempotency_key") or f"{message.position}#c"
+        return [Publication(channels=channels, data=data, message=message, idempotency_key=key,
+                            tags=dict(spec.get("tags") or {}), skip_history=bool(spec.get("skip_history")),
+                            delta=bool(spec.get("delta")), version=int(spec.get("version") or 0),
+                            version_epoch=str(spec.get("version_epoch") or ""))], []

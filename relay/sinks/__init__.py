@@ -1,0 +1,1 @@
+"""Sinks: where publications go. Today one: Centrifugo's GRPC server API."""

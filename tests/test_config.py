@@ -1,0 +1,127 @@
+"""Broken configs: each names the key that is wrong, and `relay check` exits 2 with one line each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, parse_config
+
+BASE = '''
+[sources.hb]
+type = "ticker"
+[[routes]]
+source = "hb"
+channel = "chat:index"
+'''
+
+# (config text, the dotted key the error must name, a word the message must contain)
+BROKEN = [
+    ('[relay]\nstate_dir = 5\n' + BASE, "relay.state_dir", "string"),
+    ('[relay]\nlog_level = "loud"\n' + BASE, "relay.log_level", "debug"),
+    ('[relay]\nlog_format = "xml"\n' + BASE, "relay.log_format", "json"),
+    ('[relay]\nshutdown_timeout = "10"\n' + BASE, "relay.shutdown_timeout", "unit"),
+    ('[relay]\nshutdown_timeout = "10 parsecs"\n' + BASE, "relay.shutdown_timeout", "duration"),
+    ('[relay]\nunmatched = "keep"\n' + BASE, "relay.unmatched", "drop"),
+    ('[relay]\nstat_dir = "x"\n' + BASE, "relay.stat_dir", "did you mean 'state_dir'"),
+    ('[relais]\nstate_dir = "x"\n' + BASE, "relais", "did you mean 'relay'"),
+    ('[server]\nnamespaces = ["c"]\n' + BASE, "server.namespaces[0].name", "must match"),
+    ('[server]\nnamespaces = [{name = "chat", history_size = -1}]\n' + BASE,
+     "server.namespaces[0].history_size", "greater than or equal"),
+    ('[server]\nnamespaces = ["chat", "chat"]\n' + BASE, "server.namespaces", "twice"),
+    ('[server]\nenabled = "yes"\n' + BASE, "server.enabled", "boolean"),
+    ('[sink]\napi = "v4"\n' + BASE, "sink.api", "v6"),
+    ('[sink]\nbatch_max_size = 0\n' + BASE, "sink.batch_max_size", "greater than or equal"),
+    ('[sink]\nbatch_linger = 5\n' + BASE, "sink.batch_linger", "duration"),
+    ('[sink]\nretry = { initial_backoff = "fast" }\n' + BASE, "sink.retry.initial_backoff", "duration"),
+    ('[sink]\nretry = { max_elpased = "1s" }\n' + BASE, "sink.retry.max_elpased", "did you mean 'max_elapsed'"),
+    ('[sink]\ntls = { enabled = true, cafile = "x" }\n' + BASE, "sink.tls.cafile", "did you mean 'ca_file'"),
+    ('[sink]\nmax_message_bytes = "4 megs"\n' + BASE, "sink.max_message_bytes", "size"),
+    ('[sources.hb]\ntype = "tickr"\n', "sources.hb.type", "did you mean 'ticker'"),
+    ('[sources.hb]\ninterval = "1s"\n', "sources.hb.type", "missing"),
+    ('[sources.hb]\ntype = "ticker"\nintervall = "1s"\n', "sources.hb.intervall", "did you mean 'interval'"),
+    ('[sources.hb]\ntype = "ticker"\ninterval = "soon"\n', "sources.hb.interval", "duration"),
+    ('[sources.hb]\ntype = "ticker"\ncount = -3\n', "sources.hb.count", "greater than or equal"),
+    ('[sources.hb]\ntype = "ticker"\ncron = "every minute"\n', "sources.hb.cron", "cron"),
+    ('[sources.hb]\ntype = "ticker"\ndata = "{{ sequence }}"\n', "sources.hb.data", "unknown template field"),
+    ('[sources.hb]\ntype = "ticker"\n[sources.hb]\ntype = "ticker"\n', "(toml)", "Cannot"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\n', "routes[0]", "exactly one of channel"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "a"\nchannels = ["b"]\n',
+     "routes[0]", "exactly one of channel"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hbb"\nchannel = "chat:x"\n',
+     "routes[0].source", "did you mean 'hb'"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nchannel = "chat:x"\n', "routes[0].source", "missing"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:{{ kee }}"\n',
+     "routes[0].channel", "unknown template field"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:{{ key }"\n',
+     "routes[0].channel", "unbalanced"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannels = ["chat:{{}}"]\n',
+     "routes[0].channels", "empty placeholder"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\nwhen = { key = "room-[" }\n',
+     "routes[0].when", "unbalanced"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\nwhen = { colour = "red" }\n',
+     "routes[0].when", "cannot match on 'colour'"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\ndata = "yaml"\n',
+     "routes[0].data", "json, wrap, raw"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\ntags = { a = 1 }\n',
+     "routes[0].tags.a", "string"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\ncontinue = "y"\n',
+     "routes[0].continue", "boolean"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchanel = "c"\n',
+     "routes[0].chanel", "did you mean 'channel'"),
+    ("[relay\n", "(toml)", "Expected"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "word"), BROKEN, ids=[b[1] + ":" + b[2][:12] for b in BROKEN])
+def test_broken_config_names_the_key(text: str, key: str, word: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "bad.toml")
+    lines = caught.value.problems
+    assert any(line.startswith(f"bad.toml: {key}") and word.lower() in line.lower() for line in lines), lines
+    assert all(line.startswith("bad.toml: ") and "\n" not in line for line in lines)
+
+
+def test_several_problems_are_all_reported() -> None:
+    text = '[relay]\nlog_level = "x"\n[sink]\napi = "v9"\n[sources.a]\ntype = "nope"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.toml")
+    keys = sorted(line.split(": ")[1] for line in caught.value.problems)
+    assert keys == ["relay.log_level", "sink.api", "sources.a.type"]
+
+
+def test_relay_check_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[relay]\nlog_level = "x"\n[sink]\nbatch_max_size = 0\n' + BASE)
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "-c", str(bad)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{bad}: relay.log_level: ")
+    assert lines[1].startswith(f"{bad}: sink.batch_max_size: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "relay", "run", "-c", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "nope.toml: cannot read" in proc.stderr
+
+
+def test_bare_namespace_gets_history_defaults() -> None:
+    config = parse_config('[server]\nnamespaces = ["chat", {name = "cold", history_size = 0}]\n')
+    chat, cold = config.server.namespaces
+    assert (chat.history_size, chat.history_ttl) == (1000, 600.0)
+    assert cold.history_size == 0
+
+
+def test_durations_and_sizes() -> None:
+    config = parse_config('[sink]\nbatch_linger = "250ms"\ntimeout = "2m"\nmax_message_bytes = "1MiB"\n')
+    assert config.sink.batch_linger == 0.25
+    assert config.sink.timeout == 120
+    assert config.sink.max_message_bytes == 1024 * 1024

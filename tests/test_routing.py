@@ -1,0 +1,180 @@
+"""The routing table: templates, globs, data modes, fan-out, continue, unmatched, rejections."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.config import parse_config
+from relay.message import Message
+from relay.routing import Publication, Rejection, RoutingTable
+
+SOURCES = '[sources.events]\ntype = "ticker"\n[sources.logs]\ntype = "ticker"\n'
+
+
+def table(routes: str, unmatched: str = "drop") -> RoutingTable:
+    config = parse_config(f'[relay]\nunmatched = "{unmatched}"\n' + SOURCES + routes)
+    return RoutingTable(config.routes, config.relay.unmatched)
+
+
+def kafka_msg(data: bytes = b'{"user": {"id": 7}, "text": "hi"}', key: str | None = "room-3",
+              **attrs: object) -> Message:
+    attributes = {"topic": "chat-events", "partition": 2, "offset": 41, "timestamp": 1700000000000, **attrs}
+    return Message(source="events", data=data, stream="chat-events/2", offset=41, key=key,
+                   headers={"x-tenant": "acme"}, attributes=attributes)
+
+
+def one(result: tuple[list[Publication], list[Rejection]]) -> Publication:
+    pubs, rejects = result
+    assert not rejects, rejects
+    assert len(pubs) == 1
+    return pubs[0]
+
+
+def test_every_template_field() -> None:
+    routes = table('''
+[[routes]]
+source = "events"
+channel = "chat:{{ key }}"
+[routes.tags]
+topic = "{{ topic }}"
+partition = "{{partition}}"
+offset = "{{ offset }}"
+ts = "{{ timestamp }}"
+tenant = "{{ header.x-tenant }}"
+user = "{{ json.user.id }}"
+src = "{{ source }}"
+''')
+    pub = one(routes.route(kafka_msg()))
+    assert pub.channels == ["chat:room-3"]
+    assert pub.tags == {"topic": "chat-events", "partition": "2", "offset": "41", "ts": "1700000000000",
+                        "tenant": "acme", "user": "7", "src": "events"}
+    assert pub.idempotency_key == "events/chat-events/2/41#0"
+
+
+def test_file_and_ticker_fields() -> None:
+    routes = table('''
+[[routes]]
+source = "logs"
+channel = "chat:{{ file.name }}"
+tags = { path = "{{ file.path }}", line = "{{ file.line }}", seq = "{{ seq }}", now = "{{ now }}" }
+''')
+    msg = Message(source="logs", data=b"{}", stream="f1", offset=10,
+                  attributes={"file.path": "/var/log/app.log", "file.name": "app.log", "file.line": 3,
+                              "seq": 9, "now": "2026-01-01T00:00:00Z"})
+    pub = one(routes.route(msg))
+    assert pub.channels == ["chat:app.log"]
+    assert pub.tags == {"path": "/var/log/app.log", "line": "3", "seq": "9", "now": "2026-01-01T00:00:00Z"}
+
+
+def test_missing_field_is_a_rejection_with_reason() -> None:
+    routes = table('[[routes]]\nsource = "events"\nchannel = "chat:{{ json.room }}"\n')
+    pubs, rejects = routes.route(kafka_msg())
+    assert pubs == []
+    assert len(rejects) == 1
+    assert "has no 'json.room'" in rejects[0].reason
+    pubs, rejects = routes.route(kafka_msg(key=None, data=b'{"room": "r1"}'))
+    assert [p.channels for p in pubs] == [["chat:r1"]]
+
+
+def test_missing_key_is_a_rejection() -> None:
+    routes = table('[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n')
+    _, rejects = routes.route(kafka_msg(key=None))
+    assert "has no 'key'" in rejects[0].reason
+
+
+@pytest.mark.parametrize(("key", "problem"), [
+    ("a*b", "reserved"), ("a#b", "reserved"), ("a/b", "reserved"), ("x" * 300, "longer than 255"),
+    ("a\nb", "control"),
+])
+def test_invalid_channel_is_a_rejection(key: str, problem: str) -> None:
+    routes = table('[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n')
+    pubs, rejects = routes.route(kafka_msg(key=key))
+    assert pubs == []
+    assert problem in rejects[0].reason
+    assert rejects[0].channel == f"chat:{key}"
+
+
+def test_globs_all_must_hold() -> None:
+    routes = table('''
+[[routes]]
+source = "events"
+when = { key = "room-*", topic = "chat-*", "header.x-tenant" = "ac?e", "json.user.id" = "[0-9]" }
+channel = "chat:matched"
+''', unmatched="dead_letter")
+    assert one(routes.route(kafka_msg())).channels == ["chat:matched"]
+    for msg in (kafka_msg(key="lobby"), kafka_msg(data=b'{"user": {"id": 70}}'),
+                kafka_msg(key=None)):
+        pubs, rejects = routes.route(msg)
+        assert pubs == [] and rejects[0].reason == "no route matched"
+
+
+def test_first_match_wins_unless_continue() -> None:
+    routes = table('''
+[[routes]]
+source = "events"
+channel = "chat:first"
+continue = true
+[[routes]]
+source = "events"
+channel = "chat:second"
+[[routes]]
+source = "events"
+channel = "chat:never"
+''')
+    pubs, _ = routes.route(kafka_msg())
+    assert [p.channels for p in pubs] == [["chat:first"], ["chat:second"]]
+    # Two publications from one message need two idempotency keys.
+    assert pubs[0].idempotency_key != pubs[1].idempotency_key
+
+
+def test_several_channels_make_one_broadcast() -> None:
+    routes = table('[[routes]]\nsource = "events"\nchannels = ["chat:a", "chat:{{ key }}"]\n')
+    pub = one(routes.route(kafka_msg()))
+    assert pub.channels == ["chat:a", "chat:room-3"]
+
+
+def test_unmatched_drop_and_dead_letter() -> None:
+    only_logs = '[[routes]]\nsource = "logs"\nchannel = "chat:x"\n'
+    assert table(only_logs).route(kafka_msg()) == ([], [])
+    pubs, rejects = table(only_logs, "dead_letter").route(kafka_msg())
+    assert pubs == [] and rejects[0].reason == "no route matched"
+
+
+def test_data_modes() -> None:
+    base = '[[routes]]\nsource = "logs"\nchannel = "chat:x"\n'
+    msg = Message(source="logs", data=b"plain \xff line", attributes={"file.path": "/v/a.log"})
+    _, rejects = table(base).route(msg)
+    assert "not UTF-8" in rejects[0].reason
+    _, rejects = table(base).route(Message(source="logs", data=b"{not json"))
+    assert "not JSON" in rejects[0].reason
+    wrapped = one(table(base + 'data = "wrap"\n').route(msg))
+    assert json.loads(wrapped.data) == {"line": "plain \ufffd line", "file": "/v/a.log"}
+    raw = one(table(base + 'data = "raw"\n').route(msg))
+    assert raw.data == b"plain \xff line"
+    _, rejects = table(base + 'data = "raw"\n').route(Message(source="logs", data=b""))
+    assert "empty" in rejects[0].reason
+    templated = one(table(base + 'data = \'{"seq": {{ seq }}, "src": "{{ source }}"}\'\n').route(
+        Message(source="logs", data=b"", attributes={"seq": 5})))
+    assert json.loads(templated.data) == {"seq": 5, "src": "logs"}
+    _, rejects = table(base + "data = '{\"k\": {{ seq }}'\n").route(Message(source="logs", data=b"",
+                                                                           attributes={"seq": 5}))
+    assert "rendered data is not JSON" in rejects[0].reason
+
+
+def test_source_error_attribute_is_a_rejection() -> None:
+    routes = table('[[routes]]\nsource = "logs"\nchannel = "chat:x"\n')
+    _, rejects = routes.route(Message(source="logs", data=b"x" * 10, attributes={"error": "line too long"}))
+    assert rejects[0].reason == "line too long"
+
+
+def test_centrifugo_native_record_names_its_channels() -> None:
+    routes = table("")
+    spec = {"channels": ["chat:a", "chat:b"], "data": b'{"x":1}', "idempotency_key": "k1",
+            "tags": {"t": "v"}, "delta": True, "version": 3, "version_epoch": "e"}
+    pub = one(routes.route(Message(source="events", data=b"", attributes={"centrifugo": spec})))
+    assert (pub.channels, pub.data, pub.idempotency_key, pub.tags, pub.delta, pub.version, pub.version_epoch) == (
+        ["chat:a", "chat:b"], b'{"x":1}', "k1", {"t": "v"}, True, 3, "e")
+    _, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": {"channels": []}}))
+    assert "no channel" in rejects[0].reason

@@ -1,0 +1,218 @@
+"""`centrifugal.centrifugo.api.CentrifugoApi`: the current server API (Centrifugo v3..v6).
+
+Methods answer the way Centrifugo's API executor does: validation order, error codes, a result
+present on success. Batch runs its commands and answers one reply per command, in order; a command
+with no known field set gets 104. Batch never uses transport error mode (as in Centrifugo).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from relay.proto.centrifugo import api_pb2, api_pb2_grpc
+from relay.server.errors import (
+    BAD_REQUEST,
+    NOT_FOUND,
+    STATUS_DETAILS_KEY,
+    ApiError,
+    grpc_code,
+    status_details,
+    wants_transport_errors,
+)
+from relay.server.node import NodeInfo
+from relay.server.state import Position, ServerState
+
+ERROR_TYPE = "centrifugal.centrifugo.api.Error"
+Response = TypeVar("Response")
+
+
+def decode_data(data: bytes, b64data: str) -> bytes:
+    """The publication data: b64data wins when set; undecodable base64 is 107."""
+    if not b64data:
+        return data
+    try:
+        return base64.b64decode(b64data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(*BAD_REQUEST) from None
+
+
+async def answer_error(context: grpc.aio.ServicerContext[Any, Any], err: ApiError,
+                       make: Callable[..., Response], error_cls: Any, error_type: str,
+                       transport: bool) -> Response:
+    """The response carrying `err`, or, in transport mode, a GRPC status carrying it.
+
+    `transport` is the server-wide mode; a call's `x-centrifugo-error-mode: transport` asks too.
+    """
+    error = error_cls(code=err.code, message=err.message)
+    if transport or wants_transport_errors(context.invocation_metadata()):
+        status = grpc_code(err.code)
+        details = status_details(status, err.message, error_type, error.SerializeToString())
+        await context.abort(status, err.message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
+    return make(error=error)
+
+
+class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
+    """The v6 API over a ServerState."""
+
+    def __init__(self, state: ServerState, node: NodeInfo, *, transport_errors: bool = False) -> None:
+        self.state = state
+        self.node = node
+        self.transport_errors = transport_errors
+
+    async def _fail(self, context: Any, err: ApiError, make: Callable[..., Response]) -> Response:
+        return await answer_error(context, err, make, api_pb2.Error, ERROR_TYPE, self.transport_errors)
+
+    # -- the operations, shared by the unary methods and Batch ---------------------------------
+
+    def _publish(self, req: api_pb2.PublishRequest) -> Position:
+        if not req.channel:
+            raise ApiError(*BAD_REQUEST)
+        data = decode_data(req.data, req.b64data)
+        return self.state.publish(req.channel, data, dict(req.tags) if req.tags else None,
+                                  req.idempotency_key, req.skip_history, req.version, req.version_epoch)
+
+    def _broadcast(self, req: api_pb2.BroadcastRequest) -> api_pb2.BroadcastResult:
+        if not req.channels:
+            raise ApiError(*BAD_REQUEST)
+        data = decode_data(req.data, req.b64data)
+        tags = dict(req.tags) if req.tags else None
+        result = api_pb2.BroadcastResult()
+        publish = self.state.publish
+        for channel in req.channels:
+            reply = result.responses.add()
+            try:
+                offset, epoch = publish(channel, data, tags, req.idempotency_key, req.skip_history,
+                                        req.version, req.version_epoch)
+            except ApiError as err:
+                reply.error.code, reply.error.message = err.code, err.message
+            else:
+                reply.result.offset, reply.result.epoch = offset, epoch
+                reply.result.SetInParent()
+        return result
+
+    def _history(self, req: api_pb2.HistoryRequest) -> api_pb2.HistoryResult:
+        since = (req.since.offset, req.since.epoch) if req.HasField("since") else None
+        page = self.state.history(req.channel, req.limit, since, req.reverse)
+        result = api_pb2.HistoryResult(offset=page.offset, epoch=page.epoch)
+        add = result.publications.add
+        for pub in page.publications:
+            item = add(data=pub.data, offset=pub.offset)
+            if pub.tags:
+                item.tags.update(pub.tags)
+        return result
+
+    def _history_remove(self, req: api_pb2.HistoryRemoveRequest) -> api_pb2.HistoryRemoveResult:
+        self.state.remove_history(req.channel)
+        return api_pb2.HistoryRemoveResult()
+
+    def _presence(self, req: api_pb2.PresenceRequest) -> api_pb2.PresenceResult:
+        self.state.check_channel(req.channel)
+        return api_pb2.PresenceResult()
+
+    def _presence_stats(self, req: api_pb2.PresenceStatsRequest) -> api_pb2.PresenceStatsResult:
+        self.state.check_channel(req.channel)
+        return api_pb2.PresenceStatsResult()
+
+    def _info(self) -> api_pb2.InfoResult:
+        result = api_pb2.InfoResult()
+        self.node.fill(result.nodes.add(), self.state.num_channels)
+        return result
+
+    def _channels(self, req: api_pb2.ChannelsRequest) -> api_pb2.ChannelsResult:
+        result = api_pb2.ChannelsResult()
+        entries = result.channels
+        for name in self.state.channel_names(req.pattern):
+            entries.get_or_create(name)
+        return result
+
+    # -- Batch -----------------------------------------------------------------------------------
+
+    async def Batch(self, request: api_pb2.BatchRequest, context: Any) -> api_pb2.BatchResponse:
+        # `parallel` lets Centrifugo run commands concurrently; here they run on one thread
+        # against memory, so running them in order gives every guarantee parallel gives.
+        response = api_pb2.BatchResponse()
+        add_reply = response.replies.add
+        publish = self._publish
+        for cmd in request.commands:
+            reply = add_reply()
+            try:
+                if cmd.HasField("publish"):
+                    offset, epoch = publish(cmd.publish)
+                    result = reply.publish
+                    result.offset, result.epoch = offset, epoch
+                    result.SetInParent()
+                else:
+                    self._other_command(cmd, reply)
+            except ApiError as err:
+                reply.error.code, reply.error.message = err.code, err.message
+        return response
+
+    def _other_command(self, cmd: api_pb2.Command, reply: api_pb2.Reply) -> None:
+        if cmd.HasField("broadcast"):
+            reply.broadcast.CopyFrom(self._broadcast(cmd.broadcast))
+        elif cmd.HasField("history"):
+            reply.history.CopyFrom(self._history(cmd.history))
+        elif cmd.HasField("history_remove"):
+            reply.history_remove.CopyFrom(self._history_remove(cmd.history_remove))
+        elif cmd.HasField("presence"):
+            reply.presence.CopyFrom(self._presence(cmd.presence))
+        elif cmd.HasField("presence_stats"):
+            reply.presence_stats.CopyFrom(self._presence_stats(cmd.presence_stats))
+        elif cmd.HasField("info"):
+            reply.info.CopyFrom(self._info())
+        elif cmd.HasField("channels"):
+            reply.channels.CopyFrom(self._channels(cmd.channels))
+        else:
+            raise ApiError(*NOT_FOUND)
+
+    # -- unary methods ---------------------------------------------------------------------------
+
+    async def Publish(self, request: api_pb2.PublishRequest, context: Any) -> api_pb2.PublishResponse:
+        try:
+            offset, epoch = self._publish(request)
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.PublishResponse)
+        return api_pb2.PublishResponse(result=api_pb2.PublishResult(offset=offset, epoch=epoch))
+
+    async def Broadcast(self, request: api_pb2.BroadcastRequest, context: Any) -> api_pb2.BroadcastResponse:
+        try:
+            return api_pb2.BroadcastResponse(result=self._broadcast(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.BroadcastResponse)
+
+    async def History(self, request: api_pb2.HistoryRequest, context: Any) -> api_pb2.HistoryResponse:
+        try:
+            return api_pb2.HistoryResponse(result=self._history(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.HistoryResponse)
+
+    async def HistoryRemove(self, request: api_pb2.HistoryRemoveRequest,
+                            context: Any) -> api_pb2.HistoryRemoveResponse:
+        try:
+            return api_pb2.HistoryRemoveResponse(result=self._history_remove(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.HistoryRemoveResponse)
+
+    async def Presence(self, request: api_pb2.PresenceRequest, context: Any) -> api_pb2.PresenceResponse:
+        try:
+            return api_pb2.PresenceResponse(result=self._presence(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.PresenceResponse)
+
+    async def PresenceStats(self, request: api_pb2.PresenceStatsRequest,
+                            context: Any) -> api_pb2.PresenceStatsResponse:
+        try:
+            return api_pb2.PresenceStatsResponse(result=self._presence_stats(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.PresenceStatsResponse)
+
+    async def Info(self, request: api_pb2.InfoRequest, context: Any) -> api_pb2.InfoResponse:
+        return api_pb2.InfoResponse(result=self._info())
+
+    async def Channels(self, request: api_pb2.ChannelsRequest, context: Any) -> api_pb2.ChannelsResponse:
+        return api_pb2.ChannelsResponse(result=self._channels(request))

@@ -30,7 +30,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from relay.server.errors import BAD_REQUEST, NOT_AVAILABLE, UNKNOWN_CHANNEL, UNRECOVERABLE_POSITION, ApiError
+from relay.server.errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    NOT_AVAILABLE,
+    UNKNOWN_CHANNEL,
+    UNRECOVERABLE_POSITION,
+    ApiError,
+)
 from relay.server.pattern import channel_matcher
 
 IDEMPOTENCY_WINDOW = 300.0
@@ -222,11 +229,13 @@ class ServerState:
         those after that offset (reversed: before it, newest first); an epoch that is not the
         stream's is 112. A position older than what is retained gives what is retained, as in
         Centrifugo: the client sees the gap in the offsets.
-        Raises 107 (empty channel; reverse with since offset 0), 102, 108 (history off).
+        Raises 107 (empty channel), 102, 108 (history off), 100 (reverse since offset 0).
         """
         policy = self._history_policy(channel)
         if reverse and since is not None and since[0] == 0:
-            raise ApiError(*BAD_REQUEST)
+            # Centrifugo's engine calls this a bad request, but its API answers any engine error
+            # other than 112 with 100; a client can tell, so the same here.
+            raise ApiError(*INTERNAL)
         now = self.clock()
         ch = self._touch_stream(channel, policy, now)
         top, epoch = ch.top, ch.epoch

@@ -143,7 +143,7 @@ class RealCentrifugo:
                  "allow_recovery": True, "allow_positioning": True, **subscribe},
                 {"name": "nohistory", **subscribe},
             ]},
-            "shutdown": {"timeout": "5s"},
+            "shutdown": {"timeout": "1s"},
             "usage_stats": {"disabled": True},
         }
 
@@ -221,6 +221,14 @@ class RealCentrifugo:
     def restart(self, timeout: float = 30.0) -> None:
         self.stop()
         self.start(timeout)
+
+    def set_api_key(self, api_key: str) -> None:
+        """Change the GRPC API key; Centrifugo reads it at start, so call this while it is stopped."""
+        if self.running():
+            raise RuntimeError("stop Centrifugo before changing its API key")
+        self.api_key = api_key
+        self.config["grpc_api"]["key"] = api_key
+        self.config_path.write_text(json.dumps(self.config, indent=2))
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

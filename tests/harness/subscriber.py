@@ -108,6 +108,11 @@ class ChannelSubscriber:
     async def _close(self) -> None:
         if self._client is not None:
             await self._client.disconnect()
+        # The client leaves background tasks (reconnects, keepalives); end them before the loop.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def start(self, timeout: float = 10.0) -> ChannelSubscriber:
         """Connect and subscribe; returns once the server confirmed the subscription."""

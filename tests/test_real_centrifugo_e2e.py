@@ -1,0 +1,270 @@
+"""End to end against a real Centrifugo v6: ticker → `relay run` → Centrifugo → WebSocket subscriber.
+
+Counts come from Centrifugo itself (History) and from a real subscriber, never from relay logs.
+
+A kill of Centrifugo loses its memory-engine history, and Centrifugo acknowledges a publication
+before its subscribers have it, so "nothing lost" needs a quiescent moment to count life one: the
+relay is paused (SIGSTOP) while life one's History is read and Centrifugo is killed; the relay then
+runs on against the dead server (it must retry), and is paused again while Centrifugo comes back so
+that the subscriber is resubscribed before the rest flows. Life one's History plus life two's must
+hold every tick in order; the only overlap allowed is a batch whose reply the kill swallowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.centrifugo import RealCentrifugo
+from tests.harness.history import history, history_json
+from tests.harness.ports import free_port
+from tests.harness.subscriber import ChannelSubscriber
+
+pytestmark = pytest.mark.centrifugo
+
+KEY_ENV = "E2E_CENTRIFUGO_GRPC_KEY"
+
+
+class RelayProcess:
+    """`relay run -c cfg.toml` in a subprocess, with its stderr in a log file."""
+
+    def __init__(self, workdir: Path, centrifugo: RealCentrifugo, channel: str, count: int,
+                 interval: str, api_key: str) -> None:
+        self.workdir = workdir
+        self.metrics_port = free_port()
+        self.config_path = workdir / "relay.toml"
+        self.log_path = workdir / "relay.log"
+        self.config_path.write_text(f"""
+[relay]
+state_dir = "{workdir / 'state'}"
+metrics_listen = "127.0.0.1:{self.metrics_port}"
+shutdown_timeout = "10s"
+
+[sink]
+address = "{centrifugo.grpc_address}"
+api_key_env = "{KEY_ENV}"
+batch_max_size = 50
+batch_linger = "5ms"
+max_in_flight = 1
+retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
+
+[sources.tick]
+type = "ticker"
+interval = "{interval}"
+count = {count}
+data = '{{"seq": {{{{ seq }}}}}}'
+
+[[routes]]
+source = "tick"
+channel = "{channel}"
+""")
+        self.env = dict(os.environ, **{KEY_ENV: api_key})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RelayProcess:
+        with open(self.log_path, "ab") as log:
+            command = [sys.executable, "-m", "relay", "run", "-c", str(self.config_path)]
+            self.process = subprocess.Popen(command, cwd=self.workdir, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        return self
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"relay still running after {timeout}s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def readyz(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def wait_readyz(self, status: int, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        seen: tuple[int, str] | None = None
+        while time.monotonic() < deadline:
+            try:
+                seen = self.readyz()
+                if seen[0] == status:
+                    return seen[1]
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"/readyz never answered {status} (last {seen}):\n{self.log()}")
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Any:
+    """Factory of RelayProcess; every relay is stopped after the test."""
+    made: list[RelayProcess] = []
+
+    def make(centrifugo: RealCentrifugo, channel: str, count: int, interval: str = "0s",
+             api_key: str | None = None) -> RelayProcess:
+        workdir = tmp_path / f"relay-{len(made)}"
+        workdir.mkdir()
+        relay = RelayProcess(workdir, centrifugo, channel, count, interval,
+                             centrifugo.api_key if api_key is None else api_key)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.stop()
+
+
+def _seqs(items: list[Any]) -> list[int]:
+    return [item["seq"] for item in items]
+
+
+def test_ticker_reaches_a_websocket_subscriber_in_order(real_centrifugo: RealCentrifugo, relays: Any) -> None:
+    count = 2000
+    with ChannelSubscriber(real_centrifugo.ws_url, "chat:e2e-ticker") as sub:
+        relay = relays(real_centrifugo, "chat:e2e-ticker", count).start()
+        assert relay.wait(120) == 0, relay.log()
+        assert _seqs(sub.wait_for(count, timeout=30)) == list(range(1, count + 1))
+        time.sleep(0.2)
+        assert len(sub.received) == count  # and not one more
+    # The chat namespace keeps the newest 1000: the tail of the stream, numbered without a gap.
+    pubs = history(real_centrifugo.grpc_address, "chat:e2e-ticker", real_centrifugo.api_key)
+    assert [json.loads(p.data)["seq"] for p in pubs] == list(range(count - 999, count + 1))
+    assert [p.offset for p in pubs] == list(range(count - 999, count + 1))
+
+
+def test_centrifugo_killed_mid_stream_loses_nothing(fresh_centrifugo: RealCentrifugo, relays: Any) -> None:
+    server, channel, count = fresh_centrifugo, "chat:e2e-kill", 600
+    sub = ChannelSubscriber(server.ws_url, channel).start()
+    relay = relays(server, channel, count, interval="10ms").start()
+    try:
+        sub.wait_for(100, timeout=30)
+        relay.pause()
+        # Life one is quiescent: the subscriber catches up with History, which is then complete.
+        life_one = history_json(server.grpc_address, channel, server.api_key)
+        assert sub.wait_for(len(life_one), timeout=10) == life_one
+        server.kill()
+        relay.resume()
+        time.sleep(2.0)  # the relay meets a dead Centrifugo and retries
+        relay.pause()
+        server.start()
+        sub.wait_subscribed(2, timeout=15)
+        relay.resume()
+        assert relay.wait(120) == 0, relay.log()
+        life_two = history_json(server.grpc_address, channel, server.api_key)
+        seen = sub.wait_for(len(life_one) + len(life_two), timeout=30)
+    finally:
+        sub.stop()
+    one, two = _seqs(life_one), _seqs(life_two)
+    assert 100 <= len(one) < count and two
+    assert one == list(range(1, len(one) + 1))
+    # Life two starts where life one ended, or repeats the one batch in flight at the kill.
+    assert one[-1] - 50 < two[0] <= one[-1] + 1
+    assert two == list(range(two[0], count + 1))
+    assert _seqs(seen) == one + two
+    assert "sink: retrying" in relay.log()
+
+
+def test_wrong_api_key_keeps_everything_until_the_key_is_right(fresh_centrifugo: RealCentrifugo,
+                                                               relays: Any) -> None:
+    # More ticks than the relay buffers (4 batches of 50): the ticker is held back, not finished.
+    server, channel, count = fresh_centrifugo, "chat:e2e-key", 600
+    sub = ChannelSubscriber(server.ws_url, channel).start()
+    relay = relays(server, channel, count, interval="5ms", api_key="the-relays-key").start()
+    try:
+        why = relay.wait_readyz(503)
+        assert "authentication failed" in why
+        time.sleep(1.5)  # several retries' worth
+        refused = [line for line in relay.log().splitlines() if "refused the API key" in line]
+        assert len(refused) == 1, relay.log()
+        assert "the-relays-key" not in relay.log()
+        assert history_json(server.grpc_address, channel, server.api_key) == []
+        assert relay.process is not None and relay.process.poll() is None
+        # Make the key right on Centrifugo's side, with the relay paused so the subscriber is back first.
+        relay.pause()
+        server.stop()
+        server.set_api_key("the-relays-key")
+        server.start()
+        sub.wait_subscribed(2, timeout=15)
+        relay.resume()
+        relay.wait_readyz(200)  # while the rest of the ticks still flow
+        assert _seqs(sub.wait_for(count, timeout=60)) == list(range(1, count + 1))
+        assert relay.wait(60) == 0, relay.log()
+    finally:
+        sub.stop()
+    assert _seqs(history_json(server.grpc_address, channel, server.api_key)) == list(range(1, count + 1))
+    assert len(sub.received) == count
+    dead_letters = relay.workdir / "state" / "dead-letter.jsonl"
+    assert not dead_letters.exists() or dead_letters.read_text() == ""
+
+
+def _publish(server: RealCentrifugo, channel: str, data: object) -> None:
+    done = subprocess.run([sys.executable, "-m", "relay", "publish", channel, json.dumps(data),
+                           "--address", server.grpc_address, "--api-key-env", KEY_ENV],
+                          env=dict(os.environ, **{KEY_ENV: server.api_key}), capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_relay_tail_follows_a_channel(real_centrifugo: RealCentrifugo) -> None:
+    server, channel = real_centrifugo, "chat:e2e-tail"
+    for n in (1, 2, 3):
+        _publish(server, channel, {"n": n})
+    tail = subprocess.Popen([sys.executable, "-m", "relay", "tail", channel, "--from-start", "--poll", "50ms",
+                             "--address", server.grpc_address, "--api-key-env", KEY_ENV],
+                            env=dict(os.environ, **{KEY_ENV: server.api_key}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert tail.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout or []], daemon=True)
+    reader.start()
+
+    def next_lines(n: int) -> list[dict[str, Any]]:
+        return [json.loads(lines.get(timeout=20)) for _ in range(n)]
+
+    try:
+        first = next_lines(3)
+        for n in (4, 5, 6):
+            _publish(server, channel, {"n": n})
+        later = next_lines(3)
+    finally:
+        tail.terminate()
+        tail.wait(10)
+    got = first + later
+    assert [line["data"] for line in got] == [{"n": n} for n in range(1, 7)]
+    assert all(line["channel"] == channel for line in got)
+    assert [line["offset"] for line in got] == list(range(got[0]["offset"], got[0]["offset"] + 6))
+    assert lines.empty()

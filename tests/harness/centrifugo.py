@@ -110,6 +110,7 @@ class RealCentrifugo:
                  tls: GrpcTls | None = None, config_overrides: dict[str, Any] | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.api_key = api_key
         self.tls = tls
         self.grpc_port = free_port()
@@ -241,7 +242,6 @@ CentrifugoFactory = Callable[..., RealCentrifugo]
 
 
 def _started(binary: Path, workdir: Path, **options: Any) -> RealCentrifugo:
-    workdir.mkdir(parents=True, exist_ok=True)
     server = RealCentrifugo(binary, workdir, **options)
     server.start()
     return server

@@ -20,10 +20,11 @@ import grpc
 from pydantic import ValidationError
 
 from relay.config import ConfigError, NamespaceConfig, ServerSection, load_config
-from relay.proto.centrifugo import api_pb2_grpc
-from relay.proto.centrifugo_v2 import api_pb2_grpc as legacy_pb2_grpc
+from relay.proto.centrifugo import api_pb2
+from relay.proto.centrifugo_v2 import api_pb2 as legacy_pb2
 from relay.secrets import SecretError, load_secret
 from relay.server.auth import ApiKeyInterceptor
+from relay.server.handlers import add_service
 from relay.server.node import NodeInfo
 from relay.server.service_v2 import LegacyCentrifugoService
 from relay.server.service_v6 import CentrifugoApiService
@@ -125,10 +126,10 @@ class EmbeddedServer:
         node = NodeInfo(bound)
         # The server-wide default of Centrifugo's grpc_api.error_mode; a call can still ask per call.
         transport = getattr(self.config, "error_mode", "body") == "transport"
-        api_pb2_grpc.add_CentrifugoApiServicer_to_server(  # type: ignore[no-untyped-call]
-            CentrifugoApiService(self.state, node, transport_errors=transport), server)
-        legacy_pb2_grpc.add_CentrifugoServicer_to_server(  # type: ignore[no-untyped-call]
-            LegacyCentrifugoService(self.state, node, transport_errors=transport), server)
+        add_service(server, api_pb2, "CentrifugoApi",
+                    CentrifugoApiService(self.state, node, transport_errors=transport))
+        add_service(server, legacy_pb2, "Centrifugo",
+                    LegacyCentrifugoService(self.state, node, transport_errors=transport))
         await server.start()
         self._server = server
         self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"

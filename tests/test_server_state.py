@@ -207,3 +207,14 @@ def test_channel_names_by_pattern(state: ServerState) -> None:
     assert state.channel_names("chat:[ab]1") == ["chat:a1", "chat:b1"]
     assert state.channel_names("chat:x\\*y") == ["chat:x*y"]
     assert len(state.channel_names("")) == 4
+
+
+def test_at_most_max_idempotency_keys_are_kept_oldest_forgotten_first(clock: Clock) -> None:
+    state = ServerState([NamespacePolicy("chat", 10, 60.0)], clock=clock, max_idempotency_keys=100)
+    first = {n: state.publish(f"chat:{n % 7}", b"x", idempotency_key=f"k{n}") for n in range(250)}
+    assert sum(len(ch.results or ()) for ch in state.channels.values()) == 100
+    assert len(state._results_fifo) == 100
+    # The newest 100 still deduplicate; an evicted one publishes again.
+    assert state.publish("chat:4", b"x", idempotency_key="k249") == first[249]
+    top = state.history("chat:0", limit=0).offset
+    assert state.publish("chat:0", b"x", idempotency_key="k0")[0] == top + 1

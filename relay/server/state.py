@@ -9,7 +9,8 @@ idempotency window, with the semantics of Centrifugo's memory engine.
   history_ttl passes without a publication (Centrifugo's memory and Redis engines expire the whole
   stream, not single publications). Clearing keeps epoch and top offset.
 - A publish with an idempotency key already seen on that channel within the window (5 minutes)
-  is not published again; the first result is returned.
+  is not published again; the first result is returned. At most MAX_IDEMPOTENCY_KEYS are kept
+  (oldest forgotten first): redeliveries that matter are recent ones.
 - Memory is bounded: a channel is dropped once it retains no publication, no idempotency key, and
   nobody published or read it for history_ttl. Centrifugo keeps stream meta for 30 days
   (history_meta_ttl); the embedded server forgets sooner, so a stream that comes back after a long
@@ -41,6 +42,9 @@ from relay.server.errors import (
 from relay.server.pattern import channel_matcher
 
 IDEMPOTENCY_WINDOW = 300.0
+# Keys remembered at most (about 300 bytes each): past this, the oldest are forgotten first, so a
+# relay publishing faster than 3,300/s for 5 minutes cannot grow the server without bound.
+MAX_IDEMPOTENCY_KEYS = 1_000_000
 PRIVATE_PREFIX = "$"
 NAMESPACE_BOUNDARY = ":"
 _EPOCH_ALPHABET = string.ascii_letters
@@ -114,11 +118,13 @@ class ServerState:
 
     def __init__(self, namespaces: Iterable[NamespacePolicy], *, top_level: NamespacePolicy = TOP_LEVEL,
                  clock: Callable[[], float] = time.monotonic,
-                 idempotency_window: float = IDEMPOTENCY_WINDOW) -> None:
+                 idempotency_window: float = IDEMPOTENCY_WINDOW,
+                 max_idempotency_keys: int = MAX_IDEMPOTENCY_KEYS) -> None:
         self.namespaces = {ns.name: ns for ns in namespaces}
         self.top_level = top_level
         self.clock = clock
         self.idempotency_window = idempotency_window
+        self.max_idempotency_keys = max_idempotency_keys
         self.channels: dict[str, Channel] = {}
         # (when, tie, channel name): when a channel's history may expire or the channel may go.
         self._deadlines: list[tuple[float, int, str]] = []
@@ -217,6 +223,8 @@ class ServerState:
             ch.results = {}
         ch.results[key] = (expires, position)
         self._results_fifo.append((expires, ch.name, key))
+        if len(self._results_fifo) > self.max_idempotency_keys:
+            self._forget_results(float("inf"), limit=len(self._results_fifo) - self.max_idempotency_keys)
 
     # -- history -------------------------------------------------------------------------------
 
@@ -345,14 +353,21 @@ class ServerState:
                 continue
             ch.scheduled = None
             self._settle(ch, now)
+        self._forget_results(now)
+
+    def _forget_results(self, until: float, limit: int | None = None) -> None:
+        """Forget idempotency keys that expire by `until` (at most `limit` of them), oldest first."""
+        now = self.clock()
         fifo = self._results_fifo
-        while fifo and fifo[0][0] <= now:
-            _, name, key = fifo.popleft()
+        while fifo and fifo[0][0] <= until and (limit is None or limit > 0):
+            expires, name, key = fifo.popleft()
+            if limit is not None:
+                limit -= 1
             ch = self.channels.get(name)
             if ch is None or not ch.results:
                 continue
             seen = ch.results.get(key)
-            if seen is not None and seen[0] <= now:
+            if seen is not None and seen[0] <= expires:
                 del ch.results[key]
             if not ch.results:
                 ch.results = None

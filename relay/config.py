@@ -62,6 +62,9 @@ class ServerSection(Model):
     tls: ServerTls = Field(default_factory=ServerTls)
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback listen address without an API key.")
+    error_mode: Literal["body", "transport"] = Field(
+        "body", description="Like Centrifugo's grpc_api.error_mode: errors in the response body, or in "
+                            "the GRPC status (a client can also ask per call with x-centrifugo-error-mode).")
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import signal
 import sys
@@ -195,6 +196,8 @@ async def serve_from_args(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
+    # What was loaded to start is there for good: keep the collector from walking it again and again.
+    gc.freeze()
     print(f"listening on {server.address}", file=sys.stderr, flush=True)
     try:
         await stopping.wait()

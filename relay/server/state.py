@@ -99,7 +99,8 @@ class Channel:
         self.publications: deque[StoredPublication] = deque(maxlen=max(policy.history_size, 1))
         self.history_expires_at = 0.0
         self.keep_until = 0.0
-        self.results: dict[str, tuple[float, Position]] | None = None
+        # idempotency key -> (expires at, offset, epoch): flat, so the GC soon stops tracking it.
+        self.results: dict[str, tuple[float, int, str]] | None = None
         self.scheduled: float | None = None
         self.version = 0
         self.version_epoch = ""
@@ -181,7 +182,7 @@ class ServerState:
         if idempotency_key and ch is not None and ch.results:
             seen = ch.results.get(idempotency_key)
             if seen is not None and seen[0] > now:
-                return seen[1]
+                return seen[1], seen[2]
         position = NO_POSITION
         if policy.history and not skip_history:
             if ch is None:
@@ -208,7 +209,8 @@ class ServerState:
                 return None
             ch.version, ch.version_epoch = version, version_epoch
         ch.top += 1
-        ch.publications.append(StoredPublication(ch.top, data, tags))
+        # tuple.__new__ skips NamedTuple's Python-level constructor: this is the hot path.
+        ch.publications.append(tuple.__new__(StoredPublication, (ch.top, data, tags)))
         expires = now + ch.policy.history_ttl
         ch.history_expires_at = expires
         if expires > ch.keep_until:
@@ -221,7 +223,7 @@ class ServerState:
         expires = now + self.idempotency_window
         if ch.results is None:
             ch.results = {}
-        ch.results[key] = (expires, position)
+        ch.results[key] = (expires, position[0], position[1])
         self._results_fifo.append((expires, ch.name, key))
         if len(self._results_fifo) > self.max_idempotency_keys:
             self._forget_results(float("inf"), limit=len(self._results_fifo) - self.max_idempotency_keys)

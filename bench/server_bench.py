@@ -1,0 +1,189 @@
+"""Benchmark of the embedded server alone: publications per second through its GRPC API.
+
+`relay serve` runs in one process; a grpc.aio client runs in another (this file with --client),
+one scenario at a time, for a few seconds each:
+
+- publish:        unary Publish calls, 64 in flight;
+- batch100/500:   Batch of 100 / 500 publish commands, 4 in flight (the sink's max_in_flight);
+- batch500+keys:  the same with an idempotency key on every publication, as the relay sends them.
+
+Data is a ~100-byte JSON object, spread over 16 channels of namespace `chat` (history on).
+
+    .venv/bin/python bench/server_bench.py [--duration 3]
+
+`run()` returns the figures as a dict (bench/run.py calls it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_ENV = "RELAY_BENCH_SERVER_KEY"
+API_KEY = "bench-key"
+CHANNELS = 16
+# name: (commands per call, calls in flight, idempotency keys)
+SCENARIOS: dict[str, tuple[int, int, bool]] = {
+    "publish": (1, 64, False),
+    "batch100": (100, 4, False),
+    "batch500": (500, 4, False),
+    "batch500+keys": (500, 4, True),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """`relay serve` on a free loopback port, with an API key (auth is part of the cost)."""
+
+    def __init__(self) -> None:
+        self.address = f"127.0.0.1:{_free_port()}"
+        env = dict(os.environ, **{KEY_ENV: API_KEY})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--listen", self.address, "--api-key-env", KEY_ENV,
+             "--namespace", "chat"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline().decode()
+        if not line.startswith("listening on"):
+            self.stop()
+            raise RuntimeError(f"relay serve did not start: {line}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def _client(address: str, scenario: str, duration: float) -> dict[str, Any]:
+    """Drive one scenario for `duration` seconds; counts come from the replies."""
+    import grpc
+
+    from relay.proto.centrifugo import api_pb2 as pb
+    from relay.proto.centrifugo import api_pb2_grpc
+
+    size, in_flight, keys = SCENARIOS[scenario]
+    metadata = [("authorization", f"apikey {API_KEY}")]
+    data = json.dumps({"type": "bench", "seq": 0, "at": "2026-01-01T00:00:00Z", "pad": "x" * 40}).encode()
+    published = errors = 0
+    latencies: list[float] = []
+    serial = 0
+
+    def commands(worker: int) -> Any:
+        nonlocal serial
+        reqs = []
+        for i in range(size):
+            serial += 1
+            reqs.append(pb.PublishRequest(channel=f"chat:bench-{(worker + i) % CHANNELS}", data=data,
+                                          idempotency_key=f"bench:{worker}:{serial}" if keys else ""))
+        return reqs
+
+    async with grpc.aio.insecure_channel(address) as chan:
+        stub = api_pb2_grpc.CentrifugoApiStub(chan)  # type: ignore[no-untyped-call]
+        deadline = time.perf_counter() + duration
+
+        async def worker(n: int) -> None:
+            nonlocal published, errors
+            while time.perf_counter() < deadline:
+                reqs = commands(n)
+                started = time.perf_counter()
+                if size == 1:
+                    resp = await stub.Publish(reqs[0], metadata=metadata)
+                    codes = [resp.error.code]
+                else:
+                    batch = pb.BatchRequest(commands=[pb.Command(publish=r) for r in reqs])
+                    reply = await stub.Batch(batch, metadata=metadata)
+                    codes = [r.error.code for r in reply.replies]
+                latencies.append(time.perf_counter() - started)
+                ok = codes.count(0)
+                published += ok
+                errors += len(codes) - ok
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(in_flight)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "publications": published,
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "publications_per_second": round(published / elapsed),
+        "calls_per_second": round(len(latencies) / elapsed),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else 0.0,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else 0.0,
+    }
+
+
+def _client_main(address: str, scenario: str, duration: float) -> None:
+    try:
+        import uvloop
+        uvloop.run(_print_client(address, scenario, duration))
+    except ImportError:
+        asyncio.run(_print_client(address, scenario, duration))
+
+
+async def _print_client(address: str, scenario: str, duration: float) -> None:
+    print(json.dumps(await _client(address, scenario, duration)))
+
+
+def run(duration: float = 3.0, scenarios: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Start `relay serve`, run each scenario from a client process, return the figures by scenario."""
+    results: dict[str, dict[str, Any]] = {}
+    server = ServerProcess()
+    try:
+        for scenario in scenarios or list(SCENARIOS):
+            command = [sys.executable, __file__, "--client", server.address, scenario, str(duration)]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=duration + 60)
+            if done.returncode != 0:
+                raise RuntimeError(f"bench client {scenario} failed: {done.stderr[-2000:]}")
+            results[scenario] = json.loads(done.stdout)
+    finally:
+        server.stop()
+    return results
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    header = ("scenario", "publications/s", "calls/s", "p50 ms", "p99 ms", "errors")
+    lines = ["{:<15} {:>15} {:>9} {:>8} {:>8} {:>7}".format(*header)]
+    for name, r in results.items():
+        lines.append(f"{name:<15} {r['publications_per_second']:>15,} {r['calls_per_second']:>9,} "
+                     f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>7}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        sys.path.insert(0, str(ROOT))
+        _client_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per scenario (default 3)")
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these")
+    args = parser.parse_args()
+    results = run(args.duration, args.scenario)
+    print(f"embedded server, {args.duration:g}s per scenario, client in another process")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

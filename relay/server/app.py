@@ -12,6 +12,7 @@ import contextlib
 import gc
 import ipaddress
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise ServerStartError when host:port cannot be bound, with the system's reason.
+
+    grpc reports a taken port as a generic failure (and logs a line of its own), so ask first.
+    """
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as err:
+        raise ServerStartError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 def namespace_policies(config: ServerSection) -> list[NamespacePolicy]:
@@ -111,6 +128,7 @@ class EmbeddedServer:
                 f"server.listen: {self.config.listen} is reachable from other hosts and no API key is set; "
                 "set server.api_key_env (or allow_unauthenticated_remote = true)")
         credentials = self._credentials()
+        check_bindable(host, port)
         server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(key)] if key else None,
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
@@ -120,8 +138,8 @@ class EmbeddedServer:
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials
                      else server.add_insecure_port(bind))
-        except RuntimeError as err:
-            raise ServerStartError(f"cannot listen on {self.config.listen}: {err}") from None
+        except RuntimeError:
+            raise ServerStartError(f"cannot listen on {self.config.listen}") from None
         if not bound:
             raise ServerStartError(f"cannot listen on {self.config.listen}")
         node = NodeInfo(bound)

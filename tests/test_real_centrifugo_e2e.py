@@ -1,4 +1,5 @@
-"""End to end against a real Centrifugo v6: ticker → `relay run` → Centrifugo → WebSocket subscriber.
+"""End to end against a real Centrifugo v6: ticker, file tail and Kafka → `relay run` → Centrifugo → a
+WebSocket subscriber; plus a Centrifugo kill, a wrong API key and `relay tail`.
 
 Counts come from Centrifugo itself (History) and from a real subscriber, never from relay logs.
 
@@ -22,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import pytest
 
 from tests.harness.centrifugo import RealCentrifugo
 from tests.harness.history import history, history_json
+from tests.harness.kafka import KafkaBroker, Record, run_sync
 from tests.harness.ports import free_port
 from tests.harness.subscriber import ChannelSubscriber
 
@@ -40,8 +43,7 @@ KEY_ENV = "E2E_CENTRIFUGO_GRPC_KEY"
 class RelayProcess:
     """`relay run -c cfg.toml` in a subprocess, with its stderr in a log file."""
 
-    def __init__(self, workdir: Path, centrifugo: RealCentrifugo, channel: str, count: int,
-                 interval: str, api_key: str) -> None:
+    def __init__(self, workdir: Path, centrifugo: RealCentrifugo, pipeline: str, api_key: str) -> None:
         self.workdir = workdir
         self.metrics_port = free_port()
         self.config_path = workdir / "relay.toml"
@@ -59,17 +61,7 @@ batch_max_size = 50
 batch_linger = "5ms"
 max_in_flight = 1
 retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
-
-[sources.tick]
-type = "ticker"
-interval = "{interval}"
-count = {count}
-data = '{{"seq": {{{{ seq }}}}}}'
-
-[[routes]]
-source = "tick"
-channel = "{channel}"
-""")
+{pipeline}""")
         self.env = dict(os.environ, **{KEY_ENV: api_key})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -115,31 +107,46 @@ channel = "{channel}"
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
 
-    def wait_readyz(self, status: int, timeout: float = 20.0) -> str:
+    def wait_readyz(self, status: int, contains: str = "", timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
         seen: tuple[int, str] | None = None
         while time.monotonic() < deadline:
             try:
                 seen = self.readyz()
-                if seen[0] == status:
+                if seen[0] == status and contains in seen[1]:
                     return seen[1]
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"/readyz never answered {status} (last {seen}):\n{self.log()}")
+        raise AssertionError(f"/readyz never answered {status} {contains!r} (last {seen}):\n{self.log()}")
+
+
+def ticker(channel: str, count: int, interval: str = "0s") -> str:
+    """Sources and routes of a relay: a ticker of `count` ticks `{"seq": N}` into `channel`."""
+    return f"""
+[sources.tick]
+type = "ticker"
+interval = "{interval}"
+count = {count}
+data = '{{"seq": {{{{ seq }}}}}}'
+
+[[routes]]
+source = "tick"
+channel = "{channel}"
+"""
 
 
 @pytest.fixture
 def relays(tmp_path: Path) -> Any:
-    """Factory of RelayProcess; every relay is stopped after the test."""
+    """Factory: `relays(centrifugo, pipeline_toml, api_key=None)` → a RelayProcess (not started);
+    every relay is stopped after the test."""
     made: list[RelayProcess] = []
 
-    def make(centrifugo: RealCentrifugo, channel: str, count: int, interval: str = "0s",
-             api_key: str | None = None) -> RelayProcess:
+    def make(centrifugo: RealCentrifugo, pipeline: str, api_key: str | None = None) -> RelayProcess:
         workdir = tmp_path / f"relay-{len(made)}"
         workdir.mkdir()
-        relay = RelayProcess(workdir, centrifugo, channel, count, interval,
-                             centrifugo.api_key if api_key is None else api_key)
+        key = centrifugo.api_key if api_key is None else api_key
+        relay = RelayProcess(workdir, centrifugo, pipeline, key)
         made.append(relay)
         return relay
 
@@ -155,7 +162,7 @@ def _seqs(items: list[Any]) -> list[int]:
 def test_ticker_reaches_a_websocket_subscriber_in_order(real_centrifugo: RealCentrifugo, relays: Any) -> None:
     count = 2000
     with ChannelSubscriber(real_centrifugo.ws_url, "chat:e2e-ticker") as sub:
-        relay = relays(real_centrifugo, "chat:e2e-ticker", count).start()
+        relay = relays(real_centrifugo, ticker("chat:e2e-ticker", count)).start()
         assert relay.wait(120) == 0, relay.log()
         assert _seqs(sub.wait_for(count, timeout=30)) == list(range(1, count + 1))
         time.sleep(0.2)
@@ -169,7 +176,7 @@ def test_ticker_reaches_a_websocket_subscriber_in_order(real_centrifugo: RealCen
 def test_centrifugo_killed_mid_stream_loses_nothing(fresh_centrifugo: RealCentrifugo, relays: Any) -> None:
     server, channel, count = fresh_centrifugo, "chat:e2e-kill", 600
     sub = ChannelSubscriber(server.ws_url, channel).start()
-    relay = relays(server, channel, count, interval="10ms").start()
+    relay = relays(server, ticker(channel, count, interval="10ms")).start()
     try:
         sub.wait_for(100, timeout=30)
         relay.pause()
@@ -203,10 +210,9 @@ def test_wrong_api_key_keeps_everything_until_the_key_is_right(fresh_centrifugo:
     # More ticks than the relay buffers (4 batches of 50): the ticker is held back, not finished.
     server, channel, count = fresh_centrifugo, "chat:e2e-key", 600
     sub = ChannelSubscriber(server.ws_url, channel).start()
-    relay = relays(server, channel, count, interval="5ms", api_key="the-relays-key").start()
+    relay = relays(server, ticker(channel, count, interval="5ms"), api_key="the-relays-key").start()
     try:
-        why = relay.wait_readyz(503)
-        assert "authentication failed" in why
+        relay.wait_readyz(503, contains="authentication failed")
         time.sleep(1.5)  # several retries' worth
         refused = [line for line in relay.log().splitlines() if "refused the API key" in line]
         assert len(refused) == 1, relay.log()
@@ -229,6 +235,72 @@ def test_wrong_api_key_keeps_everything_until_the_key_is_right(fresh_centrifugo:
     assert len(sub.received) == count
     dead_letters = relay.workdir / "state" / "dead-letter.jsonl"
     assert not dead_letters.exists() or dead_letters.read_text() == ""
+
+
+def test_file_tail_reaches_a_websocket_subscriber_in_order(real_centrifugo: RealCentrifugo, relays: Any,
+                                                           tmp_path: Path) -> None:
+    channel, log_file = "chat:e2e-file", tmp_path / "app.log"
+    log_file.write_text("".join(json.dumps({"line": n}) + "\n" for n in range(1, 501)))
+    with ChannelSubscriber(real_centrifugo.ws_url, channel) as sub:
+        relay = relays(real_centrifugo, f"""
+[sources.applog]
+type = "file"
+paths = ["{tmp_path}/*.log"]
+read_from = "beginning"
+poll_interval = "50ms"
+
+[[routes]]
+source = "applog"
+channel = "{channel}"
+""").start()
+        sub.wait_for(500, timeout=60)
+        with open(log_file, "a") as out:
+            for n in range(501, 1001):
+                out.write(json.dumps({"line": n}) + "\n")
+                if n % 100 == 0:
+                    out.flush()
+        assert sub.wait_for(1000, timeout=60) == [{"line": n} for n in range(1, 1001)]
+        relay.stop()
+        assert relay.process is not None and relay.process.returncode == 0, relay.log()
+        assert len(sub.received) == 1000
+    pubs = history(real_centrifugo.grpc_address, channel, real_centrifugo.api_key)
+    assert [json.loads(p.data)["line"] for p in pubs] == list(range(1, 1001))
+
+
+@pytest.mark.kafka
+def test_kafka_reaches_websocket_subscribers_in_partition_order(real_centrifugo: RealCentrifugo, relays: Any,
+                                                                kafka_broker: KafkaBroker) -> None:
+    topic, partitions, per_partition = f"e2e-{uuid.uuid4().hex[:8]}", 3, 400
+    run_sync(kafka_broker.create_topic(topic, partitions))
+    channels = [f"chat:e2e-kafka-{topic}-{p}" for p in range(partitions)]
+    subs = [ChannelSubscriber(real_centrifugo.ws_url, c).start() for c in channels]
+    try:
+        relay = relays(real_centrifugo, f"""
+[sources.events]
+type = "kafka"
+brokers = ["{kafka_broker.bootstrap}"]
+topics = ["{topic}"]
+group_id = "e2e-{topic}"
+
+[[routes]]
+source = "events"
+channel = "chat:e2e-kafka-{{{{ topic }}}}-{{{{ partition }}}}"
+""").start()
+        records = [Record(json.dumps({"p": p, "n": n}).encode(), partition=p)
+                   for n in range(1, per_partition + 1) for p in range(partitions)]
+        assert run_sync(kafka_broker.produce(topic, records)) == partitions * per_partition
+        for p, sub in enumerate(subs):
+            assert sub.wait_for(per_partition, timeout=90) == [{"p": p, "n": n}
+                                                               for n in range(1, per_partition + 1)]
+        relay.stop()
+        assert relay.process is not None and relay.process.returncode == 0, relay.log()
+    finally:
+        for sub in subs:
+            sub.stop()
+    assert [len(sub.received) for sub in subs] == [per_partition] * partitions
+    for p, channel in enumerate(channels):
+        held = history_json(real_centrifugo.grpc_address, channel, real_centrifugo.api_key)
+        assert held == [{"p": p, "n": n} for n in range(1, per_partition + 1)]
 
 
 def _publish(server: RealCentrifugo, channel: str, data: object) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trustme
 
 from relay.config import ServerSection
 from relay.proto.centrifugo import api_pb2 as pb
+from relay.proto.centrifugo import api_pb2_grpc
 from relay.server.app import EmbeddedServer, ServerStartError
 from tests.harness.embedded import EmbeddedServerProcess, open_aio_stubs, open_stubs
 from tests.harness.ports import free_port
@@ -114,3 +116,28 @@ async def test_embedded_server_reports_an_unreadable_key_file(tmp_path: Path) ->
     config = ServerSection.model_validate({"listen": "127.0.0.1:0", "api_key_file": missing})
     with pytest.raises(ServerStartError, match="cannot read secret file"):
         await EmbeddedServer(config).start()
+
+
+async def test_embedded_server_serves_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    config = ServerSection.model_validate({"listen": "127.0.0.1:0", "namespaces": ["chat"], "tls": {
+        "enabled": True, "cert_file": str(tmp_path / "cert.pem"), "key_file": str(tmp_path / "key.pem")}})
+    server = EmbeddedServer(config)
+    await server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        async with grpc.aio.secure_channel(server.address, creds, options=options) as chan:
+            stub = api_pb2_grpc.CentrifugoApiStub(chan)  # type: ignore[no-untyped-call]
+            resp = await stub.Publish(pb.PublishRequest(channel="chat:tls", data=b"{}"), timeout=10)
+        assert (resp.error.code, resp.result.offset) == (0, 1)
+        async with grpc.aio.insecure_channel(server.address) as plain:
+            with pytest.raises(grpc.RpcError) as caught:
+                await api_pb2_grpc.CentrifugoApiStub(plain).Info(  # type: ignore[no-untyped-call]
+                    pb.InfoRequest(), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        await server.stop(0.5)

@@ -138,6 +138,6 @@ async def test_embedded_server_serves_tls(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 await api_pb2_grpc.CentrifugoApiStub(plain).Info(  # type: ignore[no-untyped-call]
                     pb.InfoRequest(), timeout=2)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(0.5)

@@ -99,12 +99,12 @@ def parse_status_details(blob: bytes) -> tuple[int, str, list[tuple[str, bytes]]
 
 def transport_error(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, int]:
     """(status, details, Centrifugo error code from the status details) of a transport-mode error."""
-    blob = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]  # type: ignore[attr-defined]
+    blob = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
     _, _, details = parse_status_details(blob)
     (type_url, value), = details
     assert type_url.endswith(".Error")
     error = pb.Error.FromString(value)
-    return err.code(), err.details(), error.code  # type: ignore[attr-defined]
+    return err.code(), err.details(), error.code
 
 
 # -- Publish ------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_a_message_over_4mb_is_resource_exhausted(centrifugo_api: ApiTarget) -> 
     with centrifugo_api.stubs() as stubs:
         with pytest.raises(grpc.RpcError) as caught:
             publish(stubs, fresh(), b"x" * (5 * 1024 * 1024))
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert publish(stubs, fresh(), b"x" * (3 * 1024 * 1024)).result.offset == 1
 
 
@@ -475,7 +475,7 @@ def test_calls_without_the_right_key_are_unauthenticated(centrifugo_api: ApiTarg
                           (stubs.v6.Batch, pb.BatchRequest(commands=[pb.Command(info=pb.InfoRequest())]))):
             with pytest.raises(grpc.RpcError) as caught:
                 call(req, metadata=metadata, timeout=10)
-            assert (caught.value.code(), caught.value.details()) == (  # type: ignore[attr-defined]
+            assert (caught.value.code(), caught.value.details()) == (
                 grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
     with centrifugo_api.stubs() as stubs:
         assert history(stubs, channel).result.publications == []
@@ -487,7 +487,7 @@ def test_an_unknown_method_is_unimplemented_with_or_without_the_key(centrifugo_a
         for metadata in (centrifugo_api.metadata, []):
             with pytest.raises(grpc.RpcError) as caught:
                 call(b"", metadata=metadata, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 # -- transport error mode -----------------------------------------------------------------------
@@ -575,7 +575,7 @@ def test_embedded_methods_it_does_not_serve_are_unimplemented(shared_embedded_se
         call = chan.unary_unary(f"/centrifugal.centrifugo.api.CentrifugoApi/{method}")
         with pytest.raises(grpc.RpcError) as caught:
             call(b"", metadata=shared_embedded_server.metadata, timeout=10)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_embedded_server_wide_transport_error_mode(embedded_server_factory: EmbeddedServerFactory) -> None:
@@ -588,7 +588,7 @@ def test_embedded_server_wide_transport_error_mode(embedded_server_factory: Embe
                              metadata=stubs.metadata)
         batch = stubs.v6.Batch(pb.BatchRequest(commands=[pb.Command()]), metadata=stubs.metadata)
     assert transport_error(caught.value)[::2] == (grpc.StatusCode.NOT_FOUND, 102)
-    assert legacy.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert legacy.value.code() == grpc.StatusCode.NOT_FOUND
     assert [r.error.code for r in batch.replies] == [104]
 
 
@@ -629,7 +629,7 @@ def test_legacy_errors(shared_embedded_server: Server) -> None:
         assert code(stubs.v2.PresenceStats, pb2.PresenceStatsRequest(channel=fresh("nowhere"))) == 102
         with pytest.raises(grpc.RpcError) as caught:
             stubs.v2.Info(pb2.InfoRequest())
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_legacy_broadcast_is_all_or_nothing(shared_embedded_server: Server) -> None:

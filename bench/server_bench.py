@@ -39,6 +39,8 @@ SCENARIOS: dict[str, tuple[int, int, bool]] = {
     "batch100": (100, 4, False),
     "batch500": (500, 4, False),
     "batch500+keys": (500, 4, True),
+    # One call in flight: the most one ordered stream (a partition, a file, a ticker) can use.
+    "batch500+keys/1": (500, 1, True),
 }
 
 

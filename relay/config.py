@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relay import sources
-from relay.channels import NAMESPACE_NAME
+from relay.channels import NAMESPACE_NAME, channel_problem
 from relay.templates import Template, TemplateError
 from relay.units import Duration, Size
 
@@ -106,6 +106,15 @@ class SinkSection(Model):
 
 
 WhenValue = str
+
+
+def _check_channel_template(text: str) -> None:
+    """A channel without placeholders is checked now, so a typo fails at start, not per message."""
+    if Template.compile(text).is_constant:
+        problem = channel_problem(text)
+        if problem:
+            raise ValueError(problem)
+
 DATA_MODES = ("json", "wrap", "raw")
 
 
@@ -132,7 +141,7 @@ class RouteConfig(Model):
     @classmethod
     def _template(cls, value: str) -> str:
         if value:
-            Template.compile(value)
+            _check_channel_template(value)
         return value
 
     @field_validator("data")
@@ -148,7 +157,7 @@ class RouteConfig(Model):
     @classmethod
     def _templates(cls, value: list[str]) -> list[str]:
         for item in value:
-            Template.compile(item)
+            _check_channel_template(item)
         return value
 
     @field_validator("tags")

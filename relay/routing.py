@@ -107,6 +107,8 @@ class Route:
         self.data_template = Template.compile(config.data) if self.data_mode == "template" else None
         self.tags = {k: Template.compile(v) for k, v in config.tags.items()}
         self.continue_ = config.continue_
+        # Constant channels were checked when the config was read.
+        self._check_channels = not all(t.is_constant for t in self.channels)
 
     def matches(self, fields: _Fields) -> bool:
         for name, pattern in self.when:
@@ -125,10 +127,11 @@ class Route:
             return Rejection(msg, f"route {self.index}: {err}")
         except _BadData as err:
             return Rejection(msg, f"route {self.index}: {err}")
-        for channel in channels:
-            problem = channel_problem(channel)
-            if problem:
-                return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
+        if self._check_channels:
+            for channel in channels:
+                problem = channel_problem(channel)
+                if problem:
+                    return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
         return Publication(channels=channels, data=data, message=msg, tags=tags,
                            idempotency_key=f"{msg.position}#{self.index}",
                            skip_history=self.config.skip_history)

@@ -73,6 +73,8 @@ BROKEN = [
     ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchanel = "c"\n',
      "routes[0].chanel", "did you mean 'channel'"),
     ("[relay\n", "(toml)", "Expected"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:*"\n',
+     "routes[0].channel", "reserved"),
 ]
 
 

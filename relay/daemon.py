@@ -1,8 +1,22 @@
-"""`relay run`: builds the pipeline from a config, runs it, and stops it without losing anything.
+"""`relay run`: builds the pipeline from a config, runs it, reloads it on SIGHUP, and stops it on
+SIGTERM without losing anything.
 
-Start order: embedded server (if enabled) → sink → pipeline lanes → sources. Stop order is the
-reverse, with a drain in the middle: sources stop reading, in-flight publications get
-`shutdown_timeout` to settle, then sources commit what was settled and everything closes.
+Start order: status endpoints → embedded server (if enabled) → sink → pipeline lanes → sources.
+systemd hears READY=1 once the sink answered and the sources started.
+
+Stop (SIGTERM, SIGINT): STOPPING=1; sources stop reading; what is in flight gets
+`shutdown_timeout` to settle; sources commit what settled; everything closes; exit 0. What did not
+settle in time is not committed, so Kafka and files read it again after the restart (its
+idempotency keys make the repeat invisible).
+
+Reload (SIGHUP): the file is read and validated first; a broken one is logged, one line per
+problem, and the running pipeline goes on untouched. A valid one is applied without losing or
+repeating anything: sources are held at the door (their next emit waits), what is in flight drains
+through the old sink, then a new routing table, sink and lanes take over and the door opens.
+Sources whose table did not change keep running through all of it (no Kafka rebalance, no file
+re-read, a ticker's seq goes on); changed, added and removed ones stop and commit first, and start
+again from their committed positions. If the drain runs out of time every source restarts that
+way, so nothing left unsettled is lost. The embedded server restarts only if `[server]` changed.
 """
 
 from __future__ import annotations
@@ -11,173 +25,420 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
-from relay import logs, metrics, sources
-from relay.config import Config
+from relay import events, logs, metrics, sources
+from relay.config import Config, ConfigError, load_config
 from relay.dead_letter import DeadLetterFile
 from relay.pipeline import Pipeline
 from relay.routing import RoutingTable
-from relay.secrets import SecretError, load_secret
+from relay.secrets import SecretError
 from relay.sinks.grpc_centrifugo import GrpcCentrifugoSink
 from relay.status_server import StatusServer
+from relay.systemd import SystemdNotifier
 
 log = logging.getLogger("relay")
 
-SINK_PING_INTERVAL = 2.0
+# How often the sink is pinged while it does not answer, and while it answers but nothing flows.
+PING_DOWN_INTERVAL = 0.5
+PING_IDLE_INTERVAL = 2.0
+# How often readiness changes reach systemd's STATUS= (and READY=1 the first time).
+REPORT_INTERVAL = 0.1
 
 
-class FatalStartError(Exception):
-    pass
+class StartError(Exception):
+    """A part of the pipeline could not start: a port taken, a secret missing, a bad source."""
 
 
 class Relay:
-    """One running pipeline built from one config."""
+    """The running pipeline of one config, which a reload replaces piece by piece."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.server: Any = None
+        self.status: StatusServer | None = None
         self.sink: GrpcCentrifugoSink | None = None
         self.pipeline: Pipeline | None = None
         self.sources: dict[str, sources.Source] = {}
         self.source_tasks: dict[str, asyncio.Task[None]] = {}
-        self.status: StatusServer | None = None
-        self.draining = False
-        self._ping_task: asyncio.Task[None] | None = None
+        self.state = "starting"  # starting | running | reloading | draining
+        self._door = asyncio.Event()  # set while sources may hand messages to the pipeline
+        self._door.set()
+        self._supervisor: asyncio.Task[None] | None = None
 
     # -- readiness ---------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "draining"
+        """(ready, why not): ready only while the sources run and the sink answers."""
+        if self.state != "running":
+            return False, self.state
         if self.sink is None or not self.sink.healthy:
             why = self.sink.last_error if self.sink is not None else ""
             return False, f"sink not connected{': ' + why if why else ''}"
-        if not self.source_tasks:
-            return False, "sources not started"
         return True, ""
 
-    def _update_ready(self) -> None:
-        metrics.READY.set(1 if self.readiness()[0] else 0)
+    def describe(self) -> str:
+        """One line for systemd's STATUS=."""
+        ready, why = self.readiness()
+        cfg = self.config
+        if ready:
+            return (f"running: {len(self.sources)} source(s), {len(cfg.routes)} route(s), "
+                    f"Centrifugo at {cfg.sink.address} answers")
+        if self.state == "running":
+            return f"waiting for Centrifugo at {cfg.sink.address}: {why}"
+        return why
 
-    async def _ping_sink(self) -> None:
+    async def _supervise(self) -> None:
         # Readiness follows the sink even while no messages flow (an idle ticker, a quiet topic).
-        assert self.sink is not None
         while True:
-            if not self.sink.healthy or not self.pipeline or self.pipeline.unsettled == 0:
-                await self.sink.ping()
-            self._update_ready()
-            await asyncio.sleep(SINK_PING_INTERVAL)
+            sink, pipeline = self.sink, self.pipeline
+            if sink is not None and (not sink.healthy or pipeline is None or pipeline.unsettled == 0):
+                with contextlib.suppress(Exception):  # a sink closed by a reload under our feet
+                    await sink.ping()
+            healthy = sink is not None and sink.healthy
+            await asyncio.sleep(PING_IDLE_INTERVAL if healthy else PING_DOWN_INTERVAL)
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        cfg = self.config
-        if cfg.server.enabled:
-            from relay.server.app import EmbeddedServer
-            self.server = EmbeddedServer(cfg.server)
-            await self.server.start()
-            log.info("embedded server listening on %s", self.server.address)
-        try:
-            api_key = load_secret(cfg.sink.api_key_env, cfg.sink.api_key_file)
-        except SecretError as err:
-            raise FatalStartError(f"sink: {err}") from None
-        self.sink = GrpcCentrifugoSink(cfg.sink, api_key)
-        await self.sink.start()
-        if await self.sink.ping():
-            log.info("sink: Centrifugo at %s answers (api %s)", cfg.sink.address, cfg.sink.api)
-        else:
-            log.warning("sink: Centrifugo at %s does not answer yet (%s); messages wait and are retried",
-                        cfg.sink.address, self.sink.last_error)
-        router = RoutingTable(cfg.routes, cfg.relay.unmatched)
-        self.pipeline = Pipeline(router, self.sink, DeadLetterFile(cfg.dead_letter_path),
-                                 lanes=cfg.sink.max_in_flight, batch_max_size=cfg.sink.batch_max_size,
-                                 batch_linger=cfg.sink.batch_linger)
-        self.pipeline.start()
-        if cfg.relay.metrics_listen:
-            self.status = StatusServer(cfg.relay.metrics_listen, self.readiness)
-            await self.status.start()
+        metrics.READY.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        await self._bring_up(self.config)
+        self._supervisor = asyncio.create_task(self._supervise(), name="supervisor")
+        self.state = "running"
+        log.info("relay running: %d source(s), %d route(s)", len(self.sources), len(self.config.routes))
+
+    async def _bring_up(self, cfg: Config, sink: GrpcCentrifugoSink | None = None) -> None:
+        """Start whatever part of `cfg` is not running yet: status endpoints, embedded server, sink
+        (`sink`, if already built) and lanes, sources. Raises StartError."""
+        if cfg.relay.metrics_listen and self.status is None:
+            status = StatusServer(cfg.relay.metrics_listen, self.readiness)
+            try:
+                await status.start()
+            except (OSError, ValueError) as err:
+                raise StartError(f"relay.metrics_listen: cannot listen on {cfg.relay.metrics_listen}: "
+                                 f"{getattr(err, 'strerror', None) or err}") from None
+            self.status = status
+        if cfg.server.enabled and self.server is None:
+            from relay.server.app import EmbeddedServer, ServerStartError
+            server = EmbeddedServer(cfg.server)
+            try:
+                await server.start()
+            except ServerStartError as err:
+                raise StartError(str(err)) from None
+            self.server = server
+            log.info("embedded server listening on %s", server.address)
+        if self.pipeline is None:
+            await self._start_pipeline(cfg, sink or self._new_sink(cfg))
         state_dir = Path(cfg.relay.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         for name, source_config in cfg.sources.items():
-            self.sources[name] = sources.build(name, source_config, state_dir)
-        for name, source in self.sources.items():
-            self.source_tasks[name] = asyncio.create_task(self._run_source(name, source), name=f"source-{name}")
-        self._ping_task = asyncio.create_task(self._ping_sink())
-        self._update_ready()
-        log.info("relay running: %d source(s), %d route(s)", len(self.sources), len(cfg.routes))
+            if name in self.sources:
+                continue
+            try:
+                source = sources.build(name, source_config, state_dir)
+            except Exception as err:
+                raise StartError(f"sources.{name}: {err}") from None
+            self.sources[name] = source
+            self.source_tasks[name] = asyncio.create_task(source.run(self._emit_from(name)),
+                                                          name=f"source-{name}")
 
-    async def _run_source(self, name: str, source: sources.Source) -> None:
-        assert self.pipeline is not None
-        await source.run(self.pipeline.emit)
+    @staticmethod
+    def _new_sink(cfg: Config) -> GrpcCentrifugoSink:
+        try:
+            return GrpcCentrifugoSink(cfg.sink)
+        except SecretError as err:
+            raise StartError(f"sink: {err}") from None
+
+    async def _start_pipeline(self, cfg: Config, sink: GrpcCentrifugoSink) -> None:
+        await sink.start()
+        if await sink.ping():
+            log.info("sink: Centrifugo at %s answers (api %s)", cfg.sink.address, cfg.sink.api)
+        else:
+            log.warning("sink: Centrifugo at %s does not answer yet (%s); messages wait and are retried",
+                        cfg.sink.address, sink.last_error)
+        pipeline = Pipeline(RoutingTable(cfg.routes, cfg.relay.unmatched), sink,
+                            DeadLetterFile(cfg.dead_letter_path), lanes=cfg.sink.max_in_flight,
+                            batch_max_size=cfg.sink.batch_max_size, batch_linger=cfg.sink.batch_linger)
+        pipeline.start()
+        self.sink, self.pipeline = sink, pipeline
+
+    def _emit_from(self, name: str) -> sources.Emit:
+        async def emit(batch: list[Any]) -> None:
+            # The door is shut only while a reload swaps the pipeline; a source waits here, holding
+            # its batch, and hands it to the new pipeline.
+            while not self._door.is_set():
+                await self._door.wait()
+            assert self.pipeline is not None
+            # No await between the door and the pipeline counting the batch as in flight, so a
+            # drain that starts after the door shut sees every message that got through.
+            await self.pipeline.emit(batch)
+        return emit
 
     async def wait_sources(self) -> None:
-        """Returns when every source finished (a ticker with `count`), raising a source's error."""
-        if self.source_tasks:
-            await asyncio.gather(*self.source_tasks.values())
+        """Returns when every source finished (a ticker with `count`), raising a source's error.
 
-    async def stop(self) -> bool:
-        """Drain and close; False when the drain ran out of time (the rest is redelivered later)."""
-        self.draining = True
-        self._update_ready()
-        for source in self.sources.values():
-            await source.stop()
-        for task in self.source_tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(task), 5)
-        drained = True
-        if self.pipeline is not None:
-            drained = await self.pipeline.drain(self.config.relay.shutdown_timeout)
-            if not drained:
-                log.warning("shutdown: %d message(s) not settled within %gs; their positions are not "
-                            "committed and they will be delivered again", self.pipeline.unsettled,
-                            self.config.relay.shutdown_timeout)
-        for source in self.sources.values():
-            try:
-                await source.close()
-            except Exception as err:
-                log.error("closing source %s: %s", getattr(source, "name", "?"), err)
-        for task in self.source_tasks.values():
+        Cancelling this wait leaves the sources running."""
+        tasks = list(self.source_tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                raise error
+
+    # -- stop --------------------------------------------------------------------------------
+
+    async def _stop_sources(self, names: list[str], deadline: float) -> None:
+        """Ask sources to stop reading and give their loops until `deadline` to return."""
+        for name in names:
+            await self.sources[name].stop()
+        running = [self.source_tasks[n] for n in names if not self.source_tasks[n].done()]
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
+
+    async def _close_sources(self, names: list[str]) -> None:
+        """After the drain: end source loops still running, then let each commit what settled."""
+        tasks = [self.source_tasks[n] for n in names]
+        for task in tasks:
             task.cancel()
-        if self._ping_task is not None:
-            self._ping_task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for name in names:
+            try:
+                await self.sources[name].close()
+            except Exception as err:
+                log.error("closing source %s: %s", name, err)
+            del self.sources[name], self.source_tasks[name]
+
+    async def _drain(self, deadline: float, why: str) -> bool:
+        assert self.pipeline is not None
+        drained = await self.pipeline.drain(max(0.0, deadline - time.monotonic()))
+        if not drained:
+            log.warning("%s: %d message(s) not settled within %gs; their positions are not committed "
+                        "and they will be read again", why, self.pipeline.unsettled,
+                        self.config.relay.shutdown_timeout)
+            events.MessagesAbandoned().emit()
+        return drained
+
+    async def _stop_pipeline(self) -> None:
         if self.pipeline is not None:
             await self.pipeline.stop()
+            self.pipeline = None
         if self.sink is not None:
             await self.sink.close()
-        if self.status is not None:
-            await self.status.stop()
+            self.sink = None
+
+    async def _stop_server(self) -> None:
         if self.server is not None:
             await self.server.stop(1.0)
+            self.server = None
+
+    async def stop(self) -> bool:
+        """Drain and close; False when the drain ran out of time (the rest is read again later)."""
+        self.state = "draining"
+        deadline = time.monotonic() + self.config.relay.shutdown_timeout
+        names = list(self.sources)
+        await self._stop_sources(names, deadline)
+        drained = True
+        if self.pipeline is not None:
+            drained = await self._drain(deadline, "shutdown")
+        await self._close_sources(names)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._stop_pipeline()
+        await self._stop_server()
+        if self.status is not None:
+            await self.status.stop()
+            self.status = None
         return drained
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, new: Config) -> bool:
+        """Apply a validated config; False (and the old one running) when it cannot be.
+
+        Raises StartError only if neither the new config nor the old one can run."""
+        old = self.config
+        if new == old:
+            log.info("reload: the config did not change")
+            return True
+        sink = None
+        if _pipeline_parts(new) != _pipeline_parts(old):
+            try:
+                sink = self._new_sink(new)  # a missing secret fails here, before anything stops
+            except StartError as err:
+                log.error("reload rejected: %s; the running config stays in force", err)
+                return False
+        if new.relay.metrics_listen != old.relay.metrics_listen and not await self._move_status(new):
+            return False
+        if sink is None:
+            self.config = new
+            log.info("reload: applied (the pipeline did not change)")
+            return True
+        self.state = "reloading"
+        deadline = time.monotonic() + old.relay.shutdown_timeout
+        keep = [name for name in self.sources
+                if name in new.sources and new.sources[name] == old.sources[name]
+                and new.relay.state_dir == old.relay.state_dir]
+        restart = [name for name in self.sources if name not in keep]
+        # Sources that go away stop first, with the door still open, so a batch they hold can
+        # still get in; then the door shuts and everything in flight drains.
+        await self._stop_sources(restart, deadline)
+        self._door.clear()
+        if not await self._drain(deadline, "reload"):
+            await self._stop_sources(keep, time.monotonic() + 1.0)
+            restart += keep
+            keep = []
+        await self._close_sources(restart)
+        await self._stop_pipeline()
+        if new.server != old.server:
+            await self._stop_server()
+        self.config = new
+        try:
+            await self._bring_up(new, sink)
+        except StartError as err:
+            log.error("reload: %s; going back to the previous config", err)
+            await self._roll_back(old)
+            return False
+        finally:
+            self._door.set()
+            self.state = "running"
+        log.info("reload: applied: %d source(s) kept running, %d (re)started, %d route(s)",
+                 len(keep), len(self.sources) - len(keep), len(self.config.routes))
+        return True
+
+    async def _move_status(self, new: Config) -> bool:
+        """Serve the status endpoints at the new address (or nowhere); keep the old one if it cannot."""
+        status = None
+        if new.relay.metrics_listen:
+            status = StatusServer(new.relay.metrics_listen, self.readiness)
+            try:
+                await status.start()
+            except (OSError, ValueError) as err:
+                why = getattr(err, "strerror", None) or err
+                log.error("reload rejected: relay.metrics_listen: cannot listen on %s: %s; the running "
+                          "config stays in force", new.relay.metrics_listen, why)
+                return False
+        if self.status is not None:
+            await self.status.stop()
+        self.status = status
+        return True
+
+    async def _roll_back(self, old: Config) -> None:
+        names = list(self.sources)
+        await self._stop_sources(names, time.monotonic() + old.relay.shutdown_timeout)
+        if self.pipeline is not None:
+            await self._drain(time.monotonic() + old.relay.shutdown_timeout, "reload")
+        await self._close_sources(names)
+        await self._stop_pipeline()
+        await self._stop_server()
+        self.config = old
+        await self._bring_up(old)
+
+
+def _pipeline_parts(cfg: Config) -> tuple[Any, ...]:
+    """What a running pipeline is built from; a change to anything else needs no drain."""
+    return (cfg.sources, cfg.routes, cfg.sink, cfg.server, cfg.relay.unmatched, cfg.relay.state_dir,
+            cfg.dead_letter_path)
+
+
+async def _report(relay: Relay, notifier: SystemdNotifier) -> None:
+    """Tell systemd READY=1 the first time the relay is ready, and STATUS= whenever that changes."""
+    last = ""
+    while True:
+        text = relay.describe()
+        if not notifier.ready_sent and relay.readiness()[0]:
+            notifier.ready(text)
+            log.info("ready: %s", text)
+        elif text != last:
+            notifier.status(text)
+        last = text
+        await asyncio.sleep(REPORT_INTERVAL)
+
+
+async def _reload(relay: Relay, path: str, notifier: SystemdNotifier) -> None:
+    log.info("SIGHUP: reading %s", path)
+    try:
+        new = load_config(path)
+    except ConfigError as err:
+        for problem in err.problems:
+            log.error("reload rejected: %s", problem)
+        log.error("reload rejected: %d problem(s); the running config stays in force", len(err.problems))
+        notifier.status(f"reload of {path} rejected ({len(err.problems)} problem(s)); running the "
+                        "previous config")
+        return
+    # Before the first READY=1 systemd is still waiting for the start; a reload is not its business.
+    announced = notifier.ready_sent
+    if announced:
+        notifier.reloading(f"reloading {path}")
+    logs.setup(new.relay.log_level, new.relay.log_format)
+    try:
+        await relay.reload(new)
+    except StartError as err:
+        from relay.cli import FatalError
+        raise FatalError(f"reload: {err}") from None
+    finally:
+        logs.setup(relay.config.relay.log_level, relay.config.relay.log_format)
+        if announced:
+            notifier.ready(relay.describe())
 
 
 async def run_pipeline(config: Config, path: str) -> int:
     logs.setup(config.relay.log_level, config.relay.log_format)
+    notifier = SystemdNotifier()
     relay = Relay(config)
-    stop = asyncio.Event()
+    stop, hup = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        if not stop.is_set():
+            timeout = relay.config.relay.shutdown_timeout
+            notifier.stopping(f"draining in-flight publications (up to {timeout:g}s)")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    notifier.status("starting")
     try:
         await relay.start()
-    except FatalStartError as err:
+    except StartError as err:
         from relay.cli import FatalError
         await relay.stop()
         raise FatalError(str(err)) from None
-    finished = asyncio.create_task(relay.wait_sources())
-    stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    helpers = [asyncio.create_task(_report(relay, notifier), name="sd-notify"),
+               asyncio.create_task(notifier.keep_watchdog_fed(), name="sd-watchdog")]
     code = 0
-    if finished in done and finished.exception() is not None:
-        log.error("source failed: %s", finished.exception())
-        code = 1
-    elif finished in done:
-        log.info("every source finished; draining")
-    else:
-        log.info("stopping: draining in-flight publications (up to %gs)", config.relay.shutdown_timeout)
-    stopping.cancel()
-    await relay.stop()
-    log.info("stopped")
+    try:
+        while True:
+            waits = {asyncio.create_task(relay.wait_sources()), asyncio.create_task(stop.wait()),
+                     asyncio.create_task(hup.wait())}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if stop.is_set():
+                log.info("stopping: draining in-flight publications (up to %gs)",
+                         relay.config.relay.shutdown_timeout)
+                break
+            if hup.is_set():
+                hup.clear()
+                await _reload(relay, path, notifier)
+                continue
+            finished = done.pop()
+            if finished.exception() is not None:
+                log.error("source failed: %s", finished.exception())
+                code = 1
+            else:
+                log.info("every source finished; draining")
+            notifier.stopping("every source finished; draining")
+            break
+    finally:
+        for task in helpers:
+            task.cancel()
+        drained = await relay.stop()
+        notifier.close()
+    log.info("stopped" if drained else "stopped (some messages will be read again after the restart)")
     return code

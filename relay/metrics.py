@@ -1,20 +1,28 @@
 """Every Prometheus metric the relay exports, defined in one place (SPEC "Metrics").
 
-Labels never carry secrets: only source names, result kinds, reasons, topics and partitions.
+The relay's own code moves them through typed events (relay/events.py), so each figure is counted
+in exactly one place. Labels never carry secrets: only source names, result kinds, reasons,
+topics and partitions.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+# `*_created` timestamps double the series and no dashboard reads them.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 SOURCE_MESSAGES = Counter("relay_source_messages", "Messages read from a source.", ["source"],
                           registry=REGISTRY)
-PUBLICATIONS = Counter("relay_publications", "Publications by result: ok, retried, dead_letter.",
-                       ["result"], registry=REGISTRY)
+PUBLICATIONS = Counter(
+    "relay_publications", "Publications by result: ok (accepted by Centrifugo), dead_letter (one per dead "
+    "letter line), retried (publications that needed at least one retry; each counts once).",
+    ["result"], registry=REGISTRY)
 SINK_BATCHES = Counter("relay_sink_batches", "Batches sent to Centrifugo.", registry=REGISTRY)
-SINK_RETRIES = Counter("relay_sink_retries", "Sink retries by reason.", ["reason"], registry=REGISTRY)
+SINK_RETRIES = Counter(
+    "relay_sink_retries", "Sink calls retried, by reason (unavailable, deadline_exceeded, unauthenticated, "
+    "temporary_error ...).", ["reason"], registry=REGISTRY)
 PUBLISH_LATENCY = Histogram(
     "relay_publish_latency_seconds", "From source read to accepted by Centrifugo.", registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 
-from relay import metrics
+from relay import events
 from relay.dead_letter import DeadLetterFile
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
@@ -78,6 +77,7 @@ class Pipeline:
         per_lane: dict[int, list[Publication]] = {}
         settle_now: list[Message] = []
         rejected = False
+        routed = 0
         for msg in batch:
             pubs, rejects = self.router.route(msg)
             for rejection in rejects:
@@ -88,8 +88,9 @@ class Pipeline:
                 continue
             msg.pending = len(pubs)
             self._unsettled += 1
+            routed += 1
             per_lane.setdefault(self._lane(msg), []).extend(pubs)
-        metrics.SOURCE_MESSAGES.labels(source=batch[0].source).inc(len(batch))
+        events.MessagesReceived(batch[0].source, len(batch), in_flight=routed).emit()
         if rejected:
             self.dead_letters.flush()
         for msg in settle_now:
@@ -109,9 +110,7 @@ class Pipeline:
     def _dead_letter(self, rejection: Rejection) -> None:
         self.dead_letters.write(rejection.message, rejection.reason, channel=rejection.channel,
                                 code=rejection.code, data=rejection.data)
-        metrics.DEAD_LETTERS.labels(reason=metrics.reason_label(rejection.code, rejection.reason)).inc()
-        log.warning("dead letter: %s at %s: %s", rejection.message.source, rejection.message.position,
-                    rejection.reason)
+        events.DeadLettered(rejection.message, rejection.reason, rejection.code, rejection.channel).emit()
 
     # -- sink side ---------------------------------------------------------------------------
 
@@ -126,26 +125,26 @@ class Pipeline:
             self._finish(batch, failures)
 
     def _finish(self, batch: list[Publication], failures: list[list[Failure]]) -> None:
-        dead = 0
+        dead = False
         for pub, failed in zip(batch, failures, strict=True):
             for failure in failed:
                 reason = f"centrifugo error {failure.code}: {failure.message}" if failure.code else failure.message
                 self._dead_letter(Rejection(pub.message, reason, channel=failure.channel, code=failure.code,
                                             data=pub.data))
-                dead += 1
+                dead = True
         if dead:
             self.dead_letters.flush()
-            metrics.PUBLICATIONS.labels(result="dead_letter").inc(dead)
-        metrics.PUBLICATIONS.labels(result="ok").inc(len(batch) - sum(1 for f in failures if f))
-        now = time.monotonic()
-        observe = metrics.PUBLISH_LATENCY.observe
+        events.PublicationsAccepted(len(batch) - sum(1 for f in failures if f)).emit()
+        settled = []
         for pub in batch:
             msg = pub.message
             msg.pending -= 1
             if msg.pending == 0:
-                observe(now - msg.read_at)
                 self._unsettled -= 1
-                msg.settle()
+                settled.append(msg)
+        events.MessagesSettled(settled).emit()
+        for msg in settled:
+            msg.settle()
         if self._unsettled == 0:
             self._idle.set()
 

@@ -18,14 +18,14 @@ import grpc
 from tenacity import (AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_delay,
                       stop_never, wait_random_exponential)
 
-from relay import metrics
+from relay import events
 from relay.config import SinkSection
 from relay.proto.centrifugo import api_pb2 as v6
 from relay.proto.centrifugo import api_pb2_grpc as v6_grpc
 from relay.proto.centrifugo_v2 import api_pb2 as v2
 from relay.proto.centrifugo_v2 import api_pb2_grpc as v2_grpc
 from relay.routing import Publication
-from relay.secrets import Secret
+from relay.secrets import Secret, SecretError, load_secret
 
 log = logging.getLogger("relay.sink")
 
@@ -91,9 +91,10 @@ def auth_metadata(api_key: Secret | None) -> tuple[tuple[str, str], ...]:
 
 
 class GrpcCentrifugoSink:
-    def __init__(self, config: SinkSection, api_key: Secret | None) -> None:
+    def __init__(self, config: SinkSection) -> None:
         self.config = config
-        self._metadata = auth_metadata(api_key)
+        self._api_key = load_secret(config.api_key_env, config.api_key_file)
+        self._metadata = auth_metadata(self._api_key)
         self._channel: grpc.aio.Channel | None = None
         self._v6: v6_grpc.CentrifugoApiStub | None = None
         self._v2: v2_grpc.CentrifugoStub | None = None
@@ -140,11 +141,20 @@ class GrpcCentrifugoSink:
             else:
                 owed[i] = list(pub.channels)
         retry = self.config.retry
+        retried: set[int] = set()  # publications already counted as retried
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            first_time = owed.keys() - retried
+            retried.update(first_time)
+            events.SinkRetrying(exc.reason if isinstance(exc, _Temporary) else "unknown",
+                                state.attempt_number, publications=len(first_time)).emit()
+
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=retry.initial_backoff, max=retry.max_backoff),
             stop=stop_after_delay(retry.max_elapsed) if retry.max_elapsed > 0 else stop_never,
             retry=retry_if_exception_type(_Temporary),
-            before_sleep=self._before_retry,
+            before_sleep=before_sleep,
             reraise=False,
         )
         try:
@@ -158,13 +168,6 @@ class GrpcCentrifugoSink:
                                    for c in channels)
         return failures
 
-    def _before_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        reason = exc.reason if isinstance(exc, _Temporary) else "unknown"
-        metrics.SINK_RETRIES.labels(reason=reason).inc()
-        if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0:
-            log.warning("sink: retrying (%s), attempt %d", reason, state.attempt_number)
-
     async def _attempt(self, pubs: list[Publication], owed: dict[int, list[str]],
                        failures: list[list[Failure]]) -> None:
         """One pass over what is owed; raises _Temporary if anything is left to retry."""
@@ -173,8 +176,6 @@ class GrpcCentrifugoSink:
         else:
             await self._attempt_v2(pubs, owed, failures)
         if owed:
-            retried = sum(len(c) for c in owed.values())
-            metrics.PUBLICATIONS.labels(result="retried").inc(retried)
             raise _Temporary("temporary_error")
 
     def _transport_failed(self, err: grpc.aio.AioRpcError) -> _Temporary:
@@ -186,9 +187,24 @@ class GrpcCentrifugoSink:
                           "and retried until the key is right", self.config.address, code.name)
             self._auth_failing = True
             self.last_error = f"authentication failed ({code.name})"
+            self._reload_key()
             return _Temporary("unauthenticated")
         self.last_error = f"{code.name}: {err.details()}"
         return _Temporary(code.name.lower())
+
+    def _reload_key(self) -> None:
+        """A key file may have been rotated: read it again, so a fixed key needs no restart."""
+        if not self.config.api_key_file:
+            return
+        try:
+            key = load_secret(file=self.config.api_key_file)
+        except SecretError as err:
+            log.error("sink: %s", err)
+            return
+        if key != self._api_key:
+            log.info("sink: API key file %s changed; using the new key", self.config.api_key_file)
+            self._api_key = key
+            self._metadata = auth_metadata(key)
 
     def _succeeded(self) -> None:
         if self._auth_failing:
@@ -207,7 +223,7 @@ class GrpcCentrifugoSink:
                 response = await self._v6.Batch(request, metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
                 raise self._transport_failed(err) from None
-            metrics.SINK_BATCHES.inc()
+            events.BatchSent().emit()
             self._succeeded()
             if len(response.replies) != len(chunk):
                 raise _Temporary("short_batch_reply")

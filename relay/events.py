@@ -1,0 +1,116 @@
+"""Internal events: what happened inside the relay, as typed values that update metrics and log.
+
+The pipeline and the sink say what happened (`events.PublicationsAccepted(n).emit()`); which
+Prometheus series move and what goes to the log is decided here, once, so a figure on /metrics
+always means the same thing wherever it is counted (SPEC "Metrics"; the idea is Vector's
+`internal_events`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from relay import metrics
+from relay.message import Message
+
+log = logging.getLogger("relay.pipeline")
+sink_log = logging.getLogger("relay.sink")
+
+
+@dataclass(slots=True, frozen=True)
+class MessagesReceived:
+    """A source handed `count` messages to the pipeline; `in_flight` of them made publications."""
+
+    source: str
+    count: int
+    in_flight: int
+
+    def emit(self) -> None:
+        metrics.SOURCE_MESSAGES.labels(source=self.source).inc(self.count)
+        if self.in_flight:
+            metrics.IN_FLIGHT.labels(source=self.source).inc(self.in_flight)
+
+
+@dataclass(slots=True, frozen=True)
+class MessagesSettled:
+    """Every publication of these messages was accepted or dead-lettered: their positions may commit."""
+
+    messages: Iterable[Message]
+
+    def emit(self) -> None:
+        now = time.monotonic()
+        per_source: Counter[str] = Counter()
+        for msg in self.messages:
+            metrics.PUBLISH_LATENCY.observe(now - msg.read_at)
+            per_source[msg.source] += 1
+        for source, count in per_source.items():
+            metrics.IN_FLIGHT.labels(source=source).dec(count)
+
+
+@dataclass(slots=True, frozen=True)
+class MessagesAbandoned:
+    """A pipeline was torn down with messages unsettled (drain timed out); their sources replay them."""
+
+    def emit(self) -> None:
+        for metric in metrics.IN_FLIGHT.collect():
+            for sample in metric.samples:
+                metrics.IN_FLIGHT.labels(source=sample.labels["source"]).set(0)
+
+
+@dataclass(slots=True, frozen=True)
+class PublicationsAccepted:
+    """Centrifugo accepted `count` publications."""
+
+    count: int
+
+    def emit(self) -> None:
+        if self.count:
+            metrics.PUBLICATIONS.labels(result="ok").inc(self.count)
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLettered:
+    """One line was written to the dead letter file (one publication, or one channel of a broadcast)."""
+
+    message: Message
+    reason: str
+    code: int = 0
+    channel: str = ""
+
+    def emit(self) -> None:
+        label = metrics.reason_label(self.code, self.reason)
+        metrics.DEAD_LETTERS.labels(reason=label).inc()
+        metrics.PUBLICATIONS.labels(result="dead_letter").inc()
+        log.warning("dead letter: %s at %s: %s", self.message.source, self.message.position, self.reason,
+                    extra={"source": self.message.source, "position": self.message.position,
+                           "channel": self.channel, "error_code": self.code, "reason": label})
+
+
+@dataclass(slots=True, frozen=True)
+class SinkRetrying:
+    """A sink call failed in a way worth retrying; `publications` of the batch are retried for the
+    first time (each publication counts once under result="retried", however often it is retried)."""
+
+    reason: str
+    attempt: int
+    publications: int
+
+    def emit(self) -> None:
+        metrics.SINK_RETRIES.labels(reason=self.reason).inc()
+        if self.publications:
+            metrics.PUBLICATIONS.labels(result="retried").inc(self.publications)
+        if self.attempt in (1, 10) or self.attempt % 100 == 0:
+            sink_log.warning("sink: retrying (%s), attempt %d", self.reason, self.attempt,
+                             extra={"reason": self.reason, "attempt": self.attempt})
+
+
+@dataclass(slots=True, frozen=True)
+class BatchSent:
+    """One Batch request reached Centrifugo and was answered."""
+
+    def emit(self) -> None:
+        metrics.SINK_BATCHES.inc()

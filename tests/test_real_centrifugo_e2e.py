@@ -1,5 +1,6 @@
 """End to end against a real Centrifugo v6: ticker, file tail and Kafka → `relay run` → Centrifugo → a
-WebSocket subscriber; plus a Centrifugo kill, a wrong API key and `relay tail`.
+WebSocket subscriber; plus a Centrifugo kill, a wrong API key, TLS with a checked server name and
+`relay tail`.
 
 Counts come from Centrifugo itself (History) and from a real subscriber, never from relay logs.
 
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-from tests.harness.centrifugo import RealCentrifugo
+from relay.proto.centrifugo import api_pb2, api_pb2_grpc
+from tests.harness.centrifugo import CentrifugoFactory, GrpcTls, RealCentrifugo
 from tests.harness.history import history, history_json
 from tests.harness.kafka import KafkaBroker, Record, run_sync
 from tests.harness.ports import free_port
@@ -43,7 +46,8 @@ KEY_ENV = "E2E_CENTRIFUGO_GRPC_KEY"
 class RelayProcess:
     """`relay run -c cfg.toml` in a subprocess, with its stderr in a log file."""
 
-    def __init__(self, workdir: Path, centrifugo: RealCentrifugo, pipeline: str, api_key: str) -> None:
+    def __init__(self, workdir: Path, centrifugo: RealCentrifugo, pipeline: str, api_key: str,
+                 sink: str = "") -> None:
         self.workdir = workdir
         self.metrics_port = free_port()
         self.config_path = workdir / "relay.toml"
@@ -61,6 +65,7 @@ batch_max_size = 50
 batch_linger = "5ms"
 max_in_flight = 1
 retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
+{sink}
 {pipeline}""")
         self.env = dict(os.environ, **{KEY_ENV: api_key})
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,12 +92,13 @@ retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
         except subprocess.TimeoutExpired:
             raise AssertionError(f"relay still running after {timeout}s:\n{self.log()}") from None
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (the relay drains), SIGKILL after `timeout`."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
-                self.process.wait(15)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -138,21 +144,22 @@ channel = "{channel}"
 
 @pytest.fixture
 def relays(tmp_path: Path) -> Any:
-    """Factory: `relays(centrifugo, pipeline_toml, api_key=None)` → a RelayProcess (not started);
-    every relay is stopped after the test."""
+    """Factory: `relays(centrifugo, pipeline_toml, api_key=None, sink="more [sink] lines")` → a
+    RelayProcess (not started); every relay is stopped after the test."""
     made: list[RelayProcess] = []
 
-    def make(centrifugo: RealCentrifugo, pipeline: str, api_key: str | None = None) -> RelayProcess:
+    def make(centrifugo: RealCentrifugo, pipeline: str, api_key: str | None = None,
+             sink: str = "") -> RelayProcess:
         workdir = tmp_path / f"relay-{len(made)}"
         workdir.mkdir()
         key = centrifugo.api_key if api_key is None else api_key
-        relay = RelayProcess(workdir, centrifugo, pipeline, key)
+        relay = RelayProcess(workdir, centrifugo, pipeline, key, sink)
         made.append(relay)
         return relay
 
     yield make
     for relay in made:
-        relay.stop()
+        relay.stop(timeout=3)  # one that cannot drain (a refused key, a wrong name) is not waited for
 
 
 def _seqs(items: list[Any]) -> list[int]:
@@ -301,6 +308,36 @@ channel = "chat:e2e-kafka-{{{{ topic }}}}-{{{{ partition }}}}"
     for p, channel in enumerate(channels):
         held = history_json(real_centrifugo.grpc_address, channel, real_centrifugo.api_key)
         assert held == [{"p": p, "n": n} for n in range(1, per_partition + 1)]
+
+
+def test_relay_over_tls_checks_the_server_name(centrifugo_factory: CentrifugoFactory, relays: Any,
+                                               tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    issued = ca.issue_cert("centrifugo.test")
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    issued.private_key_pem.write_to_path(tmp_path / "key.pem")
+    server = centrifugo_factory(tls=GrpcTls(tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem",
+                                            server_name="centrifugo.test"))
+    count = 300
+
+    def tls(name: str) -> str:
+        return f'tls = {{ enabled = true, ca_file = "{tmp_path / "ca.pem"}", server_name = "{name}" }}'
+
+    # Ticks outnumber what the relay buffers, so this ticker is held back rather than finished.
+    held_back = ticker("chat:e2e-tls-wrong", 600, interval="5ms")
+    impostor = relays(server, held_back, sink=tls("other.test")).start()
+    impostor.wait_readyz(503, contains="UNAVAILABLE")
+    with ChannelSubscriber(server.ws_url, "chat:e2e-tls") as sub:
+        relay = relays(server, ticker("chat:e2e-tls", count), sink=tls("centrifugo.test")).start()
+        assert relay.wait(60) == 0, relay.log()
+        assert _seqs(sub.wait_for(count, timeout=30)) == list(range(1, count + 1))
+    with server.channel() as chan:
+        stub = api_pb2_grpc.CentrifugoApiStub(chan)
+        wrong = stub.History(api_pb2.HistoryRequest(channel="chat:e2e-tls-wrong", limit=-1),
+                             metadata=server.metadata, timeout=5)
+    assert (wrong.error.code, len(wrong.result.publications)) == (0, 0)
+    assert impostor.process is not None and impostor.process.poll() is None
 
 
 def _publish(server: RealCentrifugo, channel: str, data: object) -> None:

@@ -116,6 +116,7 @@ def kafka_jars(version: str = KAFKA_VERSION) -> Path:
 
 
 def _cluster_id() -> str:
+    # May start with "-": pass it as --cluster-id=ID so the tool does not take it for an option.
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
@@ -214,6 +215,7 @@ class KafkaBroker:
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
+            "group.min.session.timeout.ms=1000",  # e2e relays die and rejoin: short sessions
             "auto.create.topics.enable=true",
             "num.network.threads=2",
             "num.io.threads=2",
@@ -264,8 +266,9 @@ class KafkaBroker:
         (self.workdir / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file))
         scram = [f"SCRAM-SHA-{bits}=[name={self.sasl_username},password={self.sasl_password}]"
                  for bits in (256, 512)]
-        fmt = self._java(libs, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props),
-                         "--add-scram", scram[0], "--add-scram", scram[1], heap="256m", quick=True)
+        fmt = self._java(libs, "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
+                         "-c", str(props), "--add-scram", scram[0], "--add-scram", scram[1],
+                         heap="256m", quick=True)
         proc = subprocess.run(fmt, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             output = (proc.stdout + proc.stderr).strip()[-800:]

@@ -58,6 +58,9 @@ CHUNKS_PER_TURN = 16
 # so a new file that reuses its inode and first bytes never repeats its idempotency keys.
 RETIRED_KEEP = 600.0
 RETIRED = "retired:"
+# A file found empty: saved by device and inode, so that if it is renamed away while the relay is
+# down, the restart still finds it (its identity is fixed once it has bytes).
+PENDING = "pending:"
 # Change events are grouped for this long at most, and yielded after this much quiet (ms).
 WATCH_DEBOUNCE_MS = 50
 WATCH_STEP_MS = 5
@@ -160,6 +163,10 @@ def _digest(data: bytes) -> str:
 def _stream_id(dev: int, ino: int, digest: str, gen: int) -> str:
     base = f"{dev:x}.{ino:x}.{digest[:12]}"
     return f"{base}.{gen}" if gen else base
+
+
+def _pending_key(f: _File) -> str:
+    return f"{PENDING}{f.dev:x}.{f.ino:x}"
 
 
 def _count_lines(fd: int, end: int) -> int:
@@ -451,7 +458,8 @@ class FileTail:
         start = _last_line_end(f.fd, size) if at_end else 0
         await self._position(f, start)
         self._by_stream[f.stream] = f
-        self._checkpoints.put(f.stream, self._entry(f))
+        self._checkpoints.remove(_pending_key(f))
+        self._save_entry(f, f.read_pos)
         self._unsaved = True
 
     async def _position(self, f: _File, offset: int) -> None:
@@ -463,11 +471,20 @@ class FileTail:
         else:
             f.line_no = _count_lines(f.fd, offset)
 
-    def _entry(self, f: _File) -> dict[str, Any]:
-        t = min(TAIL, f.committed)
-        tail = f.tail[-t:] if t and f.committed == f.read_pos else os.pread(f.fd, t, f.committed - t)
-        return {"path": f.path, "dev": f.dev, "ino": f.ino, "window": f.window, "digest": f.digest,
-                "gen": f.gen, "offset": f.committed, "tail": _digest(tail if t else b"")}
+    def _save_entry(self, f: _File, offset: int) -> None:
+        """Put a file's checkpoint at `offset` (a line end, settled) with the bytes before it."""
+        t = min(TAIL, offset)
+        if offset == f.read_pos:
+            tail = f.tail[-t:] if t else b""
+        else:
+            tail = os.pread(f.fd, t, offset - t)
+            n = len(f.tail)
+            if os.pread(f.fd, n, f.read_pos - n) != f.tail:
+                return  # truncated since the last read: those bytes are new content; the next read sees it
+        f.committed = offset
+        self._checkpoints.put(f.stream, {
+            "path": f.path, "dev": f.dev, "ino": f.ino, "window": f.window, "digest": f.digest,
+            "gen": f.gen, "offset": offset, "tail": _digest(tail)})
 
     def _register(self, f: _File) -> None:
         self._files[f.key] = f
@@ -529,6 +546,9 @@ class FileTail:
             f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino)
             if st.st_size > 0:
                 await self._identify(f, st.st_size, at_end=at_end)
+            else:
+                self._checkpoints.put(_pending_key(f), {"path": path, "dev": f.dev, "ino": f.ino})
+                self._unsaved = True
             self._register(f)
             if not initial:
                 log.info("%s: new file %s", self.name, path)
@@ -541,6 +561,9 @@ class FileTail:
                 log.info("%s: %s left the glob (renamed or deleted); reading it to its end",
                          self.name, f.path)
         self._set_watched(len(self._files))
+        if self._unsaved:
+            self._unsaved = False
+            await self._save()
         if self._watch_stop is not None and self._roots() != self._watch_roots:
             self._watch_stop.set()  # directories appeared or went: the watcher starts again on the new set
 
@@ -550,6 +573,9 @@ class FileTail:
         saved = []
         for key, entry in list(self._checkpoints.entries.items()):
             ident = (int(entry["dev"]), int(entry["ino"]))
+            if key.startswith(PENDING):
+                self._resume_pending(key, entry, found)
+                continue
             self._gen_floor[ident] = max(self._gen_floor.get(ident, -1), int(entry["gen"]))
             if key.startswith(RETIRED):
                 if now - float(entry.get("at", 0)) > RETIRED_KEEP:
@@ -583,6 +609,25 @@ class FileTail:
                      self.name, entry["path"], path, entry["offset"])
             await self._resume(stream, entry, path, fd, st, live=(st.st_dev, st.st_ino) in found)
 
+    def _resume_pending(self, key: str, entry: dict[str, Any], found: dict[tuple[int, int], str]) -> None:
+        """A file that was empty when last seen: the same inode, in the glob or renamed in its directory."""
+        ident = (int(entry["dev"]), int(entry["ino"]))
+        path = found.get(ident)
+        if path is None:
+            with contextlib.suppress(OSError):
+                for item in os.scandir(os.path.dirname(str(entry["path"]))):
+                    if item.inode() == ident[1] and item.stat().st_dev == ident[0]:
+                        path = item.path
+                        break
+        opened = _open(path) if path is not None else None
+        if opened is None or (opened[1].st_dev, opened[1].st_ino) != ident or ident in self._files:
+            if opened is not None:
+                os.close(opened[0])
+            self._checkpoints.remove(key)
+            return
+        fd, st = opened
+        self._register(_File(path=path or "", fd=fd, dev=st.st_dev, ino=st.st_ino, live=ident in found))
+
     async def _resume(self, stream: str, entry: dict[str, Any], path: str, fd: int, st: os.stat_result,
                       live: bool) -> None:
         f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino, live=live, stream=stream,
@@ -590,7 +635,7 @@ class FileTail:
         await self._position(f, int(entry["offset"]))
         self._gen_floor[f.key] = max(self._gen_floor.get(f.key, -1), f.gen)
         self._register(f)
-        self._checkpoints.put(stream, self._entry(f))
+        self._save_entry(f, f.read_pos)
 
     def _find_match(self, directory: str, window: int, digest: str, offset: int, tail_digest: str,
                     prefer: tuple[int, int] | None = None) -> tuple[str, int, os.stat_result] | None:
@@ -648,7 +693,7 @@ class FileTail:
         f.path, f.fd, f.dev, f.ino, f.live, f.eof_since = path, fd, st.st_dev, st.st_ino, False, None
         self._files[f.key] = f
         self._gen_floor[f.key] = max(self._gen_floor.get(f.key, -1), f.gen)
-        self._checkpoints.put(f.stream, self._entry(f))
+        self._save_entry(f, f.committed)
         self._due[f] = None
 
     # -- forgetting ------------------------------------------------------------------------------
@@ -686,7 +731,9 @@ class FileTail:
                 keep.append(f)
                 continue
             self._close_fd(f)
-            if f.stream:
+            if not f.stream:
+                self._checkpoints.remove(_pending_key(f))
+            else:
                 self._tracker.forget(f.stream)
                 self._by_stream.pop(f.stream, None)
                 self._checkpoints.remove(f.stream)
@@ -716,9 +763,8 @@ class FileTail:
             offset = self._tracker.committable(f.stream)
             if offset is None or offset == f.committed:
                 continue
-            f.committed = offset
             try:
-                self._checkpoints.put(f.stream, self._entry(f))
+                self._save_entry(f, offset)
             except OSError as err:
                 log.error("%s: checkpoint of %s: %s", self.name, f.path, err)
         now = time.time()

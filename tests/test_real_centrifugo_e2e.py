@@ -60,7 +60,7 @@ shutdown_timeout = "10s"
 
 [sink]
 address = "{centrifugo.grpc_address}"
-api_key_env = "{KEY_ENV}"
+{"" if "api_key_file" in sink else f'api_key_env = "{KEY_ENV}"'}
 batch_max_size = 50
 batch_linger = "5ms"
 max_in_flight = 1
@@ -242,6 +242,36 @@ def test_wrong_api_key_keeps_everything_until_the_key_is_right(fresh_centrifugo:
     assert len(sub.received) == count
     dead_letters = relay.workdir / "state" / "dead-letter.jsonl"
     assert not dead_letters.exists() or dead_letters.read_text() == ""
+
+
+def test_a_key_file_fixed_in_place_lets_everything_through(real_centrifugo: RealCentrifugo, relays: Any,
+                                                           tmp_path: Path) -> None:
+    channel, count, key_file = "chat:e2e-keyfile", 300, tmp_path / "centrifugo.key"
+    key_file.write_text("an-old-key\n")
+    lines = [{"line": n} for n in range(1, count + 1)]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with ChannelSubscriber(real_centrifugo.ws_url, channel) as sub:
+        relay = relays(real_centrifugo, f"""
+[sources.applog]
+type = "file"
+paths = ["{tmp_path}/logs/*.log"]
+read_from = "beginning"
+
+[[routes]]
+source = "applog"
+channel = "{channel}"
+""", sink=f'api_key_file = "{key_file}"').start()
+        relay.wait_readyz(503, contains="authentication failed")
+        time.sleep(1.0)
+        assert history_json(real_centrifugo.grpc_address, channel, real_centrifugo.api_key) == []
+        assert sub.received == []
+        key_file.write_text(real_centrifugo.api_key + "\n")  # no restart, no signal: the sink rereads it
+        assert sub.wait_for(count, timeout=30) == lines
+        relay.wait_readyz(200)
+        refused = [line for line in relay.log().splitlines() if "refused the API key" in line]
+        assert len(refused) == 1 and "an-old-key" not in relay.log()
+    assert history_json(real_centrifugo.grpc_address, channel, real_centrifugo.api_key) == lines
 
 
 def test_file_tail_reaches_a_websocket_subscriber_in_order(real_centrifugo: RealCentrifugo, relays: Any,

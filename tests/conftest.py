@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.harness.embedded",
     "tests.harness.kafka",
     "tests.harness.centrifugo",
+    "tests.harness.subscriber",
 ]

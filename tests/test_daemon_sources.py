@@ -161,6 +161,8 @@ channel = "{channel}"
         wait_until(lambda: len(seqs(server, channel, key="s")) >= total, timeout=60, what="every line")
         # The checkpoint held exactly what was delivered: the second run read no line twice.
         assert relay.metric("relay_source_messages_total", 'source="src"') == total - len(first)
+        assert relay.metric("relay_files_watched") == 1
+        wait_until(lambda: relay.metric("relay_file_checkpoints_total") >= 1, what="a checkpoint written")
     finally:
         assert relay.terminate(timeout=30) == 0
     assert first == list(range(len(first))) and len(first) >= 5000

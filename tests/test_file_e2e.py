@@ -186,3 +186,61 @@ channel = "logs:{{{{ json.f }}}}"
     finally:
         relay.stop()
     assert relay.runs == 3
+
+
+def test_short_oversized_and_invalid_utf8_lines_do_what_the_readme_says(
+        tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
+    server = embedded_server_factory()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    work = tmp_path / "relay"
+    work.mkdir()
+    (logs / "short.log").write_bytes(b'{"n": 1}\n')  # 9 bytes, far below the 256-byte window
+    big = b"x" * (5 << 20)
+    (logs / "mixed.log").write_bytes(b'{"n": 2}\n' + b"caf\xe9 \xff not utf-8\n" + big + b'\n{"n": 3}\n')
+    config = f"""
+[relay]
+state_dir = "{work / 'state'}"
+metrics_listen = ""
+[sink]
+address = "{server.address}"
+api_key_env = "{KEY_ENV}"
+[sources.applog]
+type = "file"
+paths = ["{logs}/*.log"]
+[[routes]]
+source = "applog"
+channel = "chat:json"
+continue = true
+[[routes]]
+source = "applog"
+channel = "chat:wrap"
+data = "wrap"
+"""
+    relay = Relay(work, config, {**os.environ, KEY_ENV: server.api_key})
+    relay.start()
+    try:
+        deadline = time.monotonic() + 60
+        dead_letters = work / "state" / "dead-letter.jsonl"
+        while time.monotonic() < deadline:
+            wrapped = history(server.address, "chat:wrap", server.api_key)
+            if len(wrapped) >= 4 and dead_letters.exists() and dead_letters.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.2)
+        as_json = sorted(json.loads(p.data)["n"]
+                         for p in history(server.address, "chat:json", server.api_key))
+        wrapped_lines = sorted(json.loads(p.data)["line"]
+                               for p in history(server.address, "chat:wrap", server.api_key))
+        records = [json.loads(line) for line in dead_letters.read_text().splitlines()]
+    finally:
+        assert relay.stop() == 0
+    assert as_json == [1, 2, 3]
+    # wrap takes the invalid line, with U+FFFD for the bad bytes; the oversized line goes nowhere.
+    assert wrapped_lines == sorted(['{"n": 1}', '{"n": 2}', '{"n": 3}', "caf\ufffd \ufffd not utf-8"])
+    reasons = sorted(r["reason"] for r in records)
+    assert len(records) == 2, reasons
+    assert reasons[0].startswith("line over max_line_bytes (5242880 bytes, limit 1048576)")
+    assert "not UTF-8" in reasons[1], reasons  # the json route's; the wrap route took the line
+    oversized = next(r for r in records if r["reason"].startswith("line over"))
+    assert oversized["data"] == "x" * 1024
+    assert "mixed.log:3" in oversized["reason"]

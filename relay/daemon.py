@@ -386,6 +386,18 @@ async def _reload(relay: Relay, path: str, notifier: SystemdNotifier) -> None:
             notifier.ready(relay.describe())
 
 
+async def _delivered_or_stopped(relay: Relay, stop: asyncio.Event) -> None:
+    """Sources that finished by themselves (a ticker with `count`) cannot be read again, so what
+    they emitted is waited for without a deadline; only a stop signal cuts the wait short."""
+    if relay.pipeline is None:
+        return
+    delivered = asyncio.create_task(relay.pipeline.drain(None))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({delivered, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    delivered.cancel()
+    stopped.cancel()
+
+
 async def run_pipeline(config: Config, path: str) -> int:
     logs.setup(config.relay.log_level, config.relay.log_format)
     notifier = SystemdNotifier()
@@ -432,7 +444,8 @@ async def run_pipeline(config: Config, path: str) -> int:
                 log.error("source failed: %s", finished.exception())
                 code = 1
             else:
-                log.info("every source finished; draining")
+                log.info("every source finished; waiting until everything is delivered")
+                await _delivered_or_stopped(relay, stop)
             notifier.stopping("every source finished; draining")
             break
     finally:

@@ -154,8 +154,8 @@ class Pipeline:
     def unsettled(self) -> int:
         return self._unsettled
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait until every emitted message is settled; False if `timeout` ran out first."""
+    async def drain(self, timeout: float | None) -> bool:
+        """Wait until every emitted message is settled; False if `timeout` (None = none) ran out first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

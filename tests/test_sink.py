@@ -152,3 +152,16 @@ channel = "chat:index"
     assert seqs(server.address, "chat:index", server.api_key) == [s for s in range(1, 31) if s % 10 != 5]
     letters = dead_letters(relay)
     assert [(json.loads(d["data"])["seq"], d["error_code"]) for d in letters] == [(5, 102), (15, 102), (25, 102)]
+
+
+def test_finished_ticker_waits_for_a_late_sink(embedded_server: Any, tmp_path: Path) -> None:
+    """Ticks cannot be read again, so a ticker that finished waits for delivery past shutdown_timeout."""
+    embedded_server.stop()
+    config = relay_config(embedded_server.address, count=100, interval="0s").replace(
+        "[sink]", '[relay]\nshutdown_timeout = "1s"\n[sink]')
+    relay = RelayProcess(tmp_path, config, env={"SINK_KEY": embedded_server.api_key}).start()
+    time.sleep(3)
+    assert relay.alive()
+    embedded_server.start()
+    assert relay.wait(60) == 0, relay.logs()
+    assert seqs(embedded_server.address, "chat:index", embedded_server.api_key) == list(range(1, 101))

@@ -63,7 +63,7 @@ RETIRED = "retired:"
 PENDING = "pending:"
 # Change events are grouped for this long at most, and yielded after this much quiet (ms).
 WATCH_DEBOUNCE_MS = 50
-WATCH_STEP_MS = 5
+WATCH_STEP_MS = 2
 RESCAN_MIN_GAP = 0.05
 _MAGIC = re.compile(r"[*?[]")
 

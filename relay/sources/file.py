@@ -771,6 +771,9 @@ class FileTail:
         for key, entry in list(self._checkpoints.entries.items()):
             if key.startswith(RETIRED) and now - float(entry.get("at", 0)) > RETIRED_KEEP:
                 self._checkpoints.remove(key)
+                ident = (int(entry["dev"]), int(entry["ino"]))
+                if ident not in self._files:
+                    self._gen_floor.pop(ident, None)
 
     async def _save(self) -> None:
         self._snapshot()

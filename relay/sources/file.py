@@ -321,7 +321,7 @@ class FileTail:
                 if len(out) >= self.config.batch_size:
                     await self._emit(emit, out)
                     out = []
-                if not more or f.done:
+                if not more or f.done or self._stopped:
                     break
             else:
                 self._due[f] = None

@@ -19,6 +19,9 @@ from relay.channels import NAMESPACE_NAME, channel_problem
 from relay.templates import Template, TemplateError
 from relay.units import Duration, Size
 
+# gRPC keeps message size limits in a signed 32-bit integer.
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
@@ -30,7 +33,8 @@ class RelaySection(Model):
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
     metrics_listen: str = Field("127.0.0.1:9108", description='/metrics, /healthz, /readyz; "" turns it off.')
     shutdown_timeout: Duration = Field(10.0, description="Drain in-flight work on SIGTERM, then stop.")
-    unmatched: Literal["drop", "dead_letter"] = Field("drop", description="What happens to a message no route takes.")
+    unmatched: Literal["drop", "dead_letter"] = Field(
+        "drop", description="What happens to a message no route takes.")
 
 
 class NamespaceConfig(Model):
@@ -47,10 +51,18 @@ class NamespaceConfig(Model):
 
 
 class ServerTls(Model):
-    enabled: bool = False
-    cert_file: str = ""
-    key_file: str = ""
+    enabled: bool = Field(False, description="Serve TLS (cert_file and key_file are then required).")
+    cert_file: str = Field("", description="The server's certificate chain (PEM).")
+    key_file: str = Field("", description="Its private key (PEM, unencrypted).")
     client_ca_file: str = Field("", description="Demand client certificates signed by this CA (mTLS).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServerTls:
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        if not self.enabled and (self.cert_file or self.key_file or self.client_ca_file):
+            raise ValueError("tls files are set but tls.enabled is false")
+        return self
 
 
 class ServerSection(Model):
@@ -59,12 +71,16 @@ class ServerSection(Model):
     api_key_env: str = Field("", description="Environment variable holding the API key; unset = no auth.")
     api_key_file: str = Field("", description="File holding the API key.")
     namespaces: list[NamespaceConfig] = Field(default_factory=list, description="Configured namespaces.")
-    tls: ServerTls = Field(default_factory=ServerTls)
+    tls: ServerTls = Field(default_factory=lambda: ServerTls.model_validate({}))
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback listen address without an API key.")
     error_mode: Literal["body", "transport"] = Field(
         "body", description="Like Centrifugo's grpc_api.error_mode: errors in the response body, or in "
                             "the GRPC status (a client can also ask per call with x-centrifugo-error-mode).")
+    max_message_bytes: Annotated[Size, Field(ge=1024, le=MAX_GRPC_MESSAGE_BYTES)] = Field(
+        4 * 1024 * 1024, description="Largest request accepted (Centrifugo's "
+                                     "grpc_api.max_receive_message_size); a larger one is refused with "
+                                     "RESOURCE_EXHAUSTED.")
 
     @field_validator("namespaces", mode="before")
     @classmethod
@@ -76,11 +92,21 @@ class ServerSection(Model):
 
 
 class SinkTls(Model):
-    enabled: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    server_name: str = ""
+    enabled: bool = Field(False, description="Talk TLS to Centrifugo.")
+    ca_file: str = Field("", description="CA bundle (PEM) that signed Centrifugo's certificate; empty = the "
+                                         "system's trust store.")
+    cert_file: str = Field("", description="Client certificate (PEM), for a server that demands one (mTLS).")
+    key_file: str = Field("", description="Private key (PEM, unencrypted) of the client certificate.")
+    server_name: str = Field("", description="The name Centrifugo's certificate must carry, when it is not "
+                                             "the host of sink.address.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SinkTls:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if not self.enabled and (self.ca_file or self.cert_file or self.server_name):
+            raise ValueError("tls settings are given but tls.enabled is false")
+        return self
 
 
 class RetryConfig(Model):
@@ -91,21 +117,27 @@ class RetryConfig(Model):
 
 class SinkSection(Model):
     address: str = Field("127.0.0.1:10000", description="Centrifugo's GRPC API address, host:port.")
-    api: Literal["v6", "v2"] = Field("v6", description="v6 = CentrifugoApi (v3..v6); v2 = legacy api.Centrifugo.")
+    api: Literal["v6", "v2"] = Field(
+        "v6", description="v6 = CentrifugoApi (v3..v6); v2 = legacy api.Centrifugo.")
     api_key_env: str = Field("", description="Environment variable holding the GRPC API key.")
     api_key_file: str = Field("", description="File holding the GRPC API key.")
-    tls: SinkTls = Field(default_factory=SinkTls)
+    tls: SinkTls = Field(default_factory=lambda: SinkTls.model_validate({}))
     timeout: Duration = Field(5.0, description="Per-call deadline.")
     batch_max_size: int = Field(500, ge=1, le=10000)
     batch_linger: Duration = 0.005
     max_in_flight: int = Field(4, ge=1, le=256, description="Batches in flight at once (ordered lanes).")
-    retry: RetryConfig = Field(default_factory=RetryConfig)
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig.model_validate({}))
     idempotency: bool = Field(True, description="Every publication carries an idempotency key.")
     dead_letter: str = Field("", description='Dead letter file; default "<state_dir>/dead-letter.jsonl".')
-    max_message_bytes: Size = Field(4 * 1024 * 1024, description="Largest GRPC request sent.")
+    max_message_bytes: Annotated[Size, Field(ge=1024)] = Field(
+        4 * 1024 * 1024, description="Largest GRPC request sent; a publication that cannot fit goes to "
+                                     "the dead letter file. Lowered by itself if the server says its "
+                                     "limit is less.")
 
 
 WhenValue = str
+# One route is one Publish or one Broadcast; so is a Kafka record in Centrifugo's format.
+MAX_CHANNELS_PER_PUBLICATION = 1000
 
 
 def _check_channel_template(text: str) -> None:
@@ -120,8 +152,8 @@ DATA_MODES = ("json", "wrap", "raw")
 
 class RouteConfig(Model):
     source: str = Field(description="Name of the source whose messages this route takes.")
-    when: dict[str, WhenValue] = Field(default_factory=dict,
-                                       description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
+    when: dict[str, WhenValue] = Field(
+        default_factory=dict, description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
     channel: str = ""
     channels: list[str] = Field(default_factory=list)
     data: str = Field("json", description=(
@@ -150,12 +182,15 @@ class RouteConfig(Model):
         if value in DATA_MODES:
             return value
         if Template.compile(value).is_constant:
-            raise ValueError(f"data must be one of {', '.join(DATA_MODES)} or a {{{{ }}}} template, got {value!r}")
+            raise ValueError(f"data must be one of {', '.join(DATA_MODES)} or a {{{{ }}}} template, "
+                             f"got {value!r}")
         return value
 
     @field_validator("channels")
     @classmethod
     def _templates(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_CHANNELS_PER_PUBLICATION:
+            raise ValueError(f"a route has at most {MAX_CHANNELS_PER_PUBLICATION} channels, got {len(value)}")
         for item in value:
             _check_channel_template(item)
         return value
@@ -174,7 +209,8 @@ class RouteConfig(Model):
         for key in value:
             if key not in ("key", "topic", "partition", "source") and not key.startswith(
                     ("header.", "json.", "file.")):
-                raise ValueError(f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
+                raise ValueError(
+                    f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
             check_field(key)
         for key, pattern in value.items():
             if not pattern:
@@ -185,9 +221,9 @@ class RouteConfig(Model):
 
 
 class Config(Model):
-    relay: RelaySection = Field(default_factory=RelaySection)
-    server: ServerSection = Field(default_factory=ServerSection)
-    sink: SinkSection = Field(default_factory=SinkSection)
+    relay: RelaySection = Field(default_factory=lambda: RelaySection.model_validate({}))
+    server: ServerSection = Field(default_factory=lambda: ServerSection.model_validate({}))
+    sink: SinkSection = Field(default_factory=lambda: SinkSection.model_validate({}))
     sources: dict[str, Annotated[Any, Field()]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
 
@@ -240,7 +276,8 @@ def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | 
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _problems(file: str, err: ValidationError, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[str]:
+def _problems(file: str, err: ValidationError, root: type[BaseModel],
+              prefix: tuple[Any, ...] = ()) -> list[str]:
     out = []
     for item in err.errors():
         loc = tuple(item["loc"])

@@ -9,6 +9,8 @@ from pydantic import BeforeValidator, PlainSerializer
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Longer would overflow the millisecond integers libraries (gRPC, aiokafka) are given.
+MAX_DURATION = 100 * 365 * 86400.0
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2, "GB": 1000**3,
                "GiB": 1024**3}
@@ -21,7 +23,10 @@ def parse_duration(value: Any) -> float:
     match = _DURATION.match(value)
     if not match:
         raise ValueError(f'bad duration {value!r}: use a number and a unit (ms, s, m, h, d), like "5s"')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not seconds <= MAX_DURATION:  # also catches inf from a few hundred digits
+        raise ValueError(f"duration {value!r} is longer than 100 years")
+    return seconds
 
 
 def parse_size(value: Any) -> int:

@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
@@ -31,9 +30,8 @@ from relay.server.node import NodeInfo
 from relay.server.service_v2 import LegacyCentrifugoService
 from relay.server.service_v6 import CentrifugoApiService
 from relay.server.state import NamespacePolicy, ServerState
+from relay.tls import TlsError, server_credentials
 
-# Centrifugo's default grpc_api.max_receive_message_size (0 = 4 MB, grpc-go's default).
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 SWEEP_INTERVAL = 1.0
 DEFAULT_NAMESPACES = ["chat"]
 
@@ -105,16 +103,10 @@ class EmbeddedServer:
         return secret.reveal() if secret else ""
 
     def _credentials(self) -> grpc.ServerCredentials | None:
-        tls = self.config.tls
-        if not tls.enabled:
-            return None
         try:
-            key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
-            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-        except OSError as err:
-            raise ServerStartError(f"cannot read TLS file {err.filename}: {err.strerror}") from None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                           require_client_auth=ca is not None)
+            return server_credentials(self.config.tls)
+        except TlsError as err:
+            raise ServerStartError(str(err)) from None
 
     async def start(self) -> None:
         """Bind and serve; raises ServerStartError when it cannot."""
@@ -131,7 +123,7 @@ class EmbeddedServer:
         check_bindable(host, port)
         server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(key)] if key else None,
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      # Without this a second server could bind the same port and share the traffic.
                      ("grpc.so_reuseport", 0)])
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

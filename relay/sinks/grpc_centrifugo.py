@@ -10,22 +10,31 @@ per ordered lane, and inside a batch commands run in order (`parallel = false`).
 from __future__ import annotations
 
 import logging
+import re
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-from tenacity import (AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_delay,
-                      stop_never, wait_random_exponential)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_random_exponential,
+)
 
 from relay import events
-from relay.config import SinkSection
+from relay.config import SinkSection, SinkTls
 from relay.proto.centrifugo import api_pb2 as v6
 from relay.proto.centrifugo import api_pb2_grpc as v6_grpc
 from relay.proto.centrifugo_v2 import api_pb2 as v2
 from relay.proto.centrifugo_v2 import api_pb2_grpc as v2_grpc
 from relay.routing import Publication
 from relay.secrets import Secret, SecretError, load_secret
+from relay.tls import channel_credentials, diagnose
 
 log = logging.getLogger("relay.sink")
 
@@ -35,8 +44,17 @@ AUTH_STATUSES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERM
 # Centrifugo's transport error mode puts API errors into the GRPC status; map them back.
 STATUS_TO_CODE = {grpc.StatusCode.NOT_FOUND: 102, grpc.StatusCode.INVALID_ARGUMENT: 107,
                   grpc.StatusCode.OUT_OF_RANGE: 112}
-# Per-command overhead on the wire besides data, channels, tags and key (generous).
+# Per-command overhead on the wire besides data, channels, tags and key (generous), and per
+# channel and per tag (field tags and lengths).
 COMMAND_OVERHEAD = 64
+CHANNEL_OVERHEAD = 4
+TAG_OVERHEAD = 12
+# grpc-go: "received message larger than max (N vs. LIMIT)"; grpc core: "... larger than max (N vs. LIMIT)".
+_TOO_LARGE = re.compile(r"larger than max \(\d+ vs\. (\d+)\)", re.IGNORECASE)
+_TLS_WORDS = ("socket closed", "handshake", "ssl", "tsi_", "certificate", "hostname verification",
+              "connection reset")
+# A TLS problem is looked into again at most this often while it lasts.
+TLS_DIAGNOSE_INTERVAL = 5.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,21 +87,32 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
-def open_channel(address: str, tls: Any = None) -> grpc.aio.Channel:
-    """An asyncio GRPC channel to `address`, with TLS when `tls.enabled` (SinkTls-like object)."""
+def open_channel(address: str, tls: SinkTls | None = None) -> grpc.aio.Channel:
+    """An asyncio GRPC channel to `address`, with TLS when `tls.enabled`; raises TlsError when a
+    TLS file is missing or wrong."""
     options = channel_options()
     if tls is None or not tls.enabled:
         return grpc.aio.insecure_channel(address, options=options)
-
-    def read(path: str) -> bytes | None:
-        return Path(path).read_bytes() if path else None
-
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=read(tls.ca_file), private_key=read(tls.key_file),
-        certificate_chain=read(tls.cert_file))
+    creds = channel_credentials(tls)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.aio.secure_channel(address, creds, options=options)
+
+
+def _too_large(err: grpc.aio.AioRpcError) -> int | None:
+    """The server's limit when it refused a request for its size (0 if it did not say), else None."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    match = _TOO_LARGE.search(err.details() or "")
+    if match is None:
+        return None
+    return int(match.group(1))
+
+
+def _tls_suspect(err: grpc.aio.AioRpcError) -> bool:
+    """A connection failure that a TLS mismatch can cause (a refused port cannot)."""
+    details = (err.details() or "").lower()
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(word in details for word in _TLS_WORDS)
 
 
 def auth_metadata(api_key: Secret | None) -> tuple[tuple[str, str], ...]:
@@ -92,8 +121,15 @@ def auth_metadata(api_key: Secret | None) -> tuple[tuple[str, str], ...]:
 
 class GrpcCentrifugoSink:
     def __init__(self, config: SinkSection) -> None:
+        """Raises SecretError (TlsError included) when the key or a TLS file cannot be used."""
         self.config = config
+        if config.tls.enabled:
+            channel_credentials(config.tls)  # a missing or wrong file fails now, not at the first call
         self._api_key = load_secret(config.api_key_env, config.api_key_file)
+        # What the server accepts, once it refused a request for its size.
+        self._limit = config.max_message_bytes
+        self._tls_problem = ""
+        self._tls_checked_at = -TLS_DIAGNOSE_INTERVAL
         self._metadata = auth_metadata(self._api_key)
         self._channel: grpc.aio.Channel | None = None
         self._v6: v6_grpc.CentrifugoApiStub | None = None
@@ -104,12 +140,12 @@ class GrpcCentrifugoSink:
 
     async def start(self) -> None:
         self._channel = open_channel(self.config.address, self.config.tls)
-        self._v6 = v6_grpc.CentrifugoApiStub(self._channel)
-        self._v2 = v2_grpc.CentrifugoStub(self._channel)
+        self._v6 = v6_grpc.CentrifugoApiStub(self._channel)  # type: ignore[no-untyped-call]
+        self._v2 = v2_grpc.CentrifugoStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(grace=None)
             self._channel = None
 
     async def ping(self) -> bool:
@@ -121,7 +157,7 @@ class GrpcCentrifugoSink:
             else:
                 await self._v2.Info(v2.InfoRequest(), metadata=self._metadata, timeout=self.config.timeout)
         except grpc.aio.AioRpcError as err:
-            self._transport_failed(err)
+            await self._failed(err)
             return False
         self._succeeded()
         return True
@@ -132,14 +168,7 @@ class GrpcCentrifugoSink:
         """Publish in order; returns, per publication, the channels that failed for good."""
         failures: list[list[Failure]] = [[] for _ in pubs]
         # What is still owed: publication index → channels not yet accepted.
-        owed: dict[int, list[str]] = {}
-        limit = self.config.max_message_bytes
-        for i, pub in enumerate(pubs):
-            if _size(pub, pub.channels) > limit:
-                failures[i] = [Failure(c, 0, f"publication is larger than sink.max_message_bytes ({limit})")
-                               for c in pub.channels]
-            else:
-                owed[i] = list(pub.channels)
+        owed: dict[int, list[str]] = {i: list(pub.channels) for i, pub in enumerate(pubs)}
         retry = self.config.retry
         retried: set[int] = set()  # publications already counted as retried
 
@@ -171,12 +200,55 @@ class GrpcCentrifugoSink:
     async def _attempt(self, pubs: list[Publication], owed: dict[int, list[str]],
                        failures: list[list[Failure]]) -> None:
         """One pass over what is owed; raises _Temporary if anything is left to retry."""
+        self._drop_oversized(pubs, owed, failures)
         if self.config.api == "v6":
             await self._attempt_v6(pubs, owed, failures)
         else:
             await self._attempt_v2(pubs, owed, failures)
         if owed:
             raise _Temporary("temporary_error")
+
+    def _drop_oversized(self, pubs: list[Publication], owed: dict[int, list[str]],
+                        failures: list[list[Failure]]) -> None:
+        """What can never fit in a request goes to the dead letter file instead of blocking its lane."""
+        limit = self._limit
+        for i in [i for i in owed if _size(pubs[i], owed[i]) > limit]:
+            if limit < self.config.max_message_bytes:
+                why = f"publication is larger than the {limit} bytes Centrifugo accepts"
+            else:
+                why = f"publication is larger than sink.max_message_bytes ({limit})"
+            failures[i].extend(Failure(c, 0, why) for c in owed.pop(i))
+
+    def _learn_limit(self, err: grpc.aio.AioRpcError, sent: int) -> _Temporary | None:
+        """A request refused for its size: lower the limit below it (to what the server says, if
+        it says) so the retry splits the batch, and a publication that cannot fit is dead-lettered."""
+        server_max = _too_large(err)
+        if server_max is None:
+            return None
+        limit = min(server_max or sent, sent) - 1
+        if limit < self._limit:
+            log.warning("sink: Centrifugo at %s refused a %d-byte request (its limit: %s); requests are "
+                        "now kept under %d bytes (sink.max_message_bytes is %d)", self.config.address, sent,
+                        server_max or "not given", limit, self.config.max_message_bytes)
+            self._limit = limit
+        return _Temporary("message_too_large")
+
+    async def _failed(self, err: grpc.aio.AioRpcError) -> _Temporary:
+        """A call failed in transport: note why, and if TLS may be the cause, find out in words."""
+        temporary = self._transport_failed(err)
+        if not _tls_suspect(err):
+            return temporary
+        now = time.monotonic()
+        if now - self._tls_checked_at >= TLS_DIAGNOSE_INTERVAL:
+            self._tls_checked_at = now
+            problem = await diagnose(self.config.address, self.config.tls) or ""
+            if problem and problem != self._tls_problem:
+                log.error("sink: TLS with Centrifugo at %s fails: %s; not ready, retrying",
+                          self.config.address, problem)
+            self._tls_problem = problem
+        if self._tls_problem:
+            self.last_error = f"TLS: {self._tls_problem}"
+        return temporary
 
     def _transport_failed(self, err: grpc.aio.AioRpcError) -> _Temporary:
         code = err.code()
@@ -209,6 +281,10 @@ class GrpcCentrifugoSink:
     def _succeeded(self) -> None:
         if self._auth_failing:
             log.info("sink: Centrifugo accepts the API key again")
+        if self._tls_problem:
+            log.info("sink: TLS with Centrifugo at %s works now", self.config.address)
+            self._tls_problem = ""
+            self._tls_checked_at = -TLS_DIAGNOSE_INTERVAL
         self._auth_failing = False
         self.healthy = True
         self.last_error = ""
@@ -222,7 +298,8 @@ class GrpcCentrifugoSink:
             try:
                 response = await self._v6.Batch(request, metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
-                raise self._transport_failed(err) from None
+                too_large = self._learn_limit(err, sum(_size(pubs[i], owed[i]) for i in chunk))
+                raise too_large or await self._failed(err) from None
             events.BatchSent().emit()
             self._succeeded()
             if len(response.replies) != len(chunk):
@@ -253,7 +330,7 @@ class GrpcCentrifugoSink:
 
     def _chunks(self, pubs: list[Publication], owed: dict[int, list[str]]) -> list[list[int]]:
         """Split what is owed into Batch requests that fit max_message_bytes, keeping order."""
-        limit = self.config.max_message_bytes
+        limit = self._limit
         chunks: list[list[int]] = [[]]
         size = 0
         for i in sorted(owed):
@@ -279,9 +356,12 @@ class GrpcCentrifugoSink:
                     resp = await self._v2.Broadcast(v2.BroadcastRequest(channels=channels, data=pub.data),
                                                     metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
+                too_large = self._learn_limit(err, _size(pub, channels))
+                if too_large is not None:
+                    raise too_large from None
                 api_code = STATUS_TO_CODE.get(err.code())
                 if api_code is None:
-                    raise self._transport_failed(err) from None
+                    raise await self._failed(err) from None
                 self._succeeded()  # transport error mode: an API answer, not a broken connection
                 failures[i].extend(Failure(c, api_code, err.details() or "") for c in channels)
                 del owed[i]
@@ -295,8 +375,14 @@ class GrpcCentrifugoSink:
 
 
 def _size(pub: Publication, channels: list[str]) -> int:
-    tags = sum(len(k) + len(v) for k, v in pub.tags.items())
-    return len(pub.data) + sum(len(c) for c in channels) + len(pub.idempotency_key) + tags + COMMAND_OVERHEAD
+    """An upper bound of the bytes one command takes in a request (strings count in UTF-8)."""
+    size = len(pub.data) + COMMAND_OVERHEAD + len(pub.idempotency_key.encode())
+    size += len(pub.version_epoch.encode())
+    for channel in channels:
+        size += len(channel.encode()) + CHANNEL_OVERHEAD
+    for key, value in pub.tags.items():
+        size += len(key.encode()) + len(value.encode()) + TAG_OVERHEAD
+    return size
 
 
 def _command(pub: Publication, channels: list[str], keyed: bool) -> v6.Command:

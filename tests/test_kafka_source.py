@@ -387,7 +387,7 @@ async def test_sasl_mechanisms(kafka_broker: KafkaBroker, mechanism: str,
 
 async def test_sasl_wrong_password_is_a_clear_error(kafka_broker: KafkaBroker, tmp_path: Any) -> None:
     secret = tmp_path / "password"
-    secret.write_text("wrong\n")
+    secret.write_text("hunter2\n")
     sasl = {"mechanism": "SCRAM-SHA-256", "username": kafka_broker.sasl_username,
             "password_file": str(secret)}
     source = source_for(kafka_broker, "t", unique("g"), brokers=[kafka_broker.sasl_bootstrap],
@@ -395,7 +395,7 @@ async def test_sasl_wrong_password_is_a_clear_error(kafka_broker: KafkaBroker, t
     with pytest.raises(kafka.KafkaSourceError) as caught:
         await source.run(Collector())
     assert "cannot connect to brokers" in str(caught.value)
-    assert "wrong" not in str(caught.value).replace("wrong password", "")
+    assert "hunter2" not in str(caught.value)
     await source.close()
 
 

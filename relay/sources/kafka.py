@@ -8,7 +8,8 @@ Delivery: a partition's records are emitted in order. An offset is committed onl
 earlier offset of its partition were settled (published or dead-lettered), periodically, on
 partition revoke and on close. Partitions this relay no longer owns are never committed, and acks
 that arrive for them late are ignored (the new owner reads them again). A partition with
-`max_in_flight_per_partition` unsettled records is paused; it resumes when half of them settled.
+`max_in_flight_per_partition` unsettled records is paused (what its last poll read beyond that, at
+most 500 records, waits in memory); it resumes when half of them settled.
 The poll loop never waits on the pipeline (emitting runs in its own task), so a long sink outage
 does not make the consumer miss its poll deadline and leave the group.
 
@@ -61,6 +62,8 @@ log = logging.getLogger("relay.sources.kafka")
 EMIT_BATCH = 1000
 # How long one poll waits for records; also how soon `stop()` is noticed.
 POLL_TIMEOUT_MS = 100
+# Most records one poll returns; a paused partition holds at most this many beyond its cap.
+POLL_RECORDS = 500
 HEADER_PREFIX = "centrifugo-"
 SUPPORTED_METHODS = ("publish", "broadcast")
 
@@ -107,6 +110,10 @@ class Config(BaseModel):
     session_timeout: Duration = Field(10.0, description="The group drops a relay silent this long.")
     heartbeat_interval: Duration = Field(3.0, description="Heartbeats to the group coordinator.")
     connect_timeout: Duration = Field(30.0, description="How long to keep trying the brokers at start.")
+    fetch_max_wait: Duration = Field(
+        0.1, description="How long a broker may hold a fetch while it has nothing new. The client sends "
+                         "one fetch per broker at a time, so this is also how late a resumed partition "
+                         "can be fetched again.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
     sasl: SaslConfig | None = Field(None, description="SASL credentials (with SASL_PLAINTEXT or SASL_SSL).")
@@ -274,7 +281,7 @@ def parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
 class _Partition:
     """One partition while this relay owns it; acks for an older ownership are ignored."""
 
-    __slots__ = ("committed", "first_offset", "owner", "paused", "revoked", "stream", "tp")
+    __slots__ = ("committed", "first_offset", "held", "owner", "paused", "revoked", "stream", "tp")
 
     def __init__(self, owner: KafkaSource, tp: TopicPartition) -> None:
         self.owner = owner
@@ -284,6 +291,7 @@ class _Partition:
         self.revoked = False
         self.committed: int | None = None
         self.first_offset: int | None = None
+        self.held: list[Any] = []  # read, not yet emitted: over the cap (at most one poll's worth)
 
     def ack(self, message: Message) -> None:
         if not self.revoked:
@@ -304,7 +312,8 @@ class KafkaSource:
         self._commit_lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._resume_low = max(1, config.max_in_flight_per_partition // 2)
+        self._cap = config.max_in_flight_per_partition
+        self._resume_low = max(1, self._cap // 2)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -314,8 +323,7 @@ class KafkaSource:
                        asyncio.create_task(self._commit_loop(), name=f"kafka-{self.name}-commit")]
         try:
             while not self._stopping.is_set():
-                batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                                       max_records=EMIT_BATCH * 2)
+                batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS)
                 for tp, records in batches.items():
                     self._accept(tp, records)
                 for task in self._tasks:
@@ -390,6 +398,7 @@ class KafkaSource:
             group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.start_from,
             session_timeout_ms=int(cfg.session_timeout * 1000),
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
+            fetch_max_wait_ms=int(cfg.fetch_max_wait * 1000),
             **self._client_options())
         listener = _Rebalance(self)
         if cfg.topics_pattern:
@@ -427,23 +436,26 @@ class KafkaSource:
         part = self._partitions.get(tp)
         if part is None or not records or self._consumer is None:
             return  # not ours (any more): the owner reads them
-        cap = self.config.max_in_flight_per_partition
-        room = cap - self._tracker.in_flight(part.stream)
-        take = records[:max(room, 0)]
-        if len(take) < len(records):
-            # Read no further than the cap: the rest is fetched again after resume.
-            self._consumer.seek(tp, records[len(take)].offset)
         if part.first_offset is None:
             part.first_offset = records[0].offset
-        if take:
-            messages = [self._message(part, record) for record in take]
-            for record in take:
-                self._tracker.emitted(part.stream, record.offset + 1)
-            self._queue.append((part, messages))
-            self._queued.set()
-        if self._tracker.in_flight(part.stream) >= cap and not part.paused:
+        part.held.extend(records)
+        self._release(part)
+        if (part.held or self._tracker.in_flight(part.stream) >= self._cap) and not part.paused:
             self._consumer.pause(tp)
             part.paused = True
+
+    def _release(self, part: _Partition) -> None:
+        """Emit held records up to the cap. What is over it waits, already read, for acks: seeking
+        back instead would make the client fetch and decode it again."""
+        room = self._cap - self._tracker.in_flight(part.stream)
+        if room <= 0 or not part.held:
+            return
+        take, part.held = part.held[:room], part.held[room:]
+        messages = [self._message(part, record) for record in take]
+        for record in take:
+            self._tracker.emitted(part.stream, record.offset + 1)
+        self._queue.append((part, messages))
+        self._queued.set()
 
     def _message(self, part: _Partition, record: Any) -> Message:
         headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (record.headers or ())}
@@ -477,8 +489,9 @@ class KafkaSource:
     def _settled(self, part: _Partition, next_offset: int) -> None:
         self._tracker.settled(part.stream, next_offset)
         if part.paused and self._tracker.in_flight(part.stream) <= self._resume_low:
-            part.paused = False
-            if self._consumer is not None:
+            self._release(part)
+            if not part.held and self._consumer is not None:
+                part.paused = False
                 self._consumer.resume(part.tp)
 
     async def _commit_loop(self) -> None:

@@ -1,0 +1,181 @@
+"""A Kafka backlog drained by the relay into `relay serve`, beside a bare aiokafka consumer.
+
+One run: a real Kafka broker (tests/harness/kafka.py) gets a backlog of `--count` keyed JSON records
+(~100 bytes, keys room-0..room-49, 3 partitions). Then:
+
+- relay:  `relay run` (another process) with the Kafka source and route `chat:{{ key }}` drains it
+          into `relay serve` (a third process). Drained means committed: the relay commits an offset
+          only after the server accepted every publication up to it, so the rate is read from the
+          group's committed offsets (commit_interval 100ms), from the first commit to the last.
+- bare:   an aiokafka consumer in this process reads the same backlog and does nothing with it
+          (no group, no commits): the ceiling of the client library on this machine.
+
+The ratio relay / bare says what routing, publishing over GRPC and acknowledging cost.
+
+    .venv/bin/python bench/kafka_bench.py [--count 200000]
+
+`run()` returns the figures as a dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import server_bench  # noqa: E402
+from tests.harness.kafka import KafkaBroker, Record  # noqa: E402
+
+PARTITIONS = 3
+KEYS = 50
+
+
+def _records(count: int) -> list[Record]:
+    pad = "x" * 48
+    return [Record(json.dumps({"k": f"room-{i % KEYS}", "seq": i, "pad": pad}).encode(),
+                   key=f"room-{i % KEYS}") for i in range(count)]
+
+
+async def _committed_total(broker: KafkaBroker, group: str, topic: str) -> int:
+    offsets = await broker.committed(group, topic, PARTITIONS)
+    return sum(v or 0 for v in offsets.values())
+
+
+async def relay_rate(broker: KafkaBroker, server_address: str, topic: str, count: int,
+                     workdir: Path) -> dict[str, Any]:
+    """Run `relay run` until the group committed the whole backlog."""
+    group = "bench"
+    config = workdir / "relay.toml"
+    config.write_text(f'''
+[relay]
+state_dir = "{workdir}/state"
+metrics_listen = ""
+log_level = "warning"
+[sink]
+address = "{server_address}"
+api_key_env = "{server_bench.KEY_ENV}"
+[sources.events]
+type = "kafka"
+brokers = ["{broker.bootstrap}"]
+topics = ["{topic}"]
+group_id = "{group}"
+commit_interval = "100ms"
+[[routes]]
+source = "events"
+channel = "chat:{{{{ key }}}}"
+''')
+    env = dict(os.environ, **{server_bench.KEY_ENV: server_bench.API_KEY})
+    started = time.perf_counter()
+    relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(config)], cwd=workdir, env=env)
+    first: tuple[float, int] | None = None
+    try:
+        while True:
+            done = await _committed_total(broker, group, topic)
+            now = time.perf_counter()
+            if done > 0 and first is None:
+                first = (now, done)
+            if done >= count:
+                break
+            if relay.poll() is not None:
+                raise RuntimeError(f"relay exited with {relay.returncode}")
+            if now - started > 600:
+                raise TimeoutError(f"relay committed {done} of {count} in 600s")
+            await asyncio.sleep(0.05)
+    finally:
+        relay.terminate()
+        relay.wait(30)
+    assert first is not None
+    seconds = now - first[0]
+    return {"records": count, "seconds": round(seconds, 3),
+            "records_per_second": round((done - first[1]) / seconds),
+            "wall_seconds_with_startup": round(now - started, 3)}
+
+
+async def bare_rate(broker: KafkaBroker, topic: str, count: int) -> dict[str, Any]:
+    """A bare aiokafka consumer reading the backlog from the start, doing nothing with it."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    started = time.perf_counter()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
+        read = 0
+        first: float | None = None
+        while read < count:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if first is None and batches:
+                first = time.perf_counter()
+            read += sum(len(records) for records in batches.values())
+        now = time.perf_counter()
+    finally:
+        await consumer.stop()
+    assert first is not None
+    seconds = now - first
+    return {"records": read, "seconds": round(seconds, 3), "records_per_second": round(read / seconds),
+            "wall_seconds_with_startup": round(now - started, 3)}
+
+
+async def _run(broker: KafkaBroker, server_address: str, count: int) -> dict[str, dict[str, Any]]:
+    topic = "bench-events"
+    await broker.create_topic(topic, PARTITIONS)
+    produced_at = time.perf_counter()
+    await broker.produce(topic, _records(count))
+    produce_seconds = time.perf_counter() - produced_at
+    with tempfile.TemporaryDirectory(prefix="relay-kafka-bench-") as tmp:
+        relay = await relay_rate(broker, server_address, topic, count, Path(tmp))
+    bare = await bare_rate(broker, topic, count)
+    return {"relay kafka→serve": relay, "bare aiokafka read": bare,
+            "backlog": {"records": count, "produce_seconds": round(produce_seconds, 3),
+                        "broker_start_seconds": round(broker.started_in, 3)}}
+
+
+def run(count: int = 200_000) -> dict[str, dict[str, Any]]:
+    """Start a broker and a server, measure both rates, stop everything; the figures as a dict."""
+    broker = KafkaBroker.start()
+    try:
+        server = server_bench.ServerProcess()
+        try:
+            return asyncio.run(_run(broker, server.address, count))
+        finally:
+            server.stop()
+    finally:
+        broker.stop()
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    relay = results["relay kafka→serve"]
+    bare = results["bare aiokafka read"]
+    lines = [f"{'what':<20} {'records/s':>10} {'seconds':>8} {'with start-up':>14}"]
+    for name in ("relay kafka→serve", "bare aiokafka read"):
+        r = results[name]
+        lines.append(f"{name:<20} {r['records_per_second']:>10,} {r['seconds']:>8} "
+                     f"{r['wall_seconds_with_startup']:>14}")
+    lines.append(f"relay / bare: {relay['records_per_second'] / bare['records_per_second']:.2f} "
+                 f"({results['backlog']['records']:,} records, 3 partitions, 50 keys)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run(args.count)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,11 @@ class MessagesSettled:
     def emit(self) -> None:
         now = time.monotonic()
         per_source: Counter[str] = Counter()
+        latencies = []
         for msg in self.messages:
-            metrics.PUBLISH_LATENCY.observe(now - msg.read_at)
+            latencies.append(now - msg.read_at)
             per_source[msg.source] += 1
+        metrics.observe_latencies(latencies)
         for source, count in per_source.items():
             metrics.IN_FLIGHT.labels(source=source).dec(count)
 

@@ -152,3 +152,25 @@ data = '{{"v": {{{{ json.missing }}}}}}'
     assert sample("relay_dead_letters_total", 'reason="template"') == n
     assert sample("relay_publications_total", 'result="retried"') == 0
     assert sample("relay_publish_latency_seconds_count") == n
+
+
+def test_bulk_latency_observation_matches_prometheus_buckets() -> None:
+    """observe_latencies uses the histogram's internals; it must bucket exactly as observe() does."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from relay import metrics
+
+    values = [0.0, 0.0005, 0.001, 0.0011, 0.01, 0.3, 29.9, 30.0, 31.0, 1e9]
+    reference = Histogram("reference_seconds", "x", registry=CollectorRegistry(),
+                          buckets=metrics.PUBLISH_LATENCY._upper_bounds[:-1])
+    for value in values:
+        reference.observe(value)
+
+    def samples(hist: Histogram) -> dict[str, float]:
+        return {s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
+                for metric in hist.collect() for s in metric.samples if not s.name.endswith("_created")}
+
+    before = samples(metrics.PUBLISH_LATENCY)
+    metrics.observe_latencies(values)
+    after = samples(metrics.PUBLISH_LATENCY)
+    assert {k: round(after[k] - before[k], 6) for k in after} == {k: round(v, 6) for k, v in samples(reference).items()}

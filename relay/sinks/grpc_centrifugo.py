@@ -169,6 +169,8 @@ class GrpcCentrifugoSink:
         failures: list[list[Failure]] = [[] for _ in pubs]
         # What is still owed: publication index → channels not yet accepted.
         owed: dict[int, list[str]] = {i: list(pub.channels) for i, pub in enumerate(pubs)}
+        # Sizes of the whole publications: an upper bound once a broadcast is partly accepted.
+        sizes = [_size(pub, pub.channels) for pub in pubs]
         retry = self.config.retry
         retried: set[int] = set()  # publications already counted as retried
 
@@ -189,7 +191,7 @@ class GrpcCentrifugoSink:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._attempt(pubs, owed, failures)
+                    await self._attempt(pubs, sizes, owed, failures)
         except RetryError as err:
             last = err.last_attempt.exception()
             for i, channels in owed.items():
@@ -197,22 +199,22 @@ class GrpcCentrifugoSink:
                                    for c in channels)
         return failures
 
-    async def _attempt(self, pubs: list[Publication], owed: dict[int, list[str]],
+    async def _attempt(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
                        failures: list[list[Failure]]) -> None:
         """One pass over what is owed; raises _Temporary if anything is left to retry."""
-        self._drop_oversized(pubs, owed, failures)
+        self._drop_oversized(sizes, owed, failures)
         if self.config.api == "v6":
-            await self._attempt_v6(pubs, owed, failures)
+            await self._attempt_v6(pubs, sizes, owed, failures)
         else:
             await self._attempt_v2(pubs, owed, failures)
         if owed:
             raise _Temporary("temporary_error")
 
-    def _drop_oversized(self, pubs: list[Publication], owed: dict[int, list[str]],
+    def _drop_oversized(self, sizes: list[int], owed: dict[int, list[str]],
                         failures: list[list[Failure]]) -> None:
         """What can never fit in a request goes to the dead letter file instead of blocking its lane."""
         limit = self._limit
-        for i in [i for i in owed if _size(pubs[i], owed[i]) > limit]:
+        for i in [i for i in owed if sizes[i] > limit]:
             if limit < self.config.max_message_bytes:
                 why = f"publication is larger than the {limit} bytes Centrifugo accepts"
             else:
@@ -289,16 +291,15 @@ class GrpcCentrifugoSink:
         self.healthy = True
         self.last_error = ""
 
-    async def _attempt_v6(self, pubs: list[Publication], owed: dict[int, list[str]],
+    async def _attempt_v6(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
                           failures: list[list[Failure]]) -> None:
         assert self._v6 is not None
-        for chunk in self._chunks(pubs, owed):
-            keyed = self.config.idempotency
-            request = v6.BatchRequest(commands=[_command(pubs[i], owed[i], keyed) for i in chunk])
+        for chunk in self._chunks(sizes, owed):
+            request = _batch(pubs, owed, chunk, self.config.idempotency)
             try:
                 response = await self._v6.Batch(request, metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
-                too_large = self._learn_limit(err, sum(_size(pubs[i], owed[i]) for i in chunk))
+                too_large = self._learn_limit(err, sum(sizes[i] for i in chunk))
                 raise too_large or await self._failed(err) from None
             events.BatchSent().emit()
             self._succeeded()
@@ -328,13 +329,15 @@ class GrpcCentrifugoSink:
                 return
         del owed[i]
 
-    def _chunks(self, pubs: list[Publication], owed: dict[int, list[str]]) -> list[list[int]]:
+    def _chunks(self, sizes: list[int], owed: dict[int, list[str]]) -> list[list[int]]:
         """Split what is owed into Batch requests that fit max_message_bytes, keeping order."""
         limit = self._limit
+        if sum(sizes[i] for i in owed) <= limit:
+            return [sorted(owed)]
         chunks: list[list[int]] = [[]]
         size = 0
         for i in sorted(owed):
-            item = _size(pubs[i], owed[i])
+            item = sizes[i]
             if chunks[-1] and size + item > limit:
                 chunks.append([])
                 size = 0
@@ -385,19 +388,29 @@ def _size(pub: Publication, channels: list[str]) -> int:
     return size
 
 
-def _command(pub: Publication, channels: list[str], keyed: bool) -> v6.Command:
-    fields: dict[str, Any] = {"data": pub.data}
-    if keyed and pub.idempotency_key:
-        fields["idempotency_key"] = pub.idempotency_key
-    if pub.tags:
-        fields["tags"] = pub.tags
-    if pub.skip_history:
-        fields["skip_history"] = True
-    if pub.delta:
-        fields["delta"] = True
-    if pub.version:
-        fields["version"] = pub.version
-        fields["version_epoch"] = pub.version_epoch
-    if len(channels) == 1:
-        return v6.Command(publish=v6.PublishRequest(channel=channels[0], **fields))
-    return v6.Command(broadcast=v6.BroadcastRequest(channels=channels, **fields))
+def _batch(pubs: list[Publication], owed: dict[int, list[str]], chunk: list[int], keyed: bool) -> v6.BatchRequest:
+    """One Batch request. Fields are set in place: constructor arguments would copy each message."""
+    request = v6.BatchRequest()
+    add = request.commands.add
+    for i in chunk:
+        pub, channels = pubs[i], owed[i]
+        command = add()
+        if len(channels) == 1:
+            target: Any = command.publish
+            target.channel = channels[0]
+        else:
+            target = command.broadcast
+            target.channels.extend(channels)
+        target.data = pub.data
+        if keyed and pub.idempotency_key:
+            target.idempotency_key = pub.idempotency_key
+        if pub.tags:
+            target.tags.update(pub.tags)
+        if pub.skip_history:
+            target.skip_history = True
+        if pub.delta:
+            target.delta = True
+        if pub.version:
+            target.version = pub.version
+            target.version_epoch = pub.version_epoch
+    return request

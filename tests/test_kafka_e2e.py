@@ -350,3 +350,77 @@ def test_centrifugo_format_records_are_published_as_centrifugo_would(
     letters = [json.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]
     assert [(d["position"], "'disconnect' is not supported" in d["reason"]) for d in letters] == [
         (f"events/{topic}/0/7", True)]
+
+
+@pytest.mark.centrifugo
+def test_centrifugo_format_matches_centrifugos_own_kafka_consumer(kafka_broker: KafkaBroker,
+                                                                  centrifugo_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """The same records, read by real Centrifugo's consumer and by the relay (into a second real
+    Centrifugo): every channel ends up with the same publications, data and tags."""
+    def command(method: str, payload: Any) -> bytes:
+        return json.dumps({"method": method, "payload": payload}).encode()
+
+    commands, pubdata = unique("cmd"), unique("pubdata")
+    for name in (commands, pubdata):
+        run_sync(kafka_broker.create_topic(name, 1))
+    produce(kafka_broker, commands, [Record(value, headers=headers) for value, headers in [
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 1}, "tags": {"t": "1"}}), []),
+        (command("broadcast", {"channels": ["chat:cmp", "chat:cmp2"], "data": {"n": 2}}), []),
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 3}, "idempotency_key": "dup"}), []),
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 3}, "idempotency_key": "dup"}), []),
+        (command("publish", json.dumps({"channel": "chat:cmp", "data": {"n": 4}})), []),
+        (b'{"channel": "chat:cmp", "data": {"n": 5}}', [("centrifugo-method", b"publish")]),
+        (command("publish", {"channel": "chat:cmp", "b64data": "eyJuIjogNn0="}), []),  # {"n": 6}
+        (command("disconnect", {"user": "42"}), []),
+        (command("publish", {"channel": "ghost:cmp", "data": {"n": 0}}), []),  # unknown namespace: 102
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 7}}), []),
+        (command("publish", {"channel": "chat:cmp-done", "data": {}}), []),
+    ]])
+    dup_key = ("centrifugo-idempotency-key", b"k")
+    produce(kafka_broker, pubdata, [Record(value, headers=headers) for value, headers in [
+        (b'{"n": 10}', [("centrifugo-channels", b"chat:hdr"), ("centrifugo-tag-region", b"eu")]),
+        (b'{"n": 11}', [("centrifugo-channels", b"chat:hdr,chat:hdr2"), dup_key]),
+        (b'{"n": 11}', [("centrifugo-channels", b"chat:hdr,chat:hdr2"), dup_key]),
+        (b'{"n": 12}', [("centrifugo-channels", b"chat:hdr"), ("centrifugo-delta", b"false"),
+                        ("centrifugo-version", b"3"), ("centrifugo-version-epoch", b"e1")]),
+        (b'{}', [("centrifugo-channels", b"chat:hdr-done")]),
+    ]])
+
+    def consumer(name: str, topic: str, **kafka_options: Any) -> dict[str, Any]:
+        return {"name": name, "enabled": True, "type": "kafka",
+                "kafka": {"brokers": [kafka_broker.bootstrap], "topics": [topic],
+                          "consumer_group": unique("centrifugo"), **kafka_options}}
+
+    native = centrifugo_factory(config_overrides={"consumers": [
+        consumer("commands", commands),
+        consumer("pubdata", pubdata, publication_data_mode={"enabled": True})]})
+    target = centrifugo_factory()
+    config = "\n".join([
+        "[relay]", f'state_dir = "{tmp_path}/state"',
+        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
+        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"',
+        f'brokers = ["{kafka_broker.bootstrap}"]',
+        f'topics = ["{commands}", "{pubdata}"]', f'group_id = "{unique("g")}"',
+    ]) + "\n"
+    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        for server in (native, target):
+            for done in ("chat:cmp-done", "chat:hdr-done"):
+                while not history(server.grpc_address, done, server.api_key):
+                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
+                    time.sleep(0.1)
+    finally:
+        proc.stop()
+    for channel in ("chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2"):
+        theirs = [(json.loads(p.data), dict(p.tags))
+                  for p in history(native.grpc_address, channel, native.api_key)]
+        ours = [(json.loads(p.data), dict(p.tags))
+                for p in history(target.grpc_address, channel, target.api_key)]
+        assert ours == theirs, channel
+        assert theirs, channel
+    letters = [json.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]
+    assert sorted(d["position"] for d in letters) == [f"events/{commands}/0/7", f"events/{commands}/0/8"]

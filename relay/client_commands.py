@@ -37,13 +37,13 @@ async def publish(args: argparse.Namespace) -> int:
     async with open_channel(args.address) as channel:
         try:
             if args.api == "v2":
-                resp2 = await v2_grpc.CentrifugoStub(channel).Publish(
+                resp2 = await v2_grpc.CentrifugoStub(channel).Publish(  # type: ignore[no-untyped-call]
                     v2.PublishRequest(channel=args.channel, data=data), metadata=_metadata(args), timeout=10)
                 if resp2.error.code:
                     raise FatalError(f"publish: error {resp2.error.code}: {resp2.error.message}")
                 print(json.dumps({"channel": args.channel}))
                 return 0
-            resp = await v6_grpc.CentrifugoApiStub(channel).Publish(
+            resp = await v6_grpc.CentrifugoApiStub(channel).Publish(  # type: ignore[no-untyped-call]
                 v6.PublishRequest(channel=args.channel, data=data), metadata=_metadata(args), timeout=10)
         except grpc.aio.AioRpcError as err:
             return _fail("publish", err)
@@ -57,7 +57,7 @@ def _line(pub: v6.Publication, channel: str) -> str:
     try:
         data: object = json.loads(pub.data)
         key = "data"
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to print as JSON
         data, key = base64.b64encode(pub.data).decode(), "data_base64"
     entry: dict[str, object] = {"channel": channel, "offset": pub.offset, key: data}
     if pub.tags:
@@ -71,14 +71,15 @@ async def tail(args: argparse.Namespace) -> int:
     poll = parse_duration(args.poll)
     metadata = _metadata(args)
     async with open_channel(args.address) as channel:
-        stub = v6_grpc.CentrifugoApiStub(channel)
+        stub = v6_grpc.CentrifugoApiStub(channel)  # type: ignore[no-untyped-call]
 
         async def history(**kw: object) -> v6.HistoryResult:
             resp = await stub.History(v6.HistoryRequest(channel=args.channel, **kw),  # type: ignore[arg-type]
                                       metadata=metadata, timeout=10)
             if resp.error.code:
                 raise FatalError(f"tail {args.channel}: error {resp.error.code}: {resp.error.message}")
-            return resp.result
+            result: v6.HistoryResult = resp.result
+            return result
 
         since: v6.StreamPosition | None = None
         while True:
@@ -91,7 +92,8 @@ async def tail(args: argparse.Namespace) -> int:
                 else:
                     result = await history(limit=-1, since=since)
                     if result.epoch != since.epoch:
-                        print(f"relay tail: stream of {args.channel} was reset (epoch changed)", file=sys.stderr)
+                        print(f"relay tail: stream of {args.channel} was reset (epoch changed)",
+                              file=sys.stderr)
                     for pub in result.publications:
                         print(_line(pub, args.channel), flush=True)
                     since = v6.StreamPosition(offset=result.offset, epoch=result.epoch)

@@ -158,7 +158,8 @@ class Relay:
         else:
             log.warning("sink: Centrifugo at %s does not answer yet (%s); messages wait and are retried",
                         cfg.sink.address, sink.last_error)
-        pipeline = Pipeline(RoutingTable(cfg.routes, cfg.relay.unmatched), sink,
+        routes = RoutingTable(cfg.routes, cfg.relay.unmatched, max_output_bytes=cfg.sink.max_message_bytes)
+        pipeline = Pipeline(routes, sink,
                             DeadLetterFile(cfg.dead_letter_path), lanes=cfg.sink.max_in_flight,
                             batch_max_size=cfg.sink.batch_max_size, batch_linger=cfg.sink.batch_linger)
         pipeline.start()

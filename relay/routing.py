@@ -14,11 +14,13 @@ from fnmatch import translate
 from typing import Any
 
 from relay.channels import channel_problem
-from relay.config import RouteConfig
+from relay.config import MAX_CHANNELS_PER_PUBLICATION, RouteConfig
 from relay.message import Message
 from relay.templates import Template, TemplateError
 
 _MISSING = object()
+# The sink's default sink.max_message_bytes; the daemon passes the configured one.
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -60,7 +62,7 @@ class _Fields:
         if self._json is _MISSING:
             try:
                 self._json = json.loads(self.message.data)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 self._json = None
         return self._json
 
@@ -87,7 +89,10 @@ def _json_path(doc: Any, path: list[str]) -> str | None:
         else:
             return None
     if doc is None or isinstance(doc, (dict, list)):
-        return None if doc is None else json.dumps(doc, separators=(",", ":"))
+        try:
+            return None if doc is None else json.dumps(doc, separators=(",", ":"))
+        except RecursionError:
+            return None  # nested too deeply to write out: as good as missing
     if isinstance(doc, bool):
         return "true" if doc else "false"
     return str(doc)
@@ -96,8 +101,10 @@ def _json_path(doc: Any, path: list[str]) -> str | None:
 class Route:
     """One compiled `[[routes]]` entry."""
 
-    def __init__(self, index: int, config: RouteConfig) -> None:
+    def __init__(self, index: int, config: RouteConfig,
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
         self.index = index
+        self.max_output_bytes = max_output_bytes
         self.config = config
         self.source = config.source
         self.when = [(name, re.compile(translate(glob))) for name, glob in config.when.items()]
@@ -121,7 +128,7 @@ class Route:
         msg = fields.message
         try:
             channels = [t.render(fields.get) for t in self.channels]
-            tags = {k: t.render(fields.get) for k, t in self.tags.items()}
+            tags = {k: t.render(fields.get, self.max_output_bytes) for k, t in self.tags.items()}
             data = self._data(fields)
         except TemplateError as err:
             return Rejection(msg, f"route {self.index}: {err}")
@@ -150,7 +157,7 @@ class Route:
             return json.dumps(wrapped, ensure_ascii=False, separators=(",", ":")).encode()
         if self.data_mode == "template":
             assert self.data_template is not None
-            text = self.data_template.render(fields.get).encode()
+            text = self.data_template.render(fields.get, self.max_output_bytes).encode()
             _require_json(text, "rendered data")
             return text
         if fields.json() is None and not _is_json_null(msg.data):
@@ -169,6 +176,8 @@ def _is_json_null(data: bytes) -> bool:
 def _require_json(data: bytes, what: str) -> None:
     try:
         json.loads(data)
+    except RecursionError:
+        raise _BadData(f"{what} is nested too deeply to be read as JSON") from None
     except UnicodeDecodeError:
         raise _BadData(f"{what} is not UTF-8, so not JSON (use data = \"raw\" or \"wrap\")") from None
     except ValueError as err:
@@ -176,10 +185,15 @@ def _require_json(data: bytes, what: str) -> None:
 
 
 class RoutingTable:
-    """Ordered routes; `unmatched` says what happens to a message no route takes."""
+    """Ordered routes; `unmatched` says what happens to a message no route takes.
 
-    def __init__(self, routes: list[RouteConfig], unmatched: str = "drop") -> None:
-        self.routes = [Route(i, r) for i, r in enumerate(routes)]
+    A rendered data or tag template longer than `max_output_bytes` (the sink's largest request)
+    is a dead letter; so is a rendered channel longer than Centrifugo's 255 bytes.
+    """
+
+    def __init__(self, routes: list[RouteConfig], unmatched: str = "drop",
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+        self.routes = [Route(i, r, max_output_bytes) for i, r in enumerate(routes)]
         self.unmatched = unmatched
         self._by_source: dict[str, list[Route]] = {}
         for route in self.routes:
@@ -216,6 +230,9 @@ class RoutingTable:
             data = data.encode()
         if not data and spec.get("b64data"):
             data = base64.b64decode(spec["b64data"])
+        if len(channels) > MAX_CHANNELS_PER_PUBLICATION:
+            return [], [Rejection(message, f"record names {len(channels)} channels, more than the "
+                                           f"{MAX_CHANNELS_PER_PUBLICATION} one publication may have")]
         for channel in channels:
             problem = channel_problem(channel)
             if problem:

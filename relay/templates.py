@@ -67,15 +67,30 @@ class Template:
     def is_constant(self) -> bool:
         return not self.fields
 
-    def render(self, lookup: Callable[[str], str | None]) -> str:
-        """Fill the template; `lookup` returns None for a field the message does not have."""
+    def render(self, lookup: Callable[[str], str | None], limit: int | None = None) -> str:
+        """Fill the template; `lookup` returns None for a field the message does not have.
+
+        With `limit`, a result longer than that many bytes (UTF-8) is a TemplateError, raised as
+        soon as it is certain, so a field repeated in a template cannot build a huge string.
+        """
         if not self.fields:
-            return self.literals[0]
-        out = [self.literals[0]]
-        for name, literal in zip(self.fields, self.literals[1:], strict=True):
-            value = lookup(name)
-            if value is None:
-                raise TemplateError(f"template {self.source!r}: message has no {name!r}")
-            out.append(value)
-            out.append(literal)
-        return "".join(out)
+            text = self.literals[0]
+        else:
+            out = [self.literals[0]]
+            length = len(self.literals[0])
+            for name, literal in zip(self.fields, self.literals[1:], strict=True):
+                value = lookup(name)
+                if value is None:
+                    raise TemplateError(f"template {self.source!r}: message has no {name!r}")
+                out.append(value)
+                out.append(literal)
+                length += len(value) + len(literal)
+                if limit is not None and length > limit:  # characters: each is at least one byte
+                    raise self._too_long(limit)
+            text = "".join(out)
+        if limit is not None and len(text) * 4 > limit and len(text.encode()) > limit:
+            raise self._too_long(limit)
+        return text
+
+    def _too_long(self, limit: int) -> TemplateError:
+        return TemplateError(f"template {self.source[:80]!r} renders longer than {limit} bytes")

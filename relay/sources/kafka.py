@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.acks import ContiguousTracker
@@ -261,6 +268,13 @@ def _from_command(method: str, payload: Any) -> dict[str, Any]:
 
 def parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
     """The publication a record in Centrifugo's consumer format asks for; ValueError says why not."""
+    try:
+        return _parse_centrifugo(value, headers)
+    except RecursionError:  # JSON nested deeper than Python's stack: a bad record, not a crash
+        raise ValueError("Centrifugo command is nested too deeply") from None
+
+
+def _parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
     if "centrifugo-channels" in headers:
         return _from_headers(value, headers)
     method = headers.get("centrifugo-method", "")
@@ -421,6 +435,11 @@ class KafkaSource:
             except (KafkaError, OSError) as err:
                 await consumer.stop()
                 why = _describe(err)
+                refused = await self._refused()
+                if refused:
+                    brokers = ", ".join(self.config.brokers)
+                    raise KafkaSourceError(f"kafka source {self.name!r}: cannot connect to brokers {brokers} "
+                                           f"({self.config.security_protocol}): {refused}") from None
                 if time.monotonic() + delay > deadline or self._stopping.is_set():
                     raise KafkaSourceError(
                         f"kafka source {self.name!r}: cannot connect to brokers "
@@ -429,6 +448,40 @@ class KafkaSource:
                 log.warning("kafka source %s: brokers not reachable yet (%s); retrying", self.name, why)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _refused(self) -> str | None:
+        """Why the first broker refuses this client for good (credentials, TLS trust), or None.
+
+        aiokafka only logs such a reason and raises "Unable to bootstrap"; one direct connection
+        hears it. Waiting does not fix a wrong password, so the source fails at once, naming the
+        mechanism and the user (never the password)."""
+        cfg = self.config
+        host, _, port = cfg.brokers[0].rpartition(":")
+        options = self._client_options()
+        try:
+            conn = await asyncio.wait_for(create_conn(
+                host.strip("[]"), int(port), client_id=cfg.client_id, request_timeout_ms=10_000,
+                ssl_context=options.get("ssl_context"), security_protocol=cfg.security_protocol,
+                sasl_mechanism=options.get("sasl_mechanism"),
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password")), timeout=15)
+        except (SaslAuthenticationFailed, AuthenticationFailedError) as err:
+            assert cfg.sasl is not None
+            said = getattr(err, "args", ()) and str(err.args[0])
+            where = (f"${cfg.sasl.password_env}" if cfg.sasl.password_env else cfg.sasl.password_file)
+            return (f"SASL {cfg.sasl.mechanism} authentication as user {cfg.sasl.username!r} failed"
+                    f"{f' ({said})' if said else ''}; check sasl.username and the password in {where}")
+        except UnsupportedSaslMechanismError:
+            assert cfg.sasl is not None
+            return f"the broker does not offer SASL mechanism {cfg.sasl.mechanism}"
+        except ssl.SSLCertVerificationError as err:
+            return f"the broker's certificate is not trusted ({err.verify_message}); check tls.ca_file"
+        except ssl.SSLError as err:
+            return f"TLS handshake failed ({err.reason or err}); check tls.cert_file and tls.key_file"
+        except (KafkaError, OSError, TimeoutError):
+            return None  # not reachable, or not for good: the caller retries
+        conn.close()
+        return None
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from relay import __version__
 from relay.config import Config, ConfigError, default_config_path, load_config
+from relay.secrets import redact
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -23,13 +24,15 @@ class FatalError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description="Feeds Centrifugo channels from other sources.")
+    parser = argparse.ArgumentParser(prog="relay",
+                                     description="Feeds Centrifugo channels from other sources.")
     parser.add_argument("--version", action="version", version=f"centrifugo-relay {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of fatal errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline in the foreground")
-    run.add_argument("-c", "--config", default=None, help="config file (default $RELAY_CONFIG, then ./config.toml)")
+    run.add_argument("-c", "--config", default=None,
+                     help="config file (default $RELAY_CONFIG, then ./config.toml)")
 
     check = sub.add_parser("check", help="validate the config and print the resolved pipeline")
     check.add_argument("-c", "--config", default=None)
@@ -105,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     except FatalError as err:
         if args.debug:
             raise
-        print(f"relay: {err}", file=sys.stderr)
+        print(redact(f"relay: {err}"), file=sys.stderr)
         code = EXIT_FATAL
     except Exception as err:  # a bug or an environment failure: one line unless --debug
         if args.debug:
             raise
-        print(f"relay: fatal: {type(err).__name__}: {err}", file=sys.stderr)
+        print(redact(f"relay: fatal: {type(err).__name__}: {err}"), file=sys.stderr)
         code = EXIT_FATAL
     sys.exit(code)

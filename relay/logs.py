@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from relay.secrets import RedactingFormatter
+
 # Attributes every LogRecord has; anything else passed through `extra=` is a structured field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -68,10 +70,13 @@ def _text_value(value: Any) -> str:
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Route every log record to stderr in `fmt`; safe to call again (a reload may change both)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    # Every line, whichever library logs it, passes the secret filter last (relay/secrets.py).
+    handler.setFormatter(RedactingFormatter(JsonFormatter() if fmt == "json" else TextFormatter()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries are chatty at debug; keep their noise at warning unless they fail.
+    # Libraries are chatty; keep their noise at warning unless they fail, or unless debug was asked
+    # for: then they are what is being looked into (secrets are blanked out of their lines too).
+    library_level = root.level if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
     for noisy in ("aiokafka", "kafka", "grpc", "asyncio", "watchfiles"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(library_level)

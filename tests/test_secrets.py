@@ -151,10 +151,10 @@ channel = "nope:leak"
         assert published == KAFKA_RECORDS - 4
         assert len(history(target.address, "chat:leak-file", SINK_KEY)) == 2
         assert len(dead_file.read_text().splitlines()) == expected_dead
-        for path in ("/metrics", "/readyz", "/healthz"):
-            status, body = good.get(path)
-            assert status == 200, (path, body)
-            outputs[f"good {path}"] = body
+        for endpoint in ("/metrics", "/readyz", "/healthz"):
+            status, body = good.get(endpoint)
+            assert status == 200, (endpoint, body)
+            outputs[f"good {endpoint}"] = body
         assert 'relay_dead_letters_total{reason="code_102"} 20.0' in outputs["good /metrics"]
         # The wrong relay: the sink's key is refused (not ready), the SASL password is refused (exit 1).
         assert wrong.wait(30) == 1

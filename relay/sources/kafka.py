@@ -71,6 +71,8 @@ EMIT_BATCH = 1000
 POLL_TIMEOUT_MS = 100
 # Most records one poll returns; a paused partition holds at most this many beyond its cap.
 POLL_RECORDS = 500
+# After stop(), how long an emit under way may take before it is cancelled.
+STOP_GRACE = 2.0
 HEADER_PREFIX = "centrifugo-"
 SUPPORTED_METHODS = ("publish", "broadcast")
 
@@ -337,13 +339,21 @@ class KafkaSource:
                        asyncio.create_task(self._commit_loop(), name=f"kafka-{self.name}-commit")]
         try:
             while not self._stopping.is_set():
-                batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=POLL_RECORDS)
+                try:
+                    batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
+                                                           max_records=POLL_RECORDS)
+                except KafkaError as err:  # fatal for the client: authorization, a fenced member ...
+                    raise KafkaSourceError(f"kafka source {self.name!r}: {_describe(err)}") from err
                 for tp, records in batches.items():
                     self._accept(tp, records)
                 for task in self._tasks:
                     if task.done():
                         task.result()  # a failed helper task fails the source
         finally:
+            # An emit under way may finish (a batch cut in half would leave the pipeline waiting
+            # for messages it never got); one that the sink blocks is cancelled after the grace.
+            self._queued.set()
+            await asyncio.wait(self._tasks[:1], timeout=STOP_GRACE)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -527,6 +537,8 @@ class KafkaSource:
     async def _emit_loop(self, emit: Emit) -> None:
         while True:
             await self._queued.wait()
+            if self._stopping.is_set():
+                return  # what is still queued was never emitted: it is read again after a restart
             batch: list[Message] = []
             while self._queue and len(batch) < EMIT_BATCH:
                 part, messages = self._queue.popleft()

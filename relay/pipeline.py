@@ -119,10 +119,27 @@ class Pipeline:
                          for i, lane in enumerate(self.lanes)]
 
     async def _run_lane(self, lane: Lane) -> None:
-        while True:
-            batch = await lane.take(self._batch_max_size, self._batch_linger)
-            failures = await self.sink.deliver(batch)
-            self._finish(batch, failures)
+        # Settling a delivered batch (acks, dead letters, metrics) is done while the server works
+        # on the next one: one batch in flight keeps order, and this keeps the wait off the clock.
+        delivered: tuple[list[Publication], list[list[Failure]]] | None = None
+        sending: asyncio.Future[list[list[Failure]]] | None = None
+        try:
+            while True:
+                if delivered is not None and not len(lane):
+                    self._finish(*delivered)  # nothing to send next: settle now, not later
+                    delivered = None
+                batch = await lane.take(self._batch_max_size, self._batch_linger)
+                sending = asyncio.ensure_future(self.sink.deliver(batch))
+                if delivered is not None:
+                    await asyncio.sleep(0)  # let the request go out first
+                    self._finish(*delivered)
+                    delivered = None
+                delivered = (batch, await sending)
+        finally:
+            if sending is not None and not sending.done():
+                sending.cancel()  # never settled: its messages are read again after a restart
+            if delivered is not None:
+                self._finish(*delivered)
 
     def _finish(self, batch: list[Publication], failures: list[list[Failure]]) -> None:
         dead = False

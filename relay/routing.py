@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from fnmatch import translate
 from typing import Any
 
+import orjson
+
 from relay.channels import channel_problem
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, RouteConfig
 from relay.message import Message
@@ -61,8 +63,8 @@ class _Fields:
     def json(self) -> Any:
         if self._json is _MISSING:
             try:
-                self._json = json.loads(self.message.data)
-            except (ValueError, UnicodeDecodeError, RecursionError):
+                self._json = orjson.loads(self.message.data)
+            except (ValueError, RecursionError):
                 self._json = None
         return self._json
 
@@ -90,8 +92,8 @@ def _json_path(doc: Any, path: list[str]) -> str | None:
             return None
     if doc is None or isinstance(doc, (dict, list)):
         try:
-            return None if doc is None else json.dumps(doc, separators=(",", ":"))
-        except RecursionError:
+            return None if doc is None else orjson.dumps(doc).decode()
+        except (TypeError, RecursionError):
             return None  # nested too deeply to write out: as good as missing
     if isinstance(doc, bool):
         return "true" if doc else "false"
@@ -114,8 +116,9 @@ class Route:
         self.data_template = Template.compile(config.data) if self.data_mode == "template" else None
         self.tags = {k: Template.compile(v) for k, v in config.tags.items()}
         self.continue_ = config.continue_
-        # Constant channels were checked when the config was read.
+        # Constant channels were checked when the config was read, and need no rendering.
         self._check_channels = not all(t.is_constant for t in self.channels)
+        self._constant_channels = None if self._check_channels else [t.source for t in self.channels]
 
     def matches(self, fields: _Fields) -> bool:
         for name, pattern in self.when:
@@ -127,8 +130,10 @@ class Route:
     def build(self, fields: _Fields) -> Publication | Rejection:
         msg = fields.message
         try:
-            channels = [t.render(fields.get) for t in self.channels]
-            tags = {k: t.render(fields.get, self.max_output_bytes) for k, t in self.tags.items()}
+            lookup = fields.get
+            constant = self._constant_channels
+            channels = [t.render(lookup) for t in self.channels] if constant is None else list(constant)
+            tags = {k: t.render(lookup, self.max_output_bytes) for k, t in self.tags.items()} if self.tags else {}
             data = self._data(fields)
         except TemplateError as err:
             return Rejection(msg, f"route {self.index}: {err}")
@@ -154,7 +159,7 @@ class Route:
             path = msg.attributes.get("file.path")
             if path is not None:
                 wrapped["file"] = path
-            return json.dumps(wrapped, ensure_ascii=False, separators=(",", ":")).encode()
+            return orjson.dumps(wrapped)
         if self.data_mode == "template":
             assert self.data_template is not None
             text = self.data_template.render(fields.get, self.max_output_bytes).encode()
@@ -174,14 +179,27 @@ def _is_json_null(data: bytes) -> bool:
 
 
 def _require_json(data: bytes, what: str) -> None:
+    """Valid JSON or _BadData. orjson is the fast check; the standard library has the last word on
+    what orjson refuses but JSON allows (1e400, lone surrogate escapes) and words the error."""
     try:
-        json.loads(data)
-    except RecursionError:
-        raise _BadData(f"{what} is nested too deeply to be read as JSON") from None
+        orjson.loads(data)
+        return
+    except ValueError:
+        pass
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError:
         raise _BadData(f"{what} is not UTF-8, so not JSON (use data = \"raw\" or \"wrap\")") from None
+    try:
+        json.loads(data, parse_constant=_no_constants)
+    except RecursionError:
+        raise _BadData(f"{what} is nested too deeply to be read as JSON") from None
     except ValueError as err:
         raise _BadData(f"{what} is not JSON ({err}); use data = \"raw\" or \"wrap\"") from None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class RoutingTable:

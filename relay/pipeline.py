@@ -16,7 +16,7 @@ from relay import events
 from relay.dead_letter import DeadLetterFile
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
-from relay.sinks.grpc_centrifugo import Failure, GrpcCentrifugoSink
+from relay.sinks.grpc_centrifugo import Failures, GrpcCentrifugoSink
 
 log = logging.getLogger("relay.pipeline")
 
@@ -121,8 +121,8 @@ class Pipeline:
     async def _run_lane(self, lane: Lane) -> None:
         # Settling a delivered batch (acks, dead letters, metrics) is done while the server works
         # on the next one: one batch in flight keeps order, and this keeps the wait off the clock.
-        delivered: tuple[list[Publication], list[list[Failure]]] | None = None
-        sending: asyncio.Future[list[list[Failure]]] | None = None
+        delivered: tuple[list[Publication], Failures] | None = None
+        sending: asyncio.Future[Failures] | None = None
         try:
             while True:
                 if delivered is not None and not len(lane):
@@ -141,9 +141,10 @@ class Pipeline:
             if delivered is not None:
                 self._finish(*delivered)
 
-    def _finish(self, batch: list[Publication], failures: list[list[Failure]]) -> None:
+    def _finish(self, batch: list[Publication], failures: Failures) -> None:
         dead = False
-        for pub, failed in zip(batch, failures, strict=True):
+        for index, failed in failures.items():
+            pub = batch[index]
             for failure in failed:
                 reason = f"centrifugo error {failure.code}: {failure.message}" if failure.code else failure.message
                 self._dead_letter(Rejection(pub.message, reason, channel=failure.channel, code=failure.code,
@@ -151,7 +152,7 @@ class Pipeline:
                 dead = True
         if dead:
             self.dead_letters.flush()
-        events.PublicationsAccepted(len(batch) - sum(1 for f in failures if f)).emit()
+        events.PublicationsAccepted(len(batch) - sum(1 for f in failures.values() if f)).emit()
         settled = []
         for pub in batch:
             msg = pub.message

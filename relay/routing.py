@@ -119,6 +119,8 @@ class Route:
         # Constant channels were checked when the config was read, and need no rendering.
         self._check_channels = not all(t.is_constant for t in self.channels)
         self._constant_channels = None if self._check_channels else [t.source for t in self.channels]
+        self._key_suffix = f"#{index}"  # one message may feed several routes: one key each
+        self._skip_history = config.skip_history
 
     def matches(self, fields: _Fields) -> bool:
         for name, pattern in self.when:
@@ -144,9 +146,7 @@ class Route:
                 problem = channel_problem(channel)
                 if problem:
                     return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
-        return Publication(channels=channels, data=data, message=msg, tags=tags,
-                           idempotency_key=f"{msg.position}#{self.index}",
-                           skip_history=self.config.skip_history)
+        return Publication(channels, data, msg, msg.position + self._key_suffix, tags, self._skip_history)
 
     def _data(self, fields: _Fields) -> bytes:
         msg = fields.message

@@ -10,6 +10,7 @@ per ordered lane, and inside a batch commands run in order (`parallel = false`).
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 import re
 import time
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ class Failure:
     channel: str
     code: int
     message: str
+
+
+# Publication index in a delivered batch → what failed for good (one entry per channel).
+Failures = dict[int, list[Failure]]
 
 
 class _Temporary(Exception):
@@ -164,9 +169,10 @@ class GrpcCentrifugoSink:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    async def deliver(self, pubs: list[Publication]) -> list[list[Failure]]:
-        """Publish in order; returns, per publication, the channels that failed for good."""
-        failures: list[list[Failure]] = [[] for _ in pubs]
+    async def deliver(self, pubs: list[Publication]) -> Failures:
+        """Publish in order; returns the channels that failed for good, by publication index
+        (an empty mapping when everything was accepted)."""
+        failures: Failures = defaultdict(list)
         # What is still owed: publication index → channels not yet accepted.
         owed: dict[int, list[str]] = {i: list(pub.channels) for i, pub in enumerate(pubs)}
         # Sizes of the whole publications: an upper bound once a broadcast is partly accepted.
@@ -200,7 +206,7 @@ class GrpcCentrifugoSink:
         return failures
 
     async def _attempt(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
-                       failures: list[list[Failure]]) -> None:
+                       failures: Failures) -> None:
         """One pass over what is owed; raises _Temporary if anything is left to retry."""
         self._drop_oversized(sizes, owed, failures)
         if self.config.api == "v6":
@@ -211,7 +217,7 @@ class GrpcCentrifugoSink:
             raise _Temporary("temporary_error")
 
     def _drop_oversized(self, sizes: list[int], owed: dict[int, list[str]],
-                        failures: list[list[Failure]]) -> None:
+                        failures: Failures) -> None:
         """What can never fit in a request goes to the dead letter file instead of blocking its lane."""
         limit = self._limit
         for i in [i for i in owed if sizes[i] > limit]:
@@ -292,7 +298,7 @@ class GrpcCentrifugoSink:
         self.last_error = ""
 
     async def _attempt_v6(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
-                          failures: list[list[Failure]]) -> None:
+                          failures: Failures) -> None:
         assert self._v6 is not None
         for chunk in self._chunks(sizes, owed):
             request = _batch(pubs, owed, chunk, self.config.idempotency)
@@ -309,7 +315,7 @@ class GrpcCentrifugoSink:
                 self._settle_reply(i, reply, owed, failures)
 
     @staticmethod
-    def _settle_reply(i: int, reply: Any, owed: dict[int, list[str]], failures: list[list[Failure]]) -> None:
+    def _settle_reply(i: int, reply: Any, owed: dict[int, list[str]], failures: Failures) -> None:
         channels = owed[i]
         if reply.HasField("error") and reply.error.code:
             if reply.error.code not in TEMPORARY_CODES:
@@ -346,7 +352,7 @@ class GrpcCentrifugoSink:
         return [c for c in chunks if c]
 
     async def _attempt_v2(self, pubs: list[Publication], owed: dict[int, list[str]],
-                          failures: list[list[Failure]]) -> None:
+                          failures: Failures) -> None:
         """Legacy API: no Batch, so one call per publication, in order."""
         assert self._v2 is not None
         for i in sorted(owed):

@@ -8,10 +8,11 @@ always means the same thing wherever it is counted (SPEC "Metrics"; the idea is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from relay import metrics
@@ -116,3 +117,18 @@ class BatchSent:
 
     def emit(self) -> None:
         metrics.SINK_BATCHES.inc()
+
+
+@dataclass(slots=True, frozen=True)
+class KafkaLagMeasured:
+    """Consumer lag of the partitions a Kafka source owns; partitions it gave up stop being reported."""
+
+    lags: Mapping[tuple[str, int], int]
+    gone: Iterable[tuple[str, int]] = ()
+
+    def emit(self) -> None:
+        for (topic, partition), lag in self.lags.items():
+            metrics.KAFKA_LAG.labels(topic=topic, partition=str(partition)).set(lag)
+        for topic, partition in self.gone:
+            with contextlib.suppress(KeyError):
+                metrics.KAFKA_LAG.remove(topic, str(partition))

@@ -429,3 +429,23 @@ def test_config_problems_are_named(table: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValidationError) as caught:
         kafka.Config.model_validate({"type": "kafka", "brokers": ["127.0.0.1:9092"], **table})
     assert problem in str(caught.value)
+
+
+async def test_lag_metric_follows_what_is_committed(kafka_broker: KafkaBroker) -> None:
+    """relay_kafka_lag{topic,partition} = high watermark - committed offset, per owned partition."""
+    from relay import metrics
+
+    topic, group = unique("lag"), unique("g")
+    await kafka_broker.create_topic(topic, 1)
+    await kafka_broker.produce(topic, [b"%d" % i for i in range(10)])
+
+    def lag() -> float:
+        return metrics.KAFKA_LAG.labels(topic=topic, partition="0")._value.get()
+
+    emit = Collector()
+    async with running(source_for(kafka_broker, topic, group), emit):
+        messages = await emit.wait_for(10)
+        await until(lambda: lag() == 10, what="lag 10 with nothing settled")
+        for message in messages[:4]:
+            message.settle()
+        await until(lambda: lag() == 6, what="lag 6 after 4 settled")

@@ -57,6 +57,7 @@ from aiokafka.errors import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from relay import events
 from relay.acks import ContiguousTracker
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
@@ -563,6 +564,7 @@ class KafkaSource:
         while True:
             await asyncio.sleep(self.config.commit_interval)
             await self._commit(list(self._partitions.values()))
+            events.KafkaLagMeasured(self.lag()).emit()
 
     async def _commit(self, parts: list[_Partition]) -> None:
         """Commit the contiguous settled offset of each (still owned) partition that moved."""
@@ -593,6 +595,7 @@ class KafkaSource:
             part.revoked = True
             self._tracker.forget(part.stream)
             del self._partitions[part.tp]
+        events.KafkaLagMeasured({}, gone=[(p.tp.topic, p.tp.partition) for p in parts]).emit()
         if parts:
             self._queue = deque(item for item in self._queue if not item[0].revoked)
             log.info("kafka source %s: partitions revoked: %s", self.name,

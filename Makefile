@@ -19,7 +19,7 @@ test: $(STAMP)  ## the whole suite; starts real Kafka and real Centrifugo itself
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fuzz: $(STAMP)  ## the long fuzz profile (10,000 examples per target)
-	RELAY_FUZZ_EXAMPLES=10000 $(PY) -m pytest -p no:cacheprovider -m slow tests/test_fuzz.py
+	RELAY_FUZZ_EXAMPLES=10000 $(PY) -m pytest -p no:cacheprovider -m slow -s tests/test_fuzz.py
 
 bench: $(STAMP)  ## every benchmark; writes BENCHMARKS.md and plots
 	$(PY) bench/run.py

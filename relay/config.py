@@ -7,7 +7,9 @@ Source tables are validated by the model of their `type` (relay/sources/<type>.p
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +21,7 @@ from relay.channels import NAMESPACE_NAME, channel_problem
 from relay.templates import Template, TemplateError
 from relay.units import Duration, Size
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # gRPC keeps message size limits in a signed 32-bit integer.
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 
@@ -240,13 +243,22 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def _key(part: Any) -> str:
+    """A key as TOML writes it in a dotted key: bare when it can be, else quoted (one line always)."""
+    text = str(part)
+    if _BARE_KEY.match(text):
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)
+    return quoted.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + _key(part)
     return out or "(top level)"
 
 
@@ -302,7 +314,7 @@ def _validate_sources(file: str, raw: dict[str, Any]) -> tuple[dict[str, Any], l
     if not isinstance(raw, dict):
         return built, [f"{file}: sources: expected a table of named sources"]
     for name, table in raw.items():
-        where = f"sources.{name}"
+        where = f"sources.{_key(name)}"
         if not isinstance(table, dict):
             problems.append(f"{file}: {where}: expected a table")
             continue

@@ -255,7 +255,7 @@ class GrpcCentrifugoSink:
                           self.config.address, problem)
             self._tls_problem = problem
         if self._tls_problem:
-            self.last_error = f"TLS: {self._tls_problem}"
+            self.last_error = f"TLS: {self._tls_problem} ({err.code().name})"
         return temporary
 
     def _transport_failed(self, err: grpc.aio.AioRpcError) -> _Temporary:

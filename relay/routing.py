@@ -135,7 +135,8 @@ class Route:
             lookup = fields.get
             constant = self._constant_channels
             channels = [t.render(lookup) for t in self.channels] if constant is None else list(constant)
-            tags = {k: t.render(lookup, self.max_output_bytes) for k, t in self.tags.items()} if self.tags else {}
+            limit = self.max_output_bytes
+            tags = {k: t.render(lookup, limit) for k, t in self.tags.items()} if self.tags else {}
             data = self._data(fields)
         except TemplateError as err:
             return Rejection(msg, f"route {self.index}: {err}")

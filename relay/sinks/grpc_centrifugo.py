@@ -10,9 +10,9 @@ per ordered lane, and inside a batch commands run in order (`parallel = false`).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,7 +394,8 @@ def _size(pub: Publication, channels: list[str]) -> int:
     return size
 
 
-def _batch(pubs: list[Publication], owed: dict[int, list[str]], chunk: list[int], keyed: bool) -> v6.BatchRequest:
+def _batch(pubs: list[Publication], owed: dict[int, list[str]], chunk: list[int],
+           keyed: bool) -> v6.BatchRequest:
     """One Batch request. Fields are set in place: constructor arguments would copy each message."""
     request = v6.BatchRequest()
     add = request.commands.add

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import server_bench  # noqa: E402
+from bench import rig  # noqa: E402
 from tests.harness.kafka import KafkaBroker, Record  # noqa: E402
 
 PARTITIONS = 3
@@ -55,28 +53,12 @@ async def relay_rate(broker: KafkaBroker, server_address: str, topic: str, count
                      workdir: Path) -> dict[str, Any]:
     """Run `relay run` until the group committed the whole backlog."""
     group = "bench"
-    config = workdir / "relay.toml"
-    config.write_text(f'''
-[relay]
-state_dir = "{workdir}/state"
-metrics_listen = ""
-log_level = "warning"
-[sink]
-address = "{server_address}"
-api_key_env = "{server_bench.KEY_ENV}"
-[sources.events]
-type = "kafka"
-brokers = ["{broker.bootstrap}"]
-topics = ["{topic}"]
-group_id = "{group}"
-commit_interval = "100ms"
-[[routes]]
-source = "events"
-channel = "chat:{{{{ key }}}}"
-''')
-    env = dict(os.environ, **{server_bench.KEY_ENV: server_bench.API_KEY})
+    body = "\n".join([
+        "[sources.events]", 'type = "kafka"', f'brokers = ["{broker.bootstrap}"]', f'topics = ["{topic}"]',
+        f'group_id = "{group}"', 'commit_interval = "100ms"',
+        "[[routes]]", 'source = "events"', 'channel = "chat:{{ key }}"'])
     started = time.perf_counter()
-    relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(config)], cwd=workdir, env=env)
+    relay = rig.start_relay(workdir, server_address, body)
     first: tuple[float, int] | None = None
     try:
         while True:
@@ -86,19 +68,19 @@ channel = "chat:{{{{ key }}}}"
                 first = (now, done)
             if done >= count:
                 break
-            if relay.poll() is not None:
-                raise RuntimeError(f"relay exited with {relay.returncode}")
+            if not relay.alive():
+                raise RuntimeError(f"relay exited: {relay.logs()[-2000:]}")
             if now - started > 600:
                 raise TimeoutError(f"relay committed {done} of {count} in 600s")
             await asyncio.sleep(0.05)
+        peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
     finally:
-        relay.terminate()
-        relay.wait(30)
+        relay.stop()
     assert first is not None
     seconds = now - first[0]
     return {"records": count, "seconds": round(seconds, 3),
             "records_per_second": round((done - first[1]) / seconds),
-            "wall_seconds_with_startup": round(now - started, 3)}
+            "wall_seconds_with_startup": round(now - started, 3), "peak_rss_mib": round(peak, 1)}
 
 
 async def bare_rate(broker: KafkaBroker, topic: str, count: int) -> dict[str, Any]:
@@ -112,23 +94,25 @@ async def bare_rate(broker: KafkaBroker, topic: str, count: int) -> dict[str, An
         consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
         await consumer.seek_to_beginning()
         read = 0
-        first: float | None = None
+        first: tuple[float, int] | None = None
         while read < count:
             batches = await consumer.getmany(timeout_ms=1000)
-            if first is None and batches:
-                first = time.perf_counter()
             read += sum(len(records) for records in batches.values())
+            if first is None and batches:
+                first = (time.perf_counter(), read)
         now = time.perf_counter()
     finally:
         await consumer.stop()
     assert first is not None
-    seconds = now - first
-    return {"records": read, "seconds": round(seconds, 3), "records_per_second": round(read / seconds),
-            "wall_seconds_with_startup": round(now - started, 3)}
+    # As for the relay: what came after the first sight of records, over the time since then.
+    seconds = now - first[0]
+    rate = round((read - first[1]) / seconds) if seconds > 0 else 0
+    return {"records": read, "seconds": round(seconds, 3), "records_per_second": rate,
+            "first_batch": first[1], "wall_seconds_with_startup": round(now - started, 3)}
 
 
 async def _run(broker: KafkaBroker, server_address: str, count: int) -> dict[str, dict[str, Any]]:
-    topic = "bench-events"
+    topic = f"bench-events-{time.monotonic_ns()}"  # a broker may serve several runs
     await broker.create_topic(topic, PARTITIONS)
     produced_at = time.perf_counter()
     await broker.produce(topic, _records(count))
@@ -141,17 +125,16 @@ async def _run(broker: KafkaBroker, server_address: str, count: int) -> dict[str
                         "broker_start_seconds": round(broker.started_in, 3)}}
 
 
-def run(count: int = 200_000) -> dict[str, dict[str, Any]]:
-    """Start a broker and a server, measure both rates, stop everything; the figures as a dict."""
-    broker = KafkaBroker.start()
+def run(count: int = 200_000, broker: KafkaBroker | None = None) -> dict[str, dict[str, Any]]:
+    """Measure both rates against `broker` (or a broker of its own); the figures as a dict."""
+    own = broker is None
+    broker = broker or rig.kafka_broker()
     try:
-        server = server_bench.ServerProcess()
-        try:
+        with rig.ServerProcess() as server:
             return asyncio.run(_run(broker, server.address, count))
-        finally:
-            server.stop()
     finally:
-        broker.stop()
+        if own:
+            broker.stop()
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -162,7 +145,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         r = results[name]
         lines.append(f"{name:<20} {r['records_per_second']:>10,} {r['seconds']:>8} "
                      f"{r['wall_seconds_with_startup']:>14}")
-    lines.append(f"relay / bare: {relay['records_per_second'] / bare['records_per_second']:.2f} "
+    lines.append(f"relay / bare: {relay['records_per_second'] / max(1, bare['records_per_second']):.2f} "
                  f"({results['backlog']['records']:,} records, 3 partitions, 50 keys)")
     return "\n".join(lines)
 

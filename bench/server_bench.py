@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY_ENV = "RELAY_BENCH_SERVER_KEY"
-API_KEY = "bench-key"
+sys.path.insert(0, str(ROOT))
+
+from bench.rig import API_KEY, ServerProcess, raw_batch  # noqa: E402
+
 CHANNELS = 16
 # name: (commands per call, calls in flight, idempotency keys)
 SCENARIOS: dict[str, tuple[int, int, bool]] = {
@@ -43,49 +41,30 @@ SCENARIOS: dict[str, tuple[int, int, bool]] = {
     "batch500+keys/1": (500, 1, True),
 }
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+# One call stays well under GRPC's default 4 MiB message limit.
+MAX_CALL_BYTES = 3 * 1024 * 1024
 
 
-class ServerProcess:
-    """`relay serve` on a free loopback port, with an API key (auth is part of the cost)."""
-
-    def __init__(self) -> None:
-        self.address = f"127.0.0.1:{_free_port()}"
-        env = dict(os.environ, **{KEY_ENV: API_KEY})
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--listen", self.address, "--api-key-env", KEY_ENV,
-             "--namespace", "chat"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
-        assert self.process.stderr is not None
-        line = self.process.stderr.readline().decode()
-        if not line.startswith("listening on"):
-            self.stop()
-            raise RuntimeError(f"relay serve did not start: {line}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def bench_data(size: int) -> bytes:
+    """A JSON object of `size` bytes (at least ~60), or of ~100 bytes when size is 0."""
+    if not size:
+        return json.dumps({"type": "bench", "seq": 0, "at": "2026-01-01T00:00:00Z", "pad": "x" * 40}).encode()
+    head = b'{"type": "bench", "pad": "'
+    return head + b"x" * max(0, size - len(head) - 2) + b'"}'
 
 
-async def _client(address: str, scenario: str, duration: float) -> dict[str, Any]:
+async def _client(address: str, scenario: str, duration: float, size: int = 0) -> dict[str, Any]:
     """Drive one scenario for `duration` seconds; counts come from the replies."""
     import grpc
 
     from relay.proto.centrifugo import api_pb2 as pb
     from relay.proto.centrifugo import api_pb2_grpc
 
-    size, in_flight, keys = SCENARIOS[scenario]
+    per_call, in_flight, keys = SCENARIOS[scenario]
     metadata = [("authorization", f"apikey {API_KEY}")]
-    data = json.dumps({"type": "bench", "seq": 0, "at": "2026-01-01T00:00:00Z", "pad": "x" * 40}).encode()
+    data = bench_data(size)
+    if per_call > 1:
+        per_call = max(1, min(per_call, MAX_CALL_BYTES // len(data)))
     published = errors = 0
     latencies: list[float] = []
     serial = 0
@@ -93,7 +72,7 @@ async def _client(address: str, scenario: str, duration: float) -> dict[str, Any
     def commands(worker: int) -> Any:
         nonlocal serial
         reqs = []
-        for i in range(size):
+        for i in range(per_call):
             serial += 1
             reqs.append(pb.PublishRequest(channel=f"chat:bench-{(worker + i) % CHANNELS}", data=data,
                                           idempotency_key=f"bench:{worker}:{serial}" if keys else ""))
@@ -108,7 +87,7 @@ async def _client(address: str, scenario: str, duration: float) -> dict[str, Any
             while time.perf_counter() < deadline:
                 reqs = commands(n)
                 started = time.perf_counter()
-                if size == 1:
+                if per_call == 1:
                     resp = await stub.Publish(reqs[0], metadata=metadata)
                     codes = [resp.error.code]
                 else:
@@ -125,6 +104,8 @@ async def _client(address: str, scenario: str, duration: float) -> dict[str, Any
         elapsed = time.perf_counter() - began
     latencies.sort()
     return {
+        "data_bytes": len(data),
+        "commands_per_call": per_call,
         "publications": published,
         "errors": errors,
         "seconds": round(elapsed, 3),
@@ -135,32 +116,23 @@ async def _client(address: str, scenario: str, duration: float) -> dict[str, Any
     }
 
 
-def _client_main(address: str, scenario: str, duration: float) -> None:
+def _client_main(address: str, scenario: str, duration: float, size: int) -> None:
     try:
         import uvloop
-        uvloop.run(_print_client(address, scenario, duration))
+        uvloop.run(_print_client(address, scenario, duration, size))
     except ImportError:
-        asyncio.run(_print_client(address, scenario, duration))
+        asyncio.run(_print_client(address, scenario, duration, size))
 
 
-async def _print_client(address: str, scenario: str, duration: float) -> None:
-    print(json.dumps(await _client(address, scenario, duration)))
+async def _print_client(address: str, scenario: str, duration: float, size: int) -> None:
+    print(json.dumps(await _client(address, scenario, duration, size)))
 
 
 def run(duration: float = 3.0, scenarios: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Start `relay serve`, run each scenario from a client process, return the figures by scenario."""
-    results: dict[str, dict[str, Any]] = {}
-    server = ServerProcess()
-    try:
-        for scenario in scenarios or list(SCENARIOS):
-            command = [sys.executable, __file__, "--client", server.address, scenario, str(duration)]
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=duration + 60)
-            if done.returncode != 0:
-                raise RuntimeError(f"bench client {scenario} failed: {done.stderr[-2000:]}")
-            results[scenario] = json.loads(done.stdout)
-    finally:
-        server.stop()
-    return results
+    with ServerProcess() as server:
+        return {scenario: raw_batch(server.address, scenario, duration)
+                for scenario in scenarios or list(SCENARIOS)}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -173,9 +145,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        sys.path.insert(0, str(ROOT))
-        _client_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":  # ADDRESS SCENARIO DURATION [SIZE]
+        size = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+        _client_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), size)
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

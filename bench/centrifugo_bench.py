@@ -1,0 +1,195 @@
+"""Kafka → real Centrifugo v6: the relay beside Centrifugo's own Kafka consumer, on the same backlog.
+
+For each partition count P (1 and 6), a topic gets `--count` records in the command form Centrifugo's
+consumer reads, `{"method": "publish", "payload": {"channel": "chat:cmp-<c>", "data": {"seq": i,
+"pad": ...}}}` (about 110 bytes), for 12 channels: record i goes to channel c = i % 12, in partition
+c % P, so each channel's records are in one partition, in order. Then, each with a fresh Centrifugo
+(memory engine; namespace `chat` with history) and a consumer group of its own:
+
+- centrifugo: Centrifugo started with `consumers: [{name, enabled: true, type: "kafka", kafka:
+  {brokers, topics, consumer_group}}]`, everything else at its defaults (max_poll_records 100,
+  partition_queue_max_size 1000; it reads a new group from the earliest offset);
+- relay: `relay run`, Kafka source with `format = "centrifugo"`, publishing to that Centrifugo's
+  GRPC API with its defaults (Batch of up to 500, 4 lanes in flight, an idempotency key on each).
+
+Both rates are measured the same way, on Centrifugo: the sum of the 12 channels' stream tops (History
+with limit 0), polled every 20 ms, from the first poll that sees a publication to the poll that sees
+all of them. After each drain the last publication of every channel is checked against the last
+record sent to it, and the total against the backlog (nothing lost, nothing twice). CPU seconds are
+what each process used during the drain (from /proc): the relay side is the relay plus Centrifugo.
+
+    .venv/bin/python bench/centrifugo_bench.py [--count 200000] [--partitions 1 --partitions 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from bench import rig  # noqa: E402
+from relay.proto.centrifugo import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.harness.kafka import KafkaBroker, Record, run_sync  # noqa: E402
+
+CHANNELS = [f"chat:cmp-{c}" for c in range(12)]
+PARTITIONS = (1, 6)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def records(count: int, partitions: int) -> list[Record]:
+    pad = "x" * 40
+    out = []
+    for i in range(count):
+        c = i % len(CHANNELS)
+        value = {"method": "publish", "payload": {"channel": CHANNELS[c], "data": {"seq": i, "pad": pad}}}
+        out.append(Record(json.dumps(value, separators=(",", ":")).encode(), partition=c % partitions))
+    return out
+
+
+def last_seqs(count: int) -> dict[str, int]:
+    """The seq of the last record each channel gets."""
+    n = len(CHANNELS)
+    return {CHANNELS[c]: count - 1 - (count - 1 - c) % n for c in range(min(count, n))}
+
+
+def check_delivery(server: Any, count: int, counter: rig.StreamCounter) -> dict[str, Any]:
+    """Nothing lost, nothing twice: the total after a short settle, and each channel's last data."""
+    time.sleep(0.5)
+    total = counter.count()
+    wrong = []
+    with grpc.insecure_channel(server.grpc_address) as chan:
+        stub = api_pb2_grpc.CentrifugoApiStub(chan)  # type: ignore[no-untyped-call]
+        for channel, seq in last_seqs(count).items():
+            resp = stub.History(api_pb2.HistoryRequest(channel=channel, limit=1, reverse=True),
+                                metadata=server.metadata, timeout=5)
+            got = [json.loads(p.data)["seq"] for p in resp.result.publications]
+            if got != [seq]:
+                wrong.append(f"{channel}: last {got}, want [{seq}]")
+    if total != count or wrong:
+        raise RuntimeError(f"delivered {total} of {count}; " + "; ".join(wrong))
+    return {"delivered": total, "checked_channels": len(last_seqs(count))}
+
+
+def centrifugo_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path) -> dict[str, Any]:
+    """Centrifugo's own consumer drains the topic; counted from its first start."""
+    consumer = {"name": "bench", "enabled": True, "type": "kafka",
+                "kafka": {"brokers": [broker.bootstrap], "topics": [topic],
+                          "consumer_group": f"centrifugo-{topic}"}}
+    server = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
+    try:
+        # Centrifugo consumes as soon as it is up: count from before it starts (nothing there yet).
+        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key, base=0) as counter:
+            started = time.perf_counter()
+            rate = rig.in_thread(lambda: counter.wait_for(
+                count, alive=lambda: server.process is None or server.running(), timeout=900))
+            server.start()
+            cpu_before = cpu_seconds(server.process.pid)
+            result: rig.Rate = rate()
+            cpu = cpu_seconds(server.process.pid) - cpu_before
+            checked = check_delivery(server, count, counter)
+            timeline = counter.timeline(started)
+    except BaseException:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
+            "cpu_seconds": round(cpu, 2), **checked, "timeline": timeline}
+
+
+def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path) -> dict[str, Any]:
+    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+    server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
+    body = "\n".join([
+        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
+        f'topics = ["{topic}"]', f'group_id = "relay-{topic}"'])
+    try:
+        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
+            started = time.perf_counter()
+            cpu_server = cpu_seconds(server.process.pid)
+            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key)
+            try:
+                result = counter.wait_for(count, alive=relay.alive, timeout=900)
+                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
+                peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
+            except BaseException:
+                print(relay.logs()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                relay.stop()
+            cpu_server = cpu_seconds(server.process.pid) - cpu_server
+            checked = check_delivery(server, count, counter)
+            timeline = counter.timeline(started)
+    finally:
+        server.stop()
+    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
+            "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
+            "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked,
+            "timeline": timeline}
+
+
+def run(count: int = 200_000, partitions: tuple[int, ...] = PARTITIONS,
+        broker: KafkaBroker | None = None) -> dict[str, dict[str, Any]]:
+    """For each partition count: produce the backlog, drain it both ways; the figures as a dict."""
+    own = broker is None
+    broker = broker or rig.kafka_broker()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for parts in partitions:
+            topic = f"cmp-{parts}p-{time.monotonic_ns()}"
+            run_sync(broker.create_topic(topic, parts))
+            began = time.perf_counter()
+            run_sync(broker.produce(topic, records(count, parts)))
+            produced = time.perf_counter() - began
+            with tempfile.TemporaryDirectory(prefix="relay-cmp-bench-") as tmp:
+                native = centrifugo_rate(broker, topic, count, Path(tmp) / "native")
+                relay = relay_rate(broker, topic, count, Path(tmp) / "relay")
+            results[f"{parts} partition{'s' if parts > 1 else ''}"] = {
+                "partitions": parts, "records": count, "produce_seconds": round(produced, 2),
+                "centrifugo": native, "relay": relay,
+                "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)}
+    finally:
+        if own:
+            broker.stop()
+    return results
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'backlog':<14} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
+             f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<14} {r['relay']['per_second']:>9,} {r['centrifugo']['per_second']:>13,} "
+                     f"{r['relay_over_centrifugo']:>19.2f} {r['relay']['cpu_seconds']:>14} "
+                     f"{r['centrifugo']['cpu_seconds']:>8}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--partitions", type=int, action="append", help="default: 1 and 6")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run(args.count, tuple(args.partitions or PARTITIONS))
+    print(json.dumps(results, indent=2) if args.json else table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,8 @@ def generate(out: Path) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
         (out / sub / "__init__.py").write_text("")
     (out / "__init__.py").write_text('"""Generated from protos/ by `make protos`; do not edit."""\n')
-    args = ["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
+    args = ["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--pyi_out={out}",
+            f"--grpc_python_out={out}"]
     if protoc.main(args + FILES) != 0:
         sys.exit("protoc failed")
     for path in out.rglob("*_grpc.py"):
@@ -37,7 +38,8 @@ def generate(out: Path) -> None:
 
 def differences(a: Path, b: Path) -> list[str]:
     names = sorted({p.relative_to(a) for p in a.rglob("*.py*")} | {p.relative_to(b) for p in b.rglob("*.py*")})
-    return [str(n) for n in names if not ((a / n).exists() and (b / n).exists() and filecmp.cmp(a / n, b / n, shallow=False))]
+    same = [n for n in names if (a / n).exists() and (b / n).exists() and filecmp.cmp(a / n, b / n, shallow=False)]
+    return [str(n) for n in names if n not in same]
 
 
 def main() -> None:

@@ -48,5 +48,6 @@ def config_model(type_name: str) -> type[BaseModel]:
 
 
 def build(name: str, config: BaseModel, state_dir: Path) -> Source:
-    source: Source = _module(getattr(config, "type")).build(name, config, state_dir)
+    type_name: str = config.type  # type: ignore[attr-defined]  # every source Config has `type`
+    source: Source = _module(type_name).build(name, config, state_dir)
     return source

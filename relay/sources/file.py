@@ -498,10 +498,8 @@ class FileTail:
 
     def _excluded(self, path: str) -> bool:
         name = os.path.basename(path)
-        for pattern in self.config.exclude:
-            if fnmatch.fnmatchcase(path if os.sep in pattern else name, pattern):
-                return True
-        return False
+        return any(fnmatch.fnmatchcase(path if os.sep in pattern else name, pattern)
+                   for pattern in self.config.exclude)
 
     def _glob(self) -> dict[tuple[int, int], str]:
         found: dict[tuple[int, int], str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -78,10 +79,8 @@ class Ticker:
         else:
             delay = self.config.interval
         if delay > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
-            except TimeoutError:
-                pass
 
     async def run(self, emit: Emit) -> None:
         seq = 0

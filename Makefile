@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fuzz bench protos lint clean
+.PHONY: run test test-fuzz bench protos docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: $(STAMP)  ## every benchmark; writes BENCHMARKS.md and plots
 
 protos: $(STAMP)  ## regenerate relay/proto/ from protos/
 	$(PY) protos/generate.py
+
+docs: $(STAMP)  ## rewrite README.md's option tables from the config models
+	$(PY) -m relay.reference README.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check relay tests bench

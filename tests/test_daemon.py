@@ -17,6 +17,7 @@ import pytest
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
 from tests.harness.centrifugo import RealCentrifugo
+from tests.harness.configs import sink_table, ticker_tables
 from tests.harness.notify_socket import NotifySocket
 from tests.harness.ports import free_port
 from tests.harness.relay_process import RelayProcess
@@ -59,22 +60,7 @@ def runs(values: list[int]) -> list[list[int]]:
 
 
 def config(server: RealCentrifugo, channel: str, *, interval: str = "0s", relay: str = "") -> str:
-    return f"""
-{relay}
-[sink]
-address = "{server.grpc_address}"
-api_key_env = "CENTRIFUGO_GRPC_API_KEY"
-retry = {{ initial_backoff = "20ms", max_backoff = "200ms" }}
-
-[sources.tick]
-type = "ticker"
-interval = "{interval}"
-data = '{{"seq": {{{{ seq }}}}}}'
-
-[[routes]]
-source = "tick"
-channel = "{channel}"
-"""
+    return relay + sink_table(server.grpc_address) + ticker_tables(channel, interval=interval)
 
 
 def wait_until(predicate: object, timeout: float = 20.0, what: str = "") -> None:

@@ -33,6 +33,7 @@ import trustme
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
 from tests.harness.centrifugo import CentrifugoFactory, GrpcTls, RealCentrifugo
+from tests.harness.configs import ticker_tables
 from tests.harness.history import history, history_json
 from tests.harness.kafka import KafkaBroker, Record, run_sync
 from tests.harness.ports import free_port
@@ -129,17 +130,7 @@ retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
 
 def ticker(channel: str, count: int, interval: str = "0s") -> str:
     """Sources and routes of a relay: a ticker of `count` ticks `{"seq": N}` into `channel`."""
-    return f"""
-[sources.tick]
-type = "ticker"
-interval = "{interval}"
-count = {count}
-data = '{{"seq": {{{{ seq }}}}}}'
-
-[[routes]]
-source = "tick"
-channel = "{channel}"
-"""
+    return ticker_tables(channel, count=count, interval=interval)
 
 
 @pytest.fixture

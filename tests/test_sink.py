@@ -12,26 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relay.sources.ticker import DEFAULT_DATA
+from tests.harness.configs import sink_table, ticker_tables
 from tests.harness.history import history, history_json, wait_for_count
 from tests.harness.relay_process import RelayProcess
 
 
 def relay_config(address: str, *, count: int, interval: str = "20ms", routes: str = "", sink: str = "",
                  key_env: str = "SINK_KEY") -> str:
-    default_route = '[[routes]]\nsource = "hb"\nchannel = "chat:index"\n'
-    return f'''
-[sink]
-address = "{address}"
-api_key_env = "{key_env}"
-retry = {{ initial_backoff = "20ms", max_backoff = "500ms" }}
-timeout = "1s"
-{sink}
-[sources.hb]
-type = "ticker"
-interval = "{interval}"
-count = {count}
-{routes or default_route}
-'''
+    """Ticks `{"type": "tick", "seq": N}` into chat:index, unless `routes` says otherwise."""
+    source = ticker_tables("chat:index", count=count, interval=interval, name="hb", data=DEFAULT_DATA)
+    if routes:
+        source = source[:source.index("[[routes]]")] + routes
+    return sink_table(address, key_env, extra='timeout = "1s"\n' + sink) + source
 
 
 def seqs(address: str, channel: str, key: str) -> list[int]:

@@ -18,6 +18,7 @@ import pytest
 
 from relay.systemd import SystemdNotifier
 from tests.harness.centrifugo import RealCentrifugo
+from tests.harness.configs import sink_table, ticker_tables
 from tests.harness.history import wait_for_count
 from tests.harness.notify_socket import NotifySocket
 from tests.harness.relay_process import RelayProcess
@@ -28,22 +29,7 @@ UNIT = ROOT / "deploy" / "relay.service"
 
 
 def ticker_config(server: RealCentrifugo, channel: str, *, interval: str = "50ms", count: int = 0) -> str:
-    return f"""
-[sink]
-address = "{server.grpc_address}"
-api_key_env = "CENTRIFUGO_GRPC_API_KEY"
-retry = {{ initial_backoff = "20ms", max_backoff = "200ms" }}
-
-[sources.tick]
-type = "ticker"
-interval = "{interval}"
-count = {count}
-data = '{{"seq": {{{{ seq }}}}}}'
-
-[[routes]]
-source = "tick"
-channel = "{channel}"
-"""
+    return sink_table(server.grpc_address) + ticker_tables(channel, count=count, interval=interval)
 
 
 # -- the notifier itself, in process ---------------------------------------------------------------

@@ -458,7 +458,9 @@ def test_channels_answers_a_map(centrifugo_api: ApiTarget) -> None:
         resp = stubs.v6.Channels(pb.ChannelsRequest(pattern="chat:*"), metadata=stubs.metadata)
     assert not resp.HasField("error") and resp.HasField("result")
     channels = resp.result.channels
-    assert all(name.startswith("chat:") and info.num_clients == 0 for name, info in channels.items())
+    assert all(name.startswith("chat:") for name in channels)
+    if centrifugo_api.kind == "embedded":  # real Centrifugo may have subscribers from other tests
+        assert all(info.num_clients == 0 for info in channels.values())
 
 
 # -- the API key and unknown methods ------------------------------------------------------------

@@ -20,6 +20,7 @@ from relay.message import Message
 from relay.sources import kafka
 from tests.harness.kafka import KafkaBroker, Record
 from tests.harness.ports import free_port
+from tests.harness.require import unavailable
 
 pytestmark = pytest.mark.kafka
 
@@ -401,7 +402,7 @@ async def test_sasl_wrong_password_is_a_clear_error(kafka_broker: KafkaBroker, t
 
 async def test_tls_with_a_private_ca(kafka_broker: KafkaBroker) -> None:
     if not kafka_broker.ssl_bootstrap:
-        pytest.skip("trustme is not installed, so the broker has no TLS listener")
+        unavailable("trustme is not installed, so the broker has no TLS listener")
     topic = unique("tls")
     await kafka_broker.create_topic(topic, 1)
     await kafka_broker.produce(topic, [b"over-tls"])

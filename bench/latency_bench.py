@@ -62,7 +62,7 @@ def _histogram(relay: RelayProcess) -> tuple[float, float]:
             relay.metric("relay_publish_latency_seconds_count"))
 
 
-def _wait_first(address: str, channel: str, relay: RelayProcess, send: Callable[[], None]) -> int:
+def _wait_first(address: str, channel: str, relay: RelayProcess, send: Callable[[], object]) -> int:
     """Send a message and wait until the relay delivered it: the relay is up and reading.
 
     A message not delivered in 10 s is followed by another (at most 6); returns how many were sent,

@@ -41,6 +41,8 @@ from tests.harness.relay_process import RelayProcess  # noqa: E402
 
 KEY_ENV = "RELAY_BENCH_SERVER_KEY"
 API_KEY = "bench-key"
+# A free port can be taken by someone else before a server binds it: so many tries with new ports.
+PORT_ATTEMPTS = 3
 
 
 def metadata(api_key: str) -> list[tuple[str, str]]:
@@ -54,21 +56,24 @@ class ServerProcess:
     """`relay serve` on a free loopback port; namespace `chat` keeps `history_size` publications."""
 
     def __init__(self, history_size: int = 1000) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
         self.api_key = API_KEY
         self._dir = Path(tempfile.mkdtemp(prefix="relay-bench-serve-"))
         config = self._dir / "serve.toml"
         config.write_text(f'[server]\nnamespaces = [{{name = "chat", history_size = {history_size}, '
                           'history_ttl = "10m"}]\n')
         env = dict(os.environ, **{KEY_ENV: API_KEY})
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(config), "--listen", self.address,
-             "--api-key-env", KEY_ENV], cwd=ROOT, env=env, stderr=subprocess.PIPE)
-        assert self.process.stderr is not None
-        line = self.process.stderr.readline().decode()
-        if not line.startswith("listening on"):
+        for attempt in range(PORT_ATTEMPTS):
+            self.address = f"127.0.0.1:{free_port()}"
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "-c", str(config), "--listen", self.address,
+                 "--api-key-env", KEY_ENV], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+            assert self.process.stderr is not None
+            line = self.process.stderr.readline().decode()
+            if line.startswith("listening on"):
+                return
             self.stop()
-            raise RuntimeError(f"relay serve did not start: {line}")
+            if "in use" not in line or attempt == PORT_ATTEMPTS - 1:
+                raise RuntimeError(f"relay serve did not start: {line}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -122,11 +127,16 @@ def rss_mib(pid: int) -> float:
 
 @dataclass
 class Rate:
-    """Publications counted between the first poll that saw any and the poll that saw them all."""
+    """Publications counted between the first poll that saw any and the poll that saw them all.
+
+    `middle_per_second` is the rate between the polls that first saw 10% and 90% of them: the
+    steady pace, without the start and the tail (a drainer that stalls near the end shows there).
+    """
 
     count: int
     seconds: float
     per_second: int
+    middle_per_second: int
     first_seen: int  # publications already there at the first poll that saw any
     first_at: float  # time.perf_counter() of that poll
     last_at: float
@@ -198,7 +208,14 @@ class StreamCounter:
         assert first is not None
         seconds = now - first[0]
         rate = round((done - first[1]) / seconds) if seconds > 0 else 0
-        return Rate(done, seconds, rate, first[1], first[0], now)
+        return Rate(done, seconds, rate, self._middle_rate(count), first[1], first[0], now)
+
+    def _middle_rate(self, count: int, low: float = 0.1, high: float = 0.9) -> int:
+        start = next((s for s in self.samples if s[1] >= low * count), None)
+        end = next((s for s in self.samples if s[1] >= high * count), None)
+        if start is None or end is None or end[0] <= start[0]:
+            return 0
+        return round((end[1] - start[1]) / (end[0] - start[0]))
 
     def timeline(self, since: float, points: int = 200) -> list[tuple[float, int]]:
         """(seconds since `since`, publications) of the polls, thinned to about `points`."""
@@ -266,7 +283,8 @@ class Tail:
         line = self.process.stdout.readline()
         if line.strip() != "ready":
             self.process.kill()
-            raise RuntimeError(f"the History follower did not start: {line} {self.process.stderr.read()}")
+            _, err = self.process.communicate()
+            raise RuntimeError(f"the History follower did not start: {line} {err}")
 
     def result(self, timeout: float = 150.0) -> list[float]:
         out, err = self.process.communicate(timeout=timeout)
@@ -340,10 +358,23 @@ def centrifugo_version() -> str:
 def centrifugo(workdir: Path, config_overrides: dict[str, Any] | None = None, start: bool = True) -> Any:
     """A real Centrifugo v6 on free ports (namespace `chat` with history), started unless told."""
     from tests.harness.centrifugo import RealCentrifugo
-    server = RealCentrifugo(centrifugo_binary(), workdir, config_overrides=config_overrides)
-    if start:
-        server.start()
-    return server
+    binary = centrifugo_binary()
+    for attempt in range(PORT_ATTEMPTS):
+        server = RealCentrifugo(binary, workdir / f"ports-{attempt}", config_overrides=config_overrides)
+        if not start:
+            return server
+        try:
+            server.start()
+            return server
+        except RuntimeError as err:
+            if not port_taken(err) or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def port_taken(err: BaseException) -> bool:
+    """The error of a server whose free port someone else took first."""
+    return "address already in use" in str(err)
 
 
 def in_thread(target: Callable[[], Any]) -> Callable[[], Any]:

@@ -1,0 +1,423 @@
+"""BENCHMARKS.md and its plots from the figures of one bench/run.py run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Issue 8's bar. 150 MB (decimal, as written there) is 143.05 MiB.
+GOAL_LINES_PER_SECOND = 100_000
+GOAL_OF_CEILING = 0.5
+GOAL_OF_BARE = 0.8
+GOAL_OF_CENTRIFUGO = 1.0
+GOAL_P99_MS = 10.0
+GOAL_RSS_MIB = 150e6 / 2**20
+
+
+def _figures(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    section = results.get(name) or {}
+    figures: dict[str, Any] | None = section.get("figures")
+    return figures
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
+
+
+# -- goals --------------------------------------------------------------------------------------
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str]]:
+    """(goal, measured, target, met, how far) for every goal whose section ran."""
+    rows: list[tuple[str, str, str, bool | None, str]] = []
+
+    def add(goal: str, value: float | None, target: float, fmt: str, higher_is_better: bool = True) -> None:
+        if value is None:
+            rows.append((goal, "not measured", fmt.format(target), None, ""))
+            return
+        met = value >= target if higher_is_better else value <= target
+        gap = value / target - 1
+        how = "" if met else (f"{abs(gap):.0%} short" if higher_is_better else f"{gap:.0%} over")
+        rows.append((goal, fmt.format(value), fmt.format(target), met, how))
+
+    file = _figures(results, "file")
+    if file:
+        relay = file["relay file→serve"]
+        ceiling = max(file["raw batch500+keys/1"]["publications_per_second"],
+                      file["raw batch500+keys"]["publications_per_second"])
+        add("(1) file → relay serve, lines/s", relay["lines_per_second"], GOAL_LINES_PER_SECOND, "{:,.0f}")
+        add("(1) file lines/s ÷ raw Batch ceiling (best of 1 and 4 in flight)",
+            relay["lines_per_second"] / ceiling, GOAL_OF_CEILING, "{:.2f}")
+    kafka = _figures(results, "kafka")
+    if kafka:
+        bare = kafka["bare aiokafka read"]["records_per_second"]
+        add("(2) Kafka → relay serve ÷ bare aiokafka consumer",
+            kafka["relay kafka→serve"]["records_per_second"] / bare if bare else None, GOAL_OF_BARE, "{:.2f}")
+    compare = _figures(results, "centrifugo")
+    if compare:
+        for name, r in compare.items():
+            add(f"(3) relay ÷ Centrifugo's own consumer, {name}", r["relay_over_centrifugo"],
+                GOAL_OF_CENTRIFUGO, "{:.2f}")
+    for section in ("latency-file", "latency-kafka"):
+        latency = _figures(results, section)
+        for r in (latency or {}).values():
+            if r["rate"] == 1000:
+                add(f"(4) p99 ms, {r['source']} source at 1,000 msg/s", r["p99_ms"], GOAL_P99_MS, "{:.1f}",
+                    higher_is_better=False)
+    if file:
+        drained = file["relay file→serve"]
+        add(f"(5) relay peak RSS draining {drained['lines']:,} lines, MiB (150 MB)",
+            drained["peak_rss_mib"], GOAL_RSS_MIB, "{:.1f}", higher_is_better=False)
+    return rows
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _file_table(f: dict[str, Any]) -> str:
+    relay = f["relay file→serve"]
+    rows = []
+    for name, r in f.items():
+        rate = r.get("lines_per_second") or r.get("publications_per_second")
+        rows.append([name, f"{rate:,}", f"{relay['lines_per_second'] / rate:.2f}"])
+    return (_table(["what", "lines or publications/s", "relay ÷ this"], rows)
+            + f"\n\n{relay['lines']:,} lines of {relay['line_bytes']} bytes "
+            f"({relay['bytes'] / 2**20:.0f} MiB) in {relay['seconds']} s ({relay['mib_per_second']} MiB/s), "
+            f"{relay['wall_seconds_with_startup']} s with the relay's start-up; relay peak RSS (VmHWM) "
+            f"**{relay['peak_rss_mib']} MiB**.")
+
+
+def _kafka_table(k: dict[str, Any]) -> str:
+    relay, bare = k["relay kafka→serve"], k["bare aiokafka read"]
+    rows = [["relay (Kafka source → relay serve), from commits", f"{relay['records_per_second']:,}",
+             relay["seconds"], relay["wall_seconds_with_startup"]],
+            ["bare aiokafka consumer (reads, does nothing; median of 3)", f"{bare['records_per_second']:,}",
+             bare["seconds"], bare["wall_seconds_with_startup"]]]
+    ratio = relay["records_per_second"] / bare["records_per_second"] if bare["records_per_second"] else 0
+    backlog = k["backlog"]
+    return (_table(["what", "records/s", "seconds", "with start-up"], rows)
+            + f"\n\nrelay ÷ bare: **{ratio:.2f}**. Backlog: {backlog['records']:,} keyed JSON records "
+            f"(~100 B), 3 partitions, 50 keys; relay peak RSS {relay.get('peak_rss_mib', '?')} MiB.")
+
+
+def _runs(side: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{v:,}" for v in side.get(f"runs_{key}", [side[key]]))
+
+
+def _compare_table(c: dict[str, Any]) -> str:
+    rows = []
+    for name, r in c.items():
+        rel, cen = r["relay"], r["centrifugo"]
+        middle = r.get("relay_over_centrifugo_middle")
+        rows.append([name, f"{rel['per_second']:,}", f"{cen['per_second']:,}",
+                     "?" if r["relay_over_centrifugo"] is None else f"**{r['relay_over_centrifugo']:.2f}**",
+                     f"{rel['middle_per_second']:,} / {cen['middle_per_second']:,} = "
+                     f"{'?' if middle is None else f'{middle:.2f}'}",
+                     f"{rel['cpu_seconds']} ({rel['cpu_seconds_relay']} + {rel['cpu_seconds_centrifugo']})",
+                     cen["cpu_seconds"]])
+    runs = [f"- {name}: relay {_runs(r['relay'], 'per_second')} (middle {_runs(r['relay'], 'middle_per_second')}); "
+            f"Centrifugo {_runs(r['centrifugo'], 'per_second')} (middle "
+            f"{_runs(r['centrifugo'], 'middle_per_second')})" for name, r in c.items()]
+    return (_table(["backlog", "relay/s", "Centrifugo consumer/s", "relay ÷ Centrifugo (goal 3)",
+                    "middle 10→90%: relay / Centrifugo", "CPU s relay side (relay + Centrifugo)",
+                    "CPU s Centrifugo side"], rows)
+            + "\n\nEvery drain, in turn order (msg/s, first to last publication; the median counts):\n\n"
+            + "\n".join(runs))
+
+
+def _latency_table(sections: list[dict[str, Any]]) -> str:
+    rows = []
+    for latency in sections:
+        for r in latency.values():
+            share = r["histogram_within_10ms"]
+            rows.append([r["source"], f"{r['rate']:,.0f}", f"{r['messages']:,}", r["p50_ms"], r["p99_ms"],
+                         r["p999_ms"], r["max_ms"], "" if share is None else f"{share:.1%}"])
+    return _table(["source", "msg/s", "messages", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+                   "≤ 10 ms by the relay's histogram"], rows)
+
+
+def _size_table(s: dict[str, Any]) -> str:
+    rows = [[f"{r['size']:,}", f"{r['lines']:,}", f"{r['relay_per_second']:,}", r["relay_mib_per_second"],
+             f"{r['raw_per_second']:,}", r["raw_mib_per_second"], f"{r['relay_over_raw']:.2f}",
+             r["relay_peak_rss_mib"]] for r in s.values()]
+    return _table(["bytes/message", "lines", "relay msg/s", "relay MiB/s", "raw Batch/1 msg/s", "raw MiB/s",
+                   "relay ÷ raw", "relay peak RSS MiB"], rows)
+
+
+def _server_table(s: dict[str, Any]) -> str:
+    rows = [[name, f"{r['publications_per_second']:,}", f"{r['calls_per_second']:,}", r["p50_ms"],
+             r["p99_ms"], r["errors"]] for name, r in s.items()]
+    return _table(["scenario", "publications/s", "calls/s", "p50 ms", "p99 ms", "errors"], rows)
+
+
+def _pipeline_table(p: dict[str, Any]) -> str:
+    relay = p["relay ticker→serve"]["publications_per_second"]
+    rows = [[name, f"{r['publications_per_second']:,}", f"{relay / r['publications_per_second']:.2f}"]
+            for name, r in p.items()]
+    return _table(["what", "publications/s", "relay ÷ this"], rows)
+
+
+def _text(paragraph: str) -> str:
+    return " ".join(paragraph.split())
+
+
+HOW = {
+    "file": _text("""
+        A file of JSON lines of about 100 bytes (1,000,000 in the full run) is read from the beginning
+        by `relay run`
+        (route `data = "json"`, sink defaults: Batch of up to 500, 5 ms linger, idempotency keys) into
+        `relay serve` in a third process. The rate is measured on the server: the channel's stream top
+        (History with limit 0) polled every 20 ms, from the first poll that sees a publication to the
+        one that sees all. Beside it, against the same server process and just before: the raw
+        ceiling, a bare grpc.aio client (bench/server_bench.py) sending Batch of 500 publications with
+        idempotency keys, 1 call in flight (what one ordered stream can use) and 4. The relay's VmRSS
+        is sampled at every poll and its VmHWM read at the end: that is goal (5)."""),
+    "kafka": _text("""
+        A backlog of keyed JSON records on a real Kafka broker, drained by `relay run` (route
+        `chat:{{ key }}`) into `relay serve`; the relay's rate is read from the group's committed
+        offsets (commit_interval 100 ms), first commit to last (it commits only what the server
+        accepted). Beside it, a bare aiokafka consumer in the bench process reads the same backlog and
+        does nothing with it (no group, no commits), counted from its first batch to the last
+        record; it takes well under a second, so it reads the backlog three times and the median
+        counts."""),
+    "centrifugo": _text("""
+        Records in Centrifugo's command form on 1- and 6-partition topics (12 channels, each in one
+        partition). Centrifugo's own consumer (`consumers: [{name, enabled: true, type: "kafka",
+        kafka: {brokers, topics, consumer_group}}]`, its defaults otherwise) and the relay
+        (`format = "centrifugo"`, its defaults) each drain it into a fresh real Centrifugo, with a
+        consumer group of their own. Both rates are measured the same way: the sum of the 12 channels'
+        stream tops, polled every 20 ms, first publication seen to last (the goal's figure), and the
+        middle rate from 10% to 90% of the backlog, which leaves out start-up and the tail (with 6
+        partitions Centrifugo's consumer takes most of the backlog fast, then finishes the last
+        partitions in steps about 0.5 s apart, the length of its default `fetch_max_wait`; see the
+        plot). For Centrifugo's consumer the polling starts before Centrifugo does. Each side drains
+        the backlog three times, taking turns, each time with a new consumer group; the median run
+        counts. After each drain, the total (exactly the backlog: nothing lost, nothing twice) and
+        every channel's last publication are checked. CPU seconds are read from /proc over the
+        drain."""),
+    "latency": _text("""
+        The bench process writes at a fixed rate, each message carrying the CLOCK_MONOTONIC time of
+        its write (file: an unbuffered append; Kafka: just before the aiokafka producer's `send`,
+        linger 0, a 1-partition topic). A History follower in its own process polls the server every
+        1 ms for what came after its last position and notes arrival minus write time: that includes
+        up to about 1 ms of polling. The last column is a cross-check without polling: the share of
+        publications that the relay's own `relay_publish_latency_seconds` histogram (source read →
+        accepted) puts within its 10 ms bucket, over the same run. The server keeps 200,000
+        publications of history here."""),
+    "sizes": _text("""
+        Files of JSON lines of exactly N bytes, drained by the relay as in (1); beside each, the raw
+        Batch client with data of the same size, 1 call in flight, at most 500 commands and 3 MiB per
+        call. The line count per size is what fits 96 MiB, from 2,000 to 200,000 (less in a quick run);
+        the server keeps 16
+        publications per channel so that big messages do not fill its memory."""),
+    "server": _text("""
+        `relay serve` alone, driven by the grpc.aio client of bench/server_bench.py in another
+        process: the ceiling the other figures are compared with."""),
+    "pipeline": _text("""
+        A ticker with `interval = "0s"` through the relay into `relay serve`: the relay's own cost
+        without any source I/O."""),
+}
+
+
+def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str]) -> str:
+    out: list[str] = ["# Benchmarks", ""]
+    out.append(f"Produced by `make bench` (`{info['command']}`) on {info['date']} in {info['minutes']} "
+               f"minutes, at commit `{info['commit']}`"
+               + (f" with {info['relay_files_changed']} uncommitted file(s) under relay/" if
+                  info.get("relay_files_changed") else "") + ". Every figure below comes from that one run."
+               + (" **This was a `--quick` smoke run: small counts, not the figures to quote.**"
+                  if info.get("quick") else ""))
+    out.append("")
+    out.append(_text("""
+        The machine is shared with other work (see the load average), so absolute figures move from
+        run to run; each figure stands beside its best alternative measured in the same run, minutes
+        apart, and the **ratios** are what to read. Rerun one part with the command under its
+        heading."""))
+    out += ["", "## The machine", ""]
+    pkgs = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
+    out.append(_table(["", ""], [
+        ["CPU", info["cpu"]], ["cores", info["cores"]], ["RAM", f"{info['ram_gib']} GiB"],
+        ["kernel", info["kernel"]], ["Python", info["python"]], ["packages", pkgs],
+        ["Kafka", f"{info['kafka']}, {info['java']}"], ["Centrifugo", info["centrifugo"]],
+        ["load average (1, 5, 15 min)",
+         f"{info['load_average_start']} at start, {info['load_average_end']} at end"],
+    ]))
+
+    rows = goals(results)
+    if rows:
+        out += ["", "## Goals (issue 8)", ""]
+        out.append(_table(["goal", "measured", "target", "met", "gap"], [
+            [g, m, t, "—" if ok is None else ("yes" if ok else "**no**"), how] for g, m, t, ok, how in rows]))
+
+    def section(number: str, name: str, title: str, body: Callable[[dict[str, Any]], str],
+                how: str, plot: str = "") -> None:
+        result = results.get(name)
+        if result is None:
+            return
+        out.extend(["", f"## {number}{title}", "", f"    {result['command']}", ""])
+        if "error" in result:
+            out.append(f"**Failed** after {result['seconds']} s: `{result['error'][-800:]}`")
+            return
+        out.append(body(result["figures"]))
+        if plot and plot in plots:
+            out.extend(["", f"![{title}]({plots[plot]})"])
+        out.extend(["", f"How: {HOW[how]}"])
+
+    section("1. ", "file", "File → relay serve, beside the raw Batch ceiling (and 5. peak RSS)", _file_table,
+            "file", "rss")
+    section("2. ", "kafka", "Kafka → relay serve, beside a bare aiokafka consumer", _kafka_table, "kafka")
+    section("3. ", "centrifugo", "Kafka → real Centrifugo: the relay beside Centrifugo's own Kafka consumer",
+            _compare_table, "centrifugo", "centrifugo")
+    latency = [results[n] for n in ("latency-file", "latency-kafka") if n in results]
+    if latency:
+        out += ["", "## 4. Latency, source → accepted by the server", ""]
+        out += [f"    {r['command']}" for r in latency]
+        out.append("")
+        good = [r["figures"] for r in latency if "figures" in r]
+        out += [f"**Failed** after {r['seconds']} s: `{r['error'][-800:]}`" for r in latency if "error" in r]
+        if good:
+            out.append(_latency_table(good))
+            if "latency" in plots:
+                out += ["", f"![latency]({plots['latency']})"]
+        out += ["", f"How: {HOW['latency']}"]
+    section("6. ", "sizes", "Throughput against message size", _size_table, "sizes", "sizes")
+    section("", "server", "Context: the embedded server alone", _server_table, "server")
+    section("", "pipeline", "Context: ticker → relay serve", _pipeline_table, "pipeline")
+    if "throughput" in plots:
+        out += ["", "## All side-by-side rates", "", f"![rates]({plots['throughput']})"]
+    return "\n".join(out) + "\n"
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def plots(results: dict[str, Any], directory: Path) -> dict[str, Path]:
+    """Write the PNGs the report shows; returns name → path for those that had figures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    directory.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+
+    def save(fig: Any, name: str) -> None:
+        path = directory / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made[name] = path
+
+    pairs: list[tuple[str, list[tuple[str, float]]]] = []
+    file = _figures(results, "file")
+    if file:
+        pairs.append(("file → relay serve (lines/s)", [
+            ("relay", file["relay file→serve"]["lines_per_second"]),
+            ("raw Batch\n1 in flight", file["raw batch500+keys/1"]["publications_per_second"]),
+            ("raw Batch\n4 in flight", file["raw batch500+keys"]["publications_per_second"])]))
+    kafka = _figures(results, "kafka")
+    if kafka:
+        pairs.append(("Kafka → relay serve (records/s)", [
+            ("relay", kafka["relay kafka→serve"]["records_per_second"]),
+            ("bare\naiokafka", kafka["bare aiokafka read"]["records_per_second"])]))
+    for name, r in (_figures(results, "centrifugo") or {}).items():
+        pairs.append((f"Kafka → Centrifugo, {name} (msg/s)", [
+            ("relay", r["relay"]["per_second"]), ("Centrifugo's\nconsumer", r["centrifugo"]["per_second"])]))
+    if pairs:
+        fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.6), squeeze=False)
+        for ax, (title, bars) in zip(axes[0], pairs, strict=True):
+            values = [v for _, v in bars]
+            ax.bar([label for label, _ in bars], values, color=["tab:blue"] + ["tab:gray"] * (len(bars) - 1))
+            for i, v in enumerate(values):
+                ratio = f"\nrelay ÷ this: {values[0] / v:.2f}" if i and v else ""
+                ax.text(i, v, f"{v:,.0f}{ratio}", ha="center", va="bottom", fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylim(0, max(values) * 1.3)
+            ax.tick_params(axis="x", labelsize=8)
+            ax.ticklabel_format(axis="y", style="plain")
+        save(fig, "throughput")
+
+    compare = _figures(results, "centrifugo")
+    if compare and all("timeline" in r["relay"] for r in compare.values()):
+        fig, axes = plt.subplots(1, len(compare), figsize=(4.5 * len(compare), 3.6), squeeze=False)
+        for ax, (name, r) in zip(axes[0], compare.items(), strict=True):
+            for side, label, style in (("relay", "relay", "-"), ("centrifugo", "Centrifugo's consumer", "--")):
+                points = r[side]["timeline"]
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+            ax.set_title(f"Kafka → Centrifugo, {name}", fontsize=9)
+            ax.set_xlabel("seconds since the drainer started")
+            ax.set_ylabel("publications accepted")
+            ax.ticklabel_format(axis="y", style="plain")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "centrifugo")
+
+    latency = [r for n in ("latency-file", "latency-kafka") for r in (_figures(results, n) or {}).values()]
+    if latency:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.27
+        labels = [f"{r['source']}\n{r['rate']:,.0f}/s" for r in latency]
+        for k, (key, name) in enumerate((("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))):
+            ax.bar([i + (k - 1) * width for i in range(len(latency))], [r[key] for r in latency], width,
+                   label=name)
+        ax.axhline(GOAL_P99_MS, color="red", linestyle="--", linewidth=1,
+                   label="goal: p99 ≤ 10 ms at 1,000/s")
+        ax.set_xticks(range(len(latency)), labels)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_ylabel("ms, source → accepted")
+        ax.legend(fontsize=8)
+        ax.set_title("Latency from the source to accepted by the server", fontsize=10)
+        save(fig, "latency")
+
+    sizes = _figures(results, "sizes")
+    if sizes:
+        rows = list(sizes.values())
+        x = [r["size"] for r in rows]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+        left.plot(x, [r["relay_per_second"] for r in rows], "o-", label="relay (file → serve)")
+        left.plot(x, [r["raw_per_second"] for r in rows], "s--", color="tab:gray",
+                  label="raw Batch, 1 in flight")
+        left.set_ylabel("messages/s")
+        right.plot(x, [r["relay_mib_per_second"] for r in rows], "o-", label="relay (file → serve)")
+        right.plot(x, [r["raw_mib_per_second"] for r in rows], "s--", color="tab:gray",
+                   label="raw Batch, 1 in flight")
+        right.set_ylabel("MiB/s of data")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bytes per message")
+            ax.set_xticks(x, [f"{v:,}" for v in x], fontsize=8)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        left.set_yscale("log")
+        fig.suptitle("Throughput against message size", fontsize=10)
+        save(fig, "sizes")
+
+    if file and file["relay file→serve"].get("rss_samples"):
+        samples = file["relay file→serve"]["rss_samples"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot([s[0] for s in samples], [s[1] for s in samples], color="tab:blue", label="relay VmRSS")
+        ax.axhline(GOAL_RSS_MIB, color="red", linestyle="--", linewidth=1, label="goal: 150 MB")
+        ax.set_xlabel("seconds since the relay started")
+        ax.set_ylabel("MiB")
+        ax.set_ylim(0, max(GOAL_RSS_MIB, max(s[1] for s in samples)) * 1.15)
+        other = ax.twinx()
+        other.plot([s[0] for s in samples], [s[2] for s in samples], color="tab:gray", linestyle=":",
+                   label="lines accepted")
+        other.set_ylabel("lines accepted by the server")
+        other.ticklabel_format(axis="y", style="plain")
+        handles = ax.get_legend_handles_labels()
+        more = other.get_legend_handles_labels()
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="lower right")
+        ax.set_title(f"Relay memory while draining {file['relay file→serve']['lines']:,} lines", fontsize=10)
+        save(fig, "rss")
+    return made

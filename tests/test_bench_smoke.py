@@ -1,0 +1,54 @@
+"""The benchmarks still run: `bench/run.py --quick` on its cheap sections, the report from the committed
+figures, and (with the suite's Kafka broker) the Kafka benchmarks at tiny counts. Figures are not
+checked here, only that every piece runs and says what it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import centrifugo_bench, kafka_bench, latency_bench, report, run
+from tests.harness.kafka import KafkaBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_run_writes_the_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    assert run.main(["--quick", "--only", "file,sizes,latency-file", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "--quick" in text and "## The machine" in text
+    assert "(1) file → relay serve, lines/s" in text
+    assert "(4) p99 ms, file source at 1,000 msg/s" in text
+    assert "(5) relay peak RSS" in text
+    for plot in ("throughput", "rss", "latency", "sizes"):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
+        assert f"](plots/{plot}.png)" in text
+    figures = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert figures["file"]["figures"]["relay file→serve"]["lines"] == run.QUICK.file_lines
+    assert {r["messages"] for r in figures["latency-file"]["figures"].values()} == {1000, 10000}
+
+
+def test_the_committed_figures_still_render(tmp_path: Path) -> None:
+    """BENCHMARKS.md can be rebuilt from bench/results.json by the current report code."""
+    committed = json.loads((ROOT / "bench" / "results.json").read_text())
+    plots = report.plots(committed["results"], tmp_path)
+    text = report.markdown(committed["machine"], committed["results"], {k: str(v) for k, v in plots.items()})
+    for goal in ("(1)", "(2)", "(3)", "(4)", "(5)"):
+        assert goal in text
+    assert set(plots) == {"throughput", "rss", "latency", "sizes", "centrifugo"}
+
+
+@pytest.mark.kafka
+@pytest.mark.centrifugo
+def test_the_kafka_benchmarks_run(kafka_broker: KafkaBroker, centrifugo_bin: Path) -> None:
+    kafka: dict[str, Any] = kafka_bench.run(3000, broker=kafka_broker)
+    assert kafka["relay kafka→serve"]["records"] == 3000
+    compare = centrifugo_bench.run(3000, (2,), broker=kafka_broker, repeats=1)
+    both = compare["2 partitions"]
+    assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 3000
+    latency = latency_bench.run((1000,), 0.5, ("kafka",), broker=kafka_broker)
+    assert latency["kafka 1000/s"]["messages"] == 500

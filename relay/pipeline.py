@@ -1,9 +1,12 @@
 """The pipeline: sources → routing table → ordered lanes → sink → acknowledgements.
 
-Every message of one source stream (a Kafka partition, a file) goes to the same lane, and a lane
-has one batch in flight at a time, so publications reach each channel in source order while
-different streams proceed in parallel (`sink.max_in_flight` lanes). Lanes are bounded: when the
-sink is slow or down, `emit` blocks and sources stop reading.
+Every publication to one channel goes through the same lane, and a lane has one batch in flight
+at a time, so each channel gets its publications in source order while different channels proceed
+in parallel (`sink.max_in_flight` lanes), even when they come from one partition or one file. A
+broadcast whose channels fall into several lanes is split into one broadcast per lane (same
+idempotency key: Centrifugo keeps keys per channel). Acknowledgements may then come back out of
+order; sources commit only contiguous positions (relay/acks.py). Lanes are bounded: when the sink is
+slow or down, `emit` blocks and sources stop reading.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import replace
 
 from relay import events
 from relay.dead_letter import DeadLetterFile
@@ -62,7 +66,6 @@ class Pipeline:
         self._batch_max_size = batch_max_size
         self._batch_linger = batch_linger
         self.lanes = [Lane(limit=batch_max_size * 4) for _ in range(lanes)]
-        self._lane_of: dict[tuple[str, str], int] = {}
         self._unsettled = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -86,10 +89,9 @@ class Pipeline:
             if not pubs:
                 settle_now.append(msg)
                 continue
-            msg.pending = len(pubs)
             self._unsettled += 1
             routed += 1
-            per_lane.setdefault(self._lane(msg), []).extend(pubs)
+            msg.pending = self._assign(pubs, per_lane)
         events.MessagesReceived(batch[0].source, len(batch), in_flight=routed).emit()
         if rejected:
             self.dead_letters.flush()
@@ -100,12 +102,24 @@ class Pipeline:
         for index, pubs in per_lane.items():
             await self.lanes[index].put(pubs)
 
-    def _lane(self, msg: Message) -> int:
-        stream = (msg.source, msg.stream)
-        index = self._lane_of.get(stream)
-        if index is None:
-            index = self._lane_of[stream] = hash(stream) % len(self.lanes)
-        return index
+    def _assign(self, pubs: list[Publication], per_lane: dict[int, list[Publication]]) -> int:
+        """Put publications into the lanes of their channels; returns how many were queued."""
+        n = len(self.lanes)
+        queued = 0
+        for pub in pubs:
+            channels = pub.channels
+            if len(channels) == 1:
+                per_lane.setdefault(hash(channels[0]) % n, []).append(pub)
+                queued += 1
+                continue
+            groups: dict[int, list[str]] = {}
+            for channel in channels:
+                groups.setdefault(hash(channel) % n, []).append(channel)
+            for index, group in groups.items():
+                part = pub if len(groups) == 1 else replace(pub, channels=group)
+                per_lane.setdefault(index, []).append(part)
+                queued += 1
+        return queued
 
     def _dead_letter(self, rejection: Rejection) -> None:
         self.dead_letters.write(rejection.message, rejection.reason, channel=rejection.channel,

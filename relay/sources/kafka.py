@@ -115,7 +115,7 @@ class Config(BaseModel):
                             "centrifugo: Centrifugo's own consumer format (method/payload JSON, or "
                             "centrifugo-* headers).")
     max_in_flight_per_partition: int = Field(
-        1000, ge=1, description="Unsettled records per partition before it is paused.")
+        5000, ge=1, description="Unsettled records per partition before it is paused (resumed at half).")
     commit_interval: Duration = Field(1.0, description="How often settled offsets are committed.")
     session_timeout: Duration = Field(10.0, description="The group drops a relay silent this long.")
     heartbeat_interval: Duration = Field(3.0, description="Heartbeats to the group coordinator.")

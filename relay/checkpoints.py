@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,22 @@ def _replace_atomically(path: Path, text: str) -> None:
     finally:
         os.close(dir_fd)
 
+
+
+def instance_id(path: Path) -> str:
+    """A random id made once per state directory and kept in `path`.
+
+    Positions restart from zero when state is lost (a new state_dir) while the things they point
+    into can look the same (a new file on a reused inode with the same first bytes). Putting this
+    id into idempotency keys keeps a fresh start from colliding with keys Centrifugo still
+    remembers from before, which would silently drop new lines. It lives in its own file, written
+    before any position is used, so a crash or an unreadable checkpoint file does not change it.
+    """
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        value = ""
+    if not value:
+        value = uuid.uuid4().hex[:8]
+        _replace_atomically(path, value + "\n")
+    return value

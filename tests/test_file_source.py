@@ -548,6 +548,27 @@ async def test_an_unreadable_checkpoint_file_is_moved_aside_and_files_are_read_a
     assert len(checkpoint(state)) == 1
 
 
+async def test_a_fresh_state_dir_never_reuses_old_positions(tmp_path: Path) -> None:
+    """Lost state plus a new file on the same inode with the same first bytes must not produce the
+    idempotency keys of the old file (Centrifugo would drop the new lines as repeats); an
+    unreadable checkpoint file, where lines are read again, keeps them (repeats stay invisible)."""
+    log = tmp_path / "a.log"
+    log.write_bytes(b"same first line\n")
+    first, again, fresh = Collector(), Collector(), Collector()
+    state = tmp_path / "state"
+    async with tailing(make_config(str(log)), state, first):
+        await first.wait_for(1)
+    (state / "file-logs.json").write_text("not json")
+    async with tailing(make_config(str(log)), state, again):
+        await again.wait_for(1)
+    assert again.messages[0].position == first.messages[0].position
+    shutil.rmtree(state)
+    async with tailing(make_config(str(log)), state, fresh):
+        await fresh.wait_for(1)
+    assert fresh.lines() == [b"same first line"]
+    assert fresh.messages[0].position != first.messages[0].position
+
+
 # -- backpressure --------------------------------------------------------------------------------
 
 

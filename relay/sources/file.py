@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relay import metrics
 from relay.acks import ContiguousTracker
-from relay.checkpoints import Checkpoints
+from relay.checkpoints import Checkpoints, instance_id
 from relay.message import Message
 from relay.sources import Emit
 from relay.units import Duration, Size
@@ -160,8 +160,8 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def _stream_id(dev: int, ino: int, digest: str, gen: int) -> str:
-    base = f"{dev:x}.{ino:x}.{digest[:12]}"
+def _stream_id(instance: str, dev: int, ino: int, digest: str, gen: int) -> str:
+    base = f"{instance}.{dev:x}.{ino:x}.{digest[:12]}"
     return f"{base}.{gen}" if gen else base
 
 
@@ -218,6 +218,8 @@ class FileTail:
         # fnmatch lets "*" cross "/", so it over-matches glob: good enough to tell which events matter.
         self._event_patterns = sorted({q for p in self._patterns for q in (p, p.replace("**" + os.sep, ""))})
         self._checkpoints = Checkpoints(state_dir / f"file-{name}.json")
+        self._instance_path = state_dir / f"file-{name}.instance"
+        self._instance = ""
         self._tracker = ContiguousTracker()
         self._files: dict[tuple[int, int], _File] = {}
         self._by_path: dict[str, _File] = {}
@@ -242,6 +244,7 @@ class FileTail:
     # -- the Source protocol -------------------------------------------------------------------
 
     async def run(self, emit: Emit) -> None:
+        self._instance = instance_id(self._instance_path)
         self._checkpoints.load()
         await self._scan(initial=True)
         self._tasks = [asyncio.create_task(self._watch(), name=f"file-{self.name}-watch"),
@@ -454,7 +457,7 @@ class FileTail:
         key = f.key
         f.gen = self._gen_floor[key] + 1 if key in self._gen_floor else 0
         self._gen_floor[key] = f.gen
-        f.stream = _stream_id(f.dev, f.ino, f.digest, f.gen)
+        f.stream = _stream_id(self._instance, f.dev, f.ino, f.digest, f.gen)
         start = _last_line_end(f.fd, size) if at_end else 0
         await self._position(f, start)
         self._by_stream[f.stream] = f

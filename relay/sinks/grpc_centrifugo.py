@@ -174,7 +174,8 @@ class GrpcCentrifugoSink:
         (an empty mapping when everything was accepted)."""
         failures: Failures = defaultdict(list)
         # What is still owed: publication index → channels not yet accepted.
-        owed: dict[int, list[str]] = {i: list(pub.channels) for i, pub in enumerate(pubs)}
+        # The lists are never changed in place (a partly accepted broadcast gets a new one).
+        owed: dict[int, list[str]] = dict(enumerate(pub.channels for pub in pubs))
         # Sizes of the whole publications: an upper bound once a broadcast is partly accepted.
         sizes = [_size(pub, pub.channels) for pub in pubs]
         retry = self.config.retry
@@ -312,7 +313,10 @@ class GrpcCentrifugoSink:
             if len(response.replies) != len(chunk):
                 raise _Temporary("short_batch_reply")
             for i, reply in zip(chunk, response.replies, strict=True):
-                self._settle_reply(i, reply, owed, failures)
+                if reply.HasField("error") or reply.HasField("broadcast"):
+                    self._settle_reply(i, reply, owed, failures)
+                else:
+                    del owed[i]  # the common case, accepted: kept inline, it runs per publication
 
     @staticmethod
     def _settle_reply(i: int, reply: Any, owed: dict[int, list[str]], failures: Failures) -> None:

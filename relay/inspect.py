@@ -37,12 +37,15 @@ def _fields(model: Any) -> str:
 
 
 def _defaults(model: Any) -> dict[str, Any]:
-    """The model's defaults, or {} when it has required fields besides `type`."""
-    try:
-        defaults: dict[str, Any] = type(model)(type=model.type).model_dump()
-    except ValueError:
-        return {}
-    return defaults
+    """The defaults of the model's optional fields, serialised as model_dump() would."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if not info.is_required():
+            value = info.get_default(call_default_factory=True)
+            out[name] = value.model_dump() if hasattr(value, "model_dump") else value
+    # Durations serialise as text ("1s"): compare them the way model_dump() writes them.
+    dumped = type(model).model_construct(**out).model_dump(include=set(out)) if out else {}
+    return {name: dumped.get(name, value) for name, value in out.items()}
 
 
 def describe(config: Config, path: str) -> str:

@@ -127,3 +127,18 @@ def test_durations_and_sizes() -> None:
     assert config.sink.batch_linger == 0.25
     assert config.sink.timeout == 120
     assert config.sink.max_message_bytes == 1024 * 1024
+
+
+def test_relay_check_prints_the_resolved_pipeline() -> None:
+    """The repository's default config, as `relay check` shows it: sources → routes → sink."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "-c", "config.toml"], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "  heartbeat (ticker)\n" in out
+    assert "  applog (file) paths=['var/log/*.log'] read_from='end'\n" in out
+    assert "  [0] heartbeat → chat:index data=json\n" in out
+    assert "  [1] applog → chat:logs data=wrap\n" in out
+    assert "  grpc v6 → 127.0.0.1:10000, api key from $RELAY_SERVER_API_KEY" in out
+    assert "  namespaces: chat (history 1000, 600s)" in out

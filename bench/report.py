@@ -172,7 +172,7 @@ HOW = {
     "file": _text("""
         A file of JSON lines of about 100 bytes (1,000,000 in the full run) is read from the beginning
         by `relay run`
-        (route `data = "json"`, sink defaults: Batch of up to 500, 5 ms linger, idempotency keys) into
+        (route `data = "json"`, sink defaults: Batch of up to 500, no linger, idempotency keys) into
         `relay serve` in a third process. The rate is measured on the server: the channel's stream top
         (History with limit 0) polled every 20 ms, from the first poll that sees a publication to the
         one that sees all. Beside it, against the same server process and just before: the raw

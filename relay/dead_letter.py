@@ -30,7 +30,7 @@ class DeadLetterFile:
         return self._file
 
     def write(self, message: Message, reason: str, *, channel: str = "", code: int = 0,
-              data: bytes | None = None) -> None:
+              data: bytes | None = None, channels: tuple[str, ...] = ()) -> None:
         """Append one dead letter (buffered until `flush`)."""
         payload = message.data if data is None else data
         record: dict[str, Any] = {
@@ -38,6 +38,7 @@ class DeadLetterFile:
             "source": message.source,
             "position": message.position,
             "channel": channel,
+            **({"channels": list(channels)} if len(channels) > 1 else {}),
             "error_code": code,
             "reason": reason,
         }

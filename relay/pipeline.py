@@ -123,7 +123,7 @@ class Pipeline:
 
     def _dead_letter(self, rejection: Rejection) -> None:
         self.dead_letters.write(rejection.message, rejection.reason, channel=rejection.channel,
-                                code=rejection.code, data=rejection.data)
+                                code=rejection.code, data=rejection.data, channels=rejection.channels)
         events.DeadLettered(rejection.message, rejection.reason, rejection.code, rejection.channel).emit()
 
     # -- sink side ---------------------------------------------------------------------------
@@ -159,10 +159,15 @@ class Pipeline:
         dead = False
         for index, failed in failures.items():
             pub = batch[index]
+            # One line per distinct error, not per channel: a broadcast to 1,000 channels that all
+            # fail the same way must not write its data 1,000 times.
+            by_error: dict[tuple[int, str], list[str]] = {}
             for failure in failed:
-                reason = f"centrifugo error {failure.code}: {failure.message}" if failure.code else failure.message
-                self._dead_letter(Rejection(pub.message, reason, channel=failure.channel, code=failure.code,
-                                            data=pub.data))
+                by_error.setdefault((failure.code, failure.message), []).append(failure.channel)
+            for (code, message), channels in by_error.items():
+                reason = f"centrifugo error {code}: {message}" if code else message
+                self._dead_letter(Rejection(pub.message, reason, channel=channels[0], code=code, data=pub.data,
+                                            channels=tuple(channels)))
                 dead = True
         if dead:
             self.dead_letters.flush()

@@ -49,6 +49,8 @@ class Rejection:
     channel: str = ""
     code: int = 0
     data: bytes | None = None
+    # Every channel the line stands for, when it is more than `channel` alone.
+    channels: tuple[str, ...] = ()
 
 
 class _Fields:

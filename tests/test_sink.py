@@ -174,3 +174,19 @@ def test_a_broadcast_over_many_lanes_keeps_every_channel_in_order(embedded_serve
         # History keeps the last 1000; offsets count every publication, so 3000 means none twice.
         assert [json.loads(p.data)["seq"] for p in pubs] == list(range(2001, 3001))
         assert pubs[-1].offset == 3000
+
+
+def test_a_broadcast_failing_on_every_channel_writes_its_data_once_per_lane(embedded_server: Any,
+                                                                             tmp_path: Path) -> None:
+    channels = [f"nowhere:{c}" for c in "abcdefghij"]
+    routes = '[[routes]]\nsource = "hb"\nchannels = [' + ", ".join(f'"{c}"' for c in channels) + "]\n"
+    relay = RelayProcess(tmp_path, relay_config(embedded_server.address, count=3, interval="0s", routes=routes),
+                         env={"SINK_KEY": embedded_server.api_key}).start()
+    assert relay.wait(60) == 0, relay.logs()
+    letters = dead_letters(relay)
+    for seq in (1, 2, 3):
+        lines = [d for d in letters if json.loads(d["data"])["seq"] == seq]
+        assert 1 <= len(lines) <= 4  # at most one line per lane (max_in_flight = 4), not one per channel
+        listed = [c for d in lines for c in d.get("channels", [d["channel"]])]
+        assert sorted(listed) == channels
+        assert {d["error_code"] for d in lines} == {102}

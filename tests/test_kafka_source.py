@@ -450,3 +450,22 @@ async def test_lag_metric_follows_what_is_committed(kafka_broker: KafkaBroker) -
         for message in messages[:4]:
             message.settle()
         await until(lambda: lag() == 6, what="lag 6 after 4 settled")
+
+
+@pytest.mark.parametrize(("record", "data"), [
+    (b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":123456789012345678901234567890}}}',
+     b'{"n":123456789012345678901234567890}'),  # past 64 bits: kept exactly
+    (b'{"method":"publish","payload":{"channel":"chat:a","data":{"t":"\xc3\xa9","f":2.5,"i":-7}}}',
+     '{"t":"é","f":2.5,"i":-7}'.encode()),
+])
+def test_centrifugo_command_data_is_kept_exactly(record: bytes, data: bytes) -> None:
+    assert kafka.parse_centrifugo(record, {})["data"] == data
+
+
+@pytest.mark.parametrize("record", [
+    b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1e400}}}',
+    b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":NaN}}}',
+])
+def test_centrifugo_command_data_that_is_not_json_is_refused(record: bytes) -> None:
+    with pytest.raises(ValueError):
+        kafka.parse_centrifugo(record, {})

@@ -38,6 +38,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -46,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -192,8 +194,38 @@ def _parse_bool(name: str, value: str) -> bool:
     raise ValueError(f"header {name}: {value!r} is not a boolean")
 
 
+# orjson reads integers past 64 bits as floats; values with such digit runs go the exact, slow way.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _load_json(value: bytes | str) -> Any:
+    """JSON, fast where that is exact: orjson, else the standard library (big integers, 1e400,
+    lone surrogate escapes, and the error messages)."""
+    raw = value.encode() if isinstance(value, str) else value
+    if not _LONG_NUMBER.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"number {text[:40]} is too large for JSON readers")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _compact_json(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits, read exactly by the standard library
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _from_headers(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -225,7 +257,7 @@ def _from_command(method: str, payload: Any) -> dict[str, Any]:
         raise ValueError(f"Centrifugo method {method!r} is not supported (only publish and broadcast)")
     if isinstance(payload, str):  # Centrifugo also takes the payload as a JSON string (Debezium JSONB).
         try:
-            payload = json.loads(payload)
+            payload = _load_json(payload)
         except ValueError as err:
             raise ValueError(f"{method} payload string is not JSON: {err}") from None
     if not isinstance(payload, dict):
@@ -282,7 +314,7 @@ def _parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
         return _from_headers(value, headers)
     method = headers.get("centrifugo-method", "")
     try:
-        doc = json.loads(value)
+        doc = _load_json(value)
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"Centrifugo command is not JSON: {err}") from None
     if method:

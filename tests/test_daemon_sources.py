@@ -49,12 +49,10 @@ def run_until(relay: RelayProcess, at_least: float) -> None:
 
 
 @pytest.mark.kafka
-def test_kafka_sigterm_under_load_commits_what_was_delivered_and_restart_goes_on_from_there(
-        kafka_broker: KafkaBroker, roomy_centrifugo: RealCentrifugo, tmp_path: Path) -> None:
-    server, broker = roomy_centrifugo, kafka_broker
-    tag = uuid.uuid4().hex[:8]
-    topic, group = f"term-{tag}", f"relay-{tag}"
-    n = 20_000
+
+def keyed_backlog(broker: KafkaBroker, topic: str, n: int) -> list[int]:
+    """`n` records on a new 3-partition topic: keys k0..k{KEYS-1}, each key's values {"s": 0, 1, ...};
+    returns how many records each key got."""
     run_sync(broker.create_topic(topic, 3))
     next_seq = [0] * KEYS
     records = []
@@ -63,6 +61,15 @@ def test_kafka_sigterm_under_load_commits_what_was_delivered_and_restart_goes_on
         records.append(Record(json.dumps({"s": next_seq[k]}).encode(), key=f"k{k}"))
         next_seq[k] += 1
     run_sync(broker.produce(topic, records))
+    return next_seq
+
+def test_kafka_sigterm_under_load_commits_what_was_delivered_and_restart_goes_on_from_there(
+        kafka_broker: KafkaBroker, roomy_centrifugo: RealCentrifugo, tmp_path: Path) -> None:
+    server, broker = roomy_centrifugo, kafka_broker
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"term-{tag}", f"relay-{tag}"
+    n = 20_000
+    next_seq = keyed_backlog(broker, topic, n)
     text = sink(server, tmp_path) + f"""
 [sources.src]
 type = "kafka"
@@ -216,14 +223,7 @@ def test_kafka_sighup_with_a_changed_route_keeps_the_consumer_and_splits_the_str
     tag = uuid.uuid4().hex[:8]
     topic = f"hup-{tag}"
     n = 20_000
-    run_sync(broker.create_topic(topic, 3))
-    next_seq = [0] * KEYS
-    records = []
-    for i in range(n):
-        k = i % KEYS
-        records.append(Record(json.dumps({"s": next_seq[k]}).encode(), key=f"k{k}"))
-        next_seq[k] += 1
-    run_sync(broker.produce(topic, records))
+    next_seq = keyed_backlog(broker, topic, n)
     text = sink(server, tmp_path) + f"""
 [sources.src]
 type = "kafka"

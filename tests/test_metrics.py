@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+from relay.pipeline import EMIT_CHUNK
 from tests.harness.centrifugo import RealCentrifugo
 from tests.harness.history import history, wait_for_count
 from tests.harness.relay_process import RelayProcess
@@ -61,7 +62,7 @@ def types(text: str) -> dict[str, str]:
 def test_sink_down_then_up_readyz_and_counts(fresh_centrifugo: RealCentrifugo, tmp_path: Path) -> None:
     server = fresh_centrifugo
     server.stop()
-    n = 40
+    n = EMIT_CHUNK  # one routing chunk, so one batch: every publication is in the attempts that fail
     channel = f"chat:metrics-{uuid.uuid4().hex[:8]}"
     route = f'[[routes]]\nsource = "burst"\nchannel = "{channel}"\n'
     relay = RelayProcess(tmp_path, sink(server) + burst(n) + route,

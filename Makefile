@@ -16,6 +16,7 @@ run: $(STAMP)  ## the default pipeline: embedded server + ticker + file tail
 	$(VENV)/bin/relay run -c config.toml
 
 test: $(STAMP)  ## the whole suite; starts real Kafka and real Centrifugo itself
+	$(PY) -m tests.harness.prepare
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fuzz: $(STAMP)  ## the long fuzz profile (10,000 examples per target)

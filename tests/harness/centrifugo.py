@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
+from tests.harness.factory import servers_stopped_after
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.require import CACHE, unavailable
 
@@ -269,18 +270,8 @@ def real_centrifugo(centrifugo_bin: Path,
 def centrifugo_factory(centrifugo_bin: Path, tmp_path: Path) -> Iterator[CentrifugoFactory]:
     """Start real Centrifugos with options: `api_key=`, `tls=GrpcTls(...)`, `config_overrides=`
     (deep-merged into the config, e.g. {"consumers": [...]}). All stopped after the test."""
-    servers: list[RealCentrifugo] = []
-
-    def make(**options: Any) -> RealCentrifugo:
-        server = _started(centrifugo_bin, tmp_path / f"centrifugo-{len(servers)}", **options)
-        servers.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in servers:
-            server.stop()
+    yield from servers_stopped_after(lambda folder, **options: _started(centrifugo_bin, folder, **options),
+                                     tmp_path, "centrifugo")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import pytest
 
 from relay.proto.centrifugo import api_pb2_grpc
 from relay.proto.centrifugo_v2 import api_pb2_grpc as legacy_pb2_grpc
+from tests.harness.factory import servers_stopped_after
 from tests.harness.ports import free_port
 from tests.harness.require import unavailable
 
@@ -184,18 +185,8 @@ EmbeddedServerFactory = Callable[..., EmbeddedServerProcess]
 @pytest.fixture
 def embedded_server_factory(tmp_path: Path) -> Iterator[EmbeddedServerFactory]:
     """Start `relay serve` processes with [server] options; all stopped after the test."""
-    servers: list[EmbeddedServerProcess] = []
-
-    def make(**options: Any) -> EmbeddedServerProcess:
-        server = EmbeddedServerProcess(tmp_path / f"embedded-{len(servers)}", **options)
-        servers.append(server)
-        return server.start()
-
-    try:
-        yield make
-    finally:
-        for server in servers:
-            server.stop()
+    yield from servers_stopped_after(lambda folder, **options: EmbeddedServerProcess(folder, **options).start(),
+                                     tmp_path, "embedded")
 
 
 @pytest.fixture

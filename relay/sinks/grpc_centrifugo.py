@@ -50,6 +50,7 @@ STATUS_TO_CODE = {grpc.StatusCode.NOT_FOUND: 102, grpc.StatusCode.INVALID_ARGUME
 COMMAND_OVERHEAD = 64
 CHANNEL_OVERHEAD = 4
 TAG_OVERHEAD = 12
+BATCH_METHOD = "/centrifugal.centrifugo.api.CentrifugoApi/Batch"
 # grpc-go: "received message larger than max (N vs. LIMIT)"; grpc core: "... larger than max (N vs. LIMIT)".
 _TOO_LARGE = re.compile(r"larger than max \(\d+ vs\. (\d+)\)", re.IGNORECASE)
 _TLS_WORDS = ("socket closed", "handshake", "ssl", "tsi_", "certificate", "hostname verification",
@@ -139,6 +140,7 @@ class GrpcCentrifugoSink:
         self._channel: grpc.aio.Channel | None = None
         self._v6: v6_grpc.CentrifugoApiStub | None = None
         self._v2: v2_grpc.CentrifugoStub | None = None
+        self._batch_call: Any = None
         self.healthy = False
         self.last_error = ""
         self._auth_failing = False
@@ -147,6 +149,9 @@ class GrpcCentrifugoSink:
         self._channel = open_channel(self.config.address, self.config.tls)
         self._v6 = v6_grpc.CentrifugoApiStub(self._channel)  # type: ignore[no-untyped-call]
         self._v2 = v2_grpc.CentrifugoStub(self._channel)  # type: ignore[no-untyped-call]
+        # Batch with the reply left as bytes: accepted replies are recognised without decoding.
+        self._batch_call = self._channel.unary_unary(
+            BATCH_METHOD, request_serializer=v6.BatchRequest.SerializeToString, response_deserializer=None)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -178,8 +183,21 @@ class GrpcCentrifugoSink:
         owed: dict[int, list[str]] = dict(enumerate(pub.channels for pub in pubs))
         # Sizes of the whole publications: an upper bound once a broadcast is partly accepted.
         sizes = [_size(pub, pub.channels) for pub in pubs]
+        try:
+            await self._attempt(pubs, sizes, owed, failures)
+        except _Temporary as first:
+            # Retrying machinery costs about as much as the call itself, so only a batch that
+            # failed once pays for it.
+            await self._retry(pubs, sizes, owed, failures, first)
+        return failures
+
+    async def _retry(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
+                     failures: Failures, first: _Temporary) -> None:
+        """Retry what is owed after `first` failed the first attempt, until it is settled or
+        `retry.max_elapsed` runs out (then it is failed for good)."""
         retry = self.config.retry
         retried: set[int] = set()  # publications already counted as retried
+        known: list[_Temporary] = [first]
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -198,13 +216,14 @@ class GrpcCentrifugoSink:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if known:  # the attempt already made: tenacity counts it as attempt 1
+                        raise known.pop()
                     await self._attempt(pubs, sizes, owed, failures)
         except RetryError as err:
             last = err.last_attempt.exception()
             for i, channels in owed.items():
                 failures[i].extend(Failure(c, 0, f"retries exhausted after {retry.max_elapsed:g}s: {last}")
                                    for c in channels)
-        return failures
 
     async def _attempt(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
                        failures: Failures) -> None:
@@ -300,16 +319,20 @@ class GrpcCentrifugoSink:
 
     async def _attempt_v6(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
                           failures: Failures) -> None:
-        assert self._v6 is not None
         for chunk in self._chunks(sizes, owed):
             request = _batch(pubs, owed, chunk, self.config.idempotency)
             try:
-                response = await self._v6.Batch(request, metadata=self._metadata, timeout=self.config.timeout)
+                raw: bytes = await self._batch_call(request, metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
                 too_large = self._learn_limit(err, sum(sizes[i] for i in chunk))
                 raise too_large or await self._failed(err) from None
             events.BatchSent().emit()
             self._succeeded()
+            if _accepted_replies(raw) == len(chunk):
+                for i in chunk:
+                    del owed[i]
+                continue
+            response = v6.BatchResponse.FromString(raw)
             if len(response.replies) != len(chunk):
                 raise _Temporary("short_batch_reply")
             for i, reply in zip(chunk, response.replies, strict=True):
@@ -385,6 +408,23 @@ class GrpcCentrifugoSink:
                     continue
                 failures[i].extend(Failure(c, resp.error.code, resp.error.message) for c in channels)
             del owed[i]
+
+
+def _accepted_replies(raw: bytes) -> int:
+    """How many replies a BatchResponse holds when every one of them is a plain publish result
+    (the common case), read from the bytes; -1 as soon as one is anything else (an error, a
+    broadcast result, a long reply) and protobuf must decode them.
+
+    Each reply is then `0a LEN 22 LEN-2 <PublishResult>` (BatchResponse.replies = 1, Reply.publish
+    = 4) with one-byte lengths; checking those bytes costs half of decoding and HasField."""
+    pos, end, count = 0, len(raw), 0
+    while pos < end:
+        length = raw[pos + 1] if pos + 1 < end else 128
+        if raw[pos] != 0x0A or length >= 128 or pos + 3 >= end or raw[pos + 2] != 0x22 or raw[pos + 3] != length - 2:
+            return -1
+        pos += 2 + length
+        count += 1
+    return count if pos == end else -1
 
 
 def _size(pub: Publication, channels: list[str]) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,13 +45,6 @@ from tests.harness.kafka import KafkaBroker, Record, run_sync  # noqa: E402
 
 CHANNELS = [f"chat:cmp-{c}" for c in range(12)]
 PARTITIONS = (1, 6)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def records(count: int, partitions: int) -> list[Record]:
@@ -113,9 +105,9 @@ def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, wo
             rate = rig.in_thread(lambda: counter.wait_for(
                 count, alive=lambda: server.process is None or server.running(), timeout=900))
             server.start()
-            cpu_before = cpu_seconds(server.process.pid)
+            cpu_before = rig.cpu_seconds(server.process.pid)
             result: rig.Rate = rate()
-            cpu = cpu_seconds(server.process.pid) - cpu_before
+            cpu = rig.cpu_seconds(server.process.pid) - cpu_before
             checked = check_delivery(server, count, counter)
             timeline = counter.timeline(started)
     except BaseException:
@@ -136,18 +128,19 @@ def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn:
     try:
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
-            cpu_server = cpu_seconds(server.process.pid)
+            cpu_server = rig.cpu_seconds(server.process.pid)
             relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key)
             try:
-                result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
+                result = counter.wait_for(count, alive=relay.alive, timeout=900,
+                                          cpu_of=relay.process.pid)  # type: ignore[union-attr]
+                cpu_relay = rig.cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
                 peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
             except BaseException:
                 print(relay.logs()[-3000:], file=sys.stderr)
                 raise
             finally:
                 relay.stop()
-            cpu_server = cpu_seconds(server.process.pid) - cpu_server
+            cpu_server = rig.cpu_seconds(server.process.pid) - cpu_server
             checked = check_delivery(server, count, counter)
             timeline = counter.timeline(started)
     finally:

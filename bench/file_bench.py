@@ -69,7 +69,7 @@ def throughput(address: str, lines: int, workdir: Path, data: str = "json", size
         pid = relay.process.pid  # type: ignore[union-attr]
         try:
             rate = counter.wait_for(
-                lines, alive=relay.alive,
+                lines, alive=relay.alive, cpu_of=pid,
                 on_poll=lambda now, done: rss.append((round(now - started, 3), rig.rss_mib(pid), done)))
             peak = rig.peak_rss_mib(pid)
         except BaseException:

@@ -34,7 +34,8 @@ def relay_rate(address: str, count: int, workdir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         relay = rig.start_relay(workdir, address, body)
         try:
-            rate = counter.wait_for(count, alive=lambda: relay.alive() or relay.wait() == 0)
+            rate = counter.wait_for(count, alive=lambda: relay.alive() or relay.wait() == 0,
+                                    cpu_of=relay.process.pid)  # type: ignore[union-attr]
             relay.wait(60)
         finally:
             relay.stop()
@@ -58,6 +59,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         rate = r["publications_per_second"]
         lines.append(f"{name:<22} {rate:>15,} {relay / rate:>13.2f}")
+    cpu = results["relay ticker→serve"].get("cpu_us_per_record", 0)
+    lines.append(f"relay CPU per publication (start-up excluded): {cpu} µs")
     return "\n".join(lines)
 
 

@@ -266,3 +266,26 @@ def test_a_batch_of_history_calls_builds_no_more_than_the_reply_budget(
         again = stubs.v6.History(pb.HistoryRequest(channel=channel, limit=-1), metadata=stubs.metadata)
         assert len(again.result.publications) == 1000
         assert_serving(stubs)
+
+
+def test_max_channels_caps_the_channels_held_and_frees_room_as_they_expire(
+        embedded_server_factory: EmbeddedServerFactory) -> None:
+    server = embedded_server_factory(namespaces=[{"name": "chat", "history_size": 10, "history_ttl": "1s"}],
+                                     max_channels=1000)
+    held = [f"chat:held-{n}" for n in range(1000)]
+    more = [f"chat:more-{n}" for n in range(20_000)]
+    with server.stubs() as stubs:
+        assert publish_batch(stubs, held, b"{}") == [(0, 1)] * 1000
+        refused = []
+        for start in range(0, len(more), 2000):
+            refused += publish_batch(stubs, more[start:start + 2000], b"{}")
+        assert refused == [(100, 0)] * len(more)
+        read = stubs.v6.History(pb.HistoryRequest(channel=more[0]), metadata=stubs.metadata)
+        assert read.error.code == 100 and "max_channels" in read.error.message
+        assert info_channels(stubs) == 1000
+        assert publish_batch(stubs, held[:10], b"{}") == [(0, 2)] * 10  # the channels held go on
+        deadline = time.monotonic() + 15
+        while info_channels(stubs) and time.monotonic() < deadline:  # history_ttl 1s: they expire
+            time.sleep(0.2)
+        assert publish_batch(stubs, more[:1000], b"{}") == [(0, 1)] * 1000
+        assert info_channels(stubs) == 1000

@@ -139,9 +139,9 @@ class EmbeddedServer:
         # The server-wide default of Centrifugo's grpc_api.error_mode; a call can still ask per call.
         transport = getattr(self.config, "error_mode", "body") == "transport"
         add_service(server, api_pb2, "CentrifugoApi",
-                    CentrifugoApiService(self.state, node, transport_errors=transport), self.state.new_call)
+                    CentrifugoApiService(self.state, node, transport_errors=transport), self.state.call)
         add_service(server, legacy_pb2, "Centrifugo",
-                    LegacyCentrifugoService(self.state, node, transport_errors=transport), self.state.new_call)
+                    LegacyCentrifugoService(self.state, node, transport_errors=transport), self.state.call)
         await server.start()
         self._server = server
         self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"

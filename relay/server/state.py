@@ -24,13 +24,14 @@ Everything runs on one event loop thread: no locks. Time comes from an injectabl
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import random
 import string
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -171,9 +172,15 @@ class ServerState:
 
     # -- per call ------------------------------------------------------------------------------
 
-    def new_call(self) -> None:
-        """Give the API call now starting (this task's context) a fresh CallBudget."""
-        _CALL_BUDGET.set(CallBudget(self.max_reply_bytes))
+    @contextlib.contextmanager
+    def call(self) -> Iterator[CallBudget]:
+        """Run one API call: what it does inside shares one fresh CallBudget."""
+        budget = CallBudget(self.max_reply_bytes)
+        token = _CALL_BUDGET.set(budget)
+        try:
+            yield budget
+        finally:
+            _CALL_BUDGET.reset(token)
 
     def _budget(self) -> CallBudget:
         """The running call's budget; outside a call (a direct use), a fresh one per operation."""

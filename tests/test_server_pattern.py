@@ -7,7 +7,6 @@ needs no automaton). Each case has a time bound (hypothesis `deadline`).
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
@@ -109,12 +108,11 @@ def test_stars_and_letters_take_linear_time(stars: int, length: int, last: str) 
     assert Matcher(pattern)(channel) is expected
 
 
+@pytest.mark.timeout(10)  # the old matcher took over 30 s on ONE such channel
 def test_the_reported_pattern_answers_at_once_on_10000_long_channels() -> None:
     matcher = Matcher("*a*a*a*a*a*a*b")
     channels = ["a" * 200] * 10_000 + ["a" * 199 + "b"]
-    started = time.monotonic()
     assert [c for c in channels if matcher(c)] == ["a" * 199 + "b"]
-    assert time.monotonic() - started < 5  # the old matcher took over 30 s on ONE such channel
 
 
 @pytest.mark.parametrize("pattern, channel, expected", [
@@ -135,17 +133,35 @@ def test_patterns_gobwas_refuses_are_errors(pattern: str) -> None:
         channel_matcher(pattern)
 
 
+@pytest.mark.timeout(20)
 def test_a_pattern_whose_dfa_would_explode_is_refused_within_its_budget() -> None:
-    """`*a` then 25 `?`: a DFA of 2**25 states. The matcher stops at its budget, quickly."""
+    """`*a` then 25 `?`: a DFA of 2**25 states. The matcher stops at its budget instead."""
     matcher = Matcher("*a" + "?" * 25)
     channels = [format(n * 2654435761 % 2**40, "040b").replace("0", "a").replace("1", "b") for n in range(5000)]
-    started = time.monotonic()
+    matched = 0
     with pytest.raises(PatternTooCostly):
         for channel in channels:
-            matcher(channel)
-    assert time.monotonic() - started < 10
+            matched += matcher(channel)
+    assert 0 < matched < len(channels)  # it did match some before it stopped
 
 
-def test_a_pattern_over_the_length_limit_is_refused_before_it_is_read() -> None:
+@pytest.mark.parametrize("pattern", ["*" * (MAX_PATTERN_CHARS + 1), "{" * 4000, "{a," * 1000 + "}" * 1000])
+def test_a_pattern_too_long_or_too_deep_is_refused(pattern: str) -> None:
     with pytest.raises(PatternTooCostly):
-        channel_matcher("*" * (MAX_PATTERN_CHARS + 1))
+        channel_matcher(pattern)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pattern", [
+    "*?" * 2000, "*{a,b,ab}?" * 400, ("{a,*}" * 800)[:4096], "[!a]*" * 800, "*a" + "?" * 200,
+])
+def test_patterns_made_to_be_slow_finish_or_are_refused(pattern: str) -> None:
+    """Long patterns of stars, alternatives and `?` over 3,000 random 255-character names."""
+    matcher = channel_matcher(pattern, budget=20_000_000)
+    names = [format(n * 0x9E3779B97F4A7C15 % 2**255, "0255b").replace("0", "a").replace("1", "b")
+             for n in range(3000)]
+    try:
+        for name in names:
+            matcher(name)
+    except PatternTooCostly:
+        pass

@@ -10,7 +10,8 @@ Matching never backtracks: the pattern becomes a small automaton (one state per 
 plus splits for `*` and `{}`), run over a channel one character at a time; the sets of states met
 are cached as the states of a DFA, built lazily. So a channel costs one dictionary step per
 character once the DFA is warm, and building it is bounded: a pattern whose DFA would outgrow
-MAX_DFA_STATES, or whose work outgrows a Matcher's `budget`, raises PatternTooCostly.
+MAX_DFA_STATES or MAX_BUILD_VISITS, or whose work outgrows a Matcher's `budget`, raises
+PatternTooCostly.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from dataclasses import dataclass, field
 
 # A longer pattern is refused before it is read: no channel a client can name needs more.
 MAX_PATTERN_CHARS = 4096
+# Braces nested deeper are refused (reading and building recurse once per level).
+MAX_NESTING = 32
 # Distinct sets of automaton states kept per pattern (each costs a dict and a frozenset).
 MAX_DFA_STATES = 10_000
-# Automaton state visits a Channels call may spend building its DFA; the cached steps are free.
+# Work a Matcher may do when its caller sets no budget of its own.
 DEFAULT_BUDGET = 2_000_000
+# Automaton state visits building one DFA may take: this also bounds the memory the DFA's state
+# sets hold (a few tens of MB at most); steps already cached cost nothing.
+MAX_BUILD_VISITS = 1_000_000
 
 _ANY = None  # the test of `?` and of the loop of `*`
 
@@ -97,6 +103,8 @@ class _Reader:
 
     def alternatives(self) -> Alternatives:
         self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise PatternTooCostly(f"braces nested more than {MAX_NESTING} deep")
         options = [self.sequence()]
         while self.pos < len(self.text) and self.text[self.pos] == ",":
             self.pos += 1
@@ -214,12 +222,13 @@ class Matcher:
 
     `budget` is the work left: building the DFA spends one unit per automaton state visited, and a
     caller may spend it too (Channels spends one per character of each name it looks at). Past it,
-    or past MAX_DFA_STATES, a call to the matcher raises PatternTooCostly.
+    or past MAX_DFA_STATES or MAX_BUILD_VISITS, a call to the matcher raises PatternTooCostly.
     """
 
     def __init__(self, pattern: str, budget: int = DEFAULT_BUDGET) -> None:
         self.pattern = pattern
         self.budget = budget
+        self._build_left = MAX_BUILD_VISITS
         self._automaton = _Automaton()
         start = self._automaton.build(parse(pattern), 0)
         self._dfa: dict[frozenset[int], _DfaState] = {}
@@ -228,7 +237,8 @@ class Matcher:
     def _state(self, closure: tuple[frozenset[int], int]) -> _DfaState:
         states, cost = closure
         self.budget -= cost
-        if self.budget < 0:
+        self._build_left -= cost
+        if self.budget < 0 or self._build_left < 0:
             raise PatternTooCostly("pattern too costly to match")
         known = self._dfa.get(states)
         if known is None:

@@ -24,8 +24,8 @@ MAX_PATTERN_CHARS = 4096
 MAX_NESTING = 32
 # Distinct sets of automaton states kept per pattern (each costs a dict and a frozenset).
 MAX_DFA_STATES = 10_000
-# Work a Matcher may do when its caller sets no budget of its own.
-DEFAULT_BUDGET = 2_000_000
+# Work a Matcher may do when its caller sets no budget of its own: about a second.
+DEFAULT_BUDGET = 20_000_000
 # Automaton state visits building one DFA may take: this also bounds the memory the DFA's state
 # sets hold (a few tens of MB at most); steps already cached cost nothing.
 MAX_BUILD_VISITS = 1_000_000
@@ -159,6 +159,7 @@ class _Automaton:
     tests: list[object] = field(default_factory=lambda: [None])
     nexts: list[tuple[int, ...]] = field(default_factory=lambda: [()])
     splits: list[bool] = field(default_factory=lambda: [False])
+    loops: dict[int, int] = field(default_factory=dict)  # the `*` loop state -> its split
 
     def add(self, test: object, nexts: tuple[int, ...], split: bool = False) -> int:
         self.tests.append(test)
@@ -173,6 +174,7 @@ class _Automaton:
             if term is STAR:
                 split = self.add(None, (), split=True)
                 loop = self.add(_ANY, (split,))
+                self.loops[loop] = split
                 self.nexts[split] = (loop, start)
                 start = split
             elif isinstance(term, Alternatives):
@@ -209,20 +211,23 @@ class _Automaton:
 
 
 class _DfaState:
-    __slots__ = ("accepts", "moves", "states")
+    __slots__ = ("accepts", "moves", "settled", "states")
 
-    def __init__(self, states: frozenset[int]) -> None:
+    def __init__(self, states: frozenset[int], ends_open: frozenset[int]) -> None:
         self.states = states
         self.accepts = 0 in states
+        # Whatever follows cannot change the answer: no state left (no match), or inside a `*`
+        # whose loop reaches the end through splits only (a match).
+        self.settled = not states or not ends_open.isdisjoint(states)
         self.moves: dict[str, _DfaState] = {}
 
 
 class Matcher:
     """Tells whether channel names match one pattern, in time linear in the names' length.
 
-    `budget` is the work left: building the DFA spends one unit per automaton state visited, and a
-    caller may spend it too (Channels spends one per character of each name it looks at). Past it,
-    or past MAX_DFA_STATES or MAX_BUILD_VISITS, a call to the matcher raises PatternTooCostly.
+    `budget` is the work left: one unit per character looked at, and per automaton state visited
+    building the DFA. Past it, or past MAX_DFA_STATES or MAX_BUILD_VISITS, a call to the matcher
+    raises PatternTooCostly.
     """
 
     def __init__(self, pattern: str, budget: int = DEFAULT_BUDGET) -> None:
@@ -230,7 +235,9 @@ class Matcher:
         self.budget = budget
         self._build_left = MAX_BUILD_VISITS
         self._automaton = _Automaton()
-        start = self._automaton.build(parse(pattern), 0)
+        auto = self._automaton
+        start = auto.build(parse(pattern), 0)
+        self._ends_open = frozenset(loop for loop, split in auto.loops.items() if 0 in auto.closure([split])[0])
         self._dfa: dict[frozenset[int], _DfaState] = {}
         self._start = self._state(self._automaton.closure([start]))
 
@@ -244,7 +251,7 @@ class Matcher:
         if known is None:
             if len(self._dfa) >= MAX_DFA_STATES:
                 raise PatternTooCostly("pattern too costly to match")
-            known = self._dfa[states] = _DfaState(states)
+            known = self._dfa[states] = _DfaState(states, self._ends_open)
         return known
 
     def _move(self, state: _DfaState, char: str) -> _DfaState:
@@ -255,12 +262,16 @@ class Matcher:
         return following
 
     def __call__(self, channel: str) -> bool:
+        """Whether `channel` matches; spends one unit of budget per character looked at."""
         state = self._start
-        for char in channel:
-            following = state.moves.get(char)
-            state = following if following is not None else self._move(state, char)
-            if not state.states:
-                return False
+        steps = 0
+        for steps, char in enumerate(channel, 1):  # noqa: B007 (read after the loop)
+            if state.settled:
+                break
+            state = state.moves.get(char) or self._move(state, char)
+        self.budget -= steps + 1
+        if self.budget < 0:
+            raise PatternTooCostly("pattern too costly to match")
         return state.accepts
 
 

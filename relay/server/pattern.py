@@ -56,7 +56,7 @@ class CharClass:
 
 
 # A term of a pattern: a literal character, `?` (None), a class, STAR, or alternatives.
-STAR = "STAR"
+STAR = object()
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,12 +56,13 @@ def metadata(api_key: str) -> list[tuple[str, str]]:
 class ServerProcess:
     """`relay serve` on a free loopback port; namespace `chat` keeps `history_size` publications."""
 
-    def __init__(self, history_size: int = 1000) -> None:
+    def __init__(self, history_size: int = 1000, extra: str = "") -> None:
+        """`extra`: more lines of the [server] table, like "max_channels = 2000000"."""
         self.api_key = API_KEY
         self._dir = Path(tempfile.mkdtemp(prefix="relay-bench-serve-"))
         config = self._dir / "serve.toml"
         config.write_text(f'[server]\nnamespaces = [{{name = "chat", history_size = {history_size}, '
-                          'history_ttl = "10m"}]\n')
+                          f'history_ttl = "10m"}}]\n{extra}\n')
         env = dict(os.environ, **{KEY_ENV: API_KEY})
         for attempt in range(PORT_ATTEMPTS):
             self.address = f"127.0.0.1:{free_port()}"

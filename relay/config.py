@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relay import sources
 from relay.channels import NAMESPACE_NAME, channel_problem
+from relay.server.state import MAX_CHANNELS, MAX_REPLY_BYTES
 from relay.templates import Template, TemplateError
 from relay.units import Duration, Size
 
@@ -84,6 +85,15 @@ class ServerSection(Model):
         4 * 1024 * 1024, description="Largest request accepted (Centrifugo's "
                                      "grpc_api.max_receive_message_size); a larger one is refused with "
                                      "RESOURCE_EXHAUSTED.")
+    max_channels: int = Field(
+        MAX_CHANNELS, ge=1, description="Channels held at most: about 1.5 KB of memory each with one small "
+                                   "publication, 1.9 KB with an idempotency key too, plus what more they keep "
+                                   "(bench/server_memory.py). Past it a call that would add a channel gets "
+                                   "error 100, which clients retry: idle channels expire and make room.")
+    max_reply_bytes: Annotated[Size, Field(ge=1024)] = Field(
+        MAX_REPLY_BYTES, description="Bytes of publications (History) and channel names (Channels) one "
+                                      "call may make the server answer with (16 MiB), all commands of a "
+                                      "Batch together; past it a command gets error 107.")
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -65,7 +65,11 @@ def table(model: type[BaseModel]) -> str:
 
 
 def tables() -> dict[str, str]:
-    return {name: table(sources.config_model(name)) for name in sources.TYPES}
+    from relay.config import ServerSection  # relay.config reads the sources' models too
+
+    out = {name: table(sources.config_model(name)) for name in sources.TYPES}
+    out["server"] = table(ServerSection)
+    return out
 
 
 def rewrite(readme: str) -> str:

@@ -33,6 +33,8 @@ BROKEN = [
      "server.namespaces[0].history_size", "greater than or equal"),
     ('[server]\nnamespaces = ["chat", "chat"]\n' + BASE, "server.namespaces", "twice"),
     ('[server]\nenabled = "yes"\n' + BASE, "server.enabled", "boolean"),
+    ('[server]\nmax_channels = 0\n' + BASE, "server.max_channels", "greater than or equal"),
+    ('[server]\nmax_reply_bytes = "lots"\n' + BASE, "server.max_reply_bytes", "size"),
     ('[sink]\napi = "v4"\n' + BASE, "sink.api", "v6"),
     ('[sink]\nbatch_max_size = 0\n' + BASE, "sink.batch_max_size", "greater than or equal"),
     ('[sink]\nbatch_linger = 5\n' + BASE, "sink.batch_linger", "duration"),

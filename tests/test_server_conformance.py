@@ -463,6 +463,44 @@ def test_channels_answers_a_map(centrifugo_api: ApiTarget) -> None:
         assert all(info.num_clients == 0 for info in channels.values())
 
 
+# Channels whose pattern gobwas/glob (Centrifugo's glob library) cannot compile answer 100.
+BAD_PATTERNS = ["[", "[]", "[!]", "[a-zA-Z]", "[a-]", "[z-a]", "[a-", "chat:[ab"]
+GOOD_PATTERNS = ["{a", "a}", "\\", "{a,b}}", "{,a}", "{}", "[!a-z]x", "[ab-]", "**", "a,b", "]"]
+
+
+def test_a_channels_pattern_centrifugo_cannot_compile_is_an_internal_error(centrifugo_api: ApiTarget) -> None:
+    with centrifugo_api.stubs() as stubs:
+        def code(pattern: str) -> int:
+            resp = stubs.v6.Channels(pb.ChannelsRequest(pattern=pattern), metadata=stubs.metadata, timeout=10)
+            return int(resp.error.code)
+
+        assert [code(p) for p in BAD_PATTERNS] == [100] * len(BAD_PATTERNS)
+        assert [code(p) for p in GOOD_PATTERNS] == [0] * len(GOOD_PATTERNS)
+        batch = stubs.v6.Batch(pb.BatchRequest(commands=[pb.Command(channels=pb.ChannelsRequest(pattern="["))]),
+                               metadata=stubs.metadata, timeout=10)
+        assert (batch.replies[0].error.code, batch.replies[0].error.message) == (100, "internal server error")
+
+
+def test_names_centrifugo_refuses_to_subscribers_are_the_server_apis_to_take(centrifugo_api: ApiTarget) -> None:
+    """Centrifugo checks channel names when a client subscribes (length, reserved characters,
+    namespace regex), never in the server API: control characters, reserved characters anywhere
+    and a 1 MB name all publish and read back; a reserved character before the `:` is just part of
+    an unknown namespace (102)."""
+    tag = uuid.uuid4().hex[:8]
+    taken = [f"chat:{tag}\x00nul", f"chat:{tag}\nline", f"chat:{tag}\x7f", f"chat:{tag}\x1b[31m",
+             f"chat:*{tag}", f"chat:{tag}#", f"chat:{tag}&", f"chat:/{tag}", f"chat:{tag}$",
+             f"$chat:{tag}\x01", f"chat:{tag}" + "m" * (1024 * 1024)]
+    unknown = [f"*chat:{tag}", f"#chat:{tag}", f"/chat:{tag}", f"&chat:{tag}", f"$$chat:{tag}", f"\x00chat:{tag}"]
+    with centrifugo_api.stubs() as stubs:
+        md = stubs.metadata
+        for channel in taken:
+            assert (publish(stubs, channel).error.code, offsets(history(stubs, channel))) == (0, [1]), channel[:40]
+            broadcast = stubs.v6.Broadcast(pb.BroadcastRequest(channels=[channel], data=b"{}"), metadata=md)
+            assert broadcast.result.responses[0].result.offset == 2
+        for channel in unknown:
+            assert (publish(stubs, channel).error.code, history(stubs, channel).error.code) == (102, 102), channel
+
+
 # -- the API key and unknown methods ------------------------------------------------------------
 
 

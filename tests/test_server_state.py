@@ -218,3 +218,35 @@ def test_at_most_max_idempotency_keys_are_kept_oldest_forgotten_first(clock: Clo
     assert state.publish("chat:4", b"x", idempotency_key="k249") == first[249]
     top = state.history("chat:0", limit=0).offset
     assert state.publish("chat:0", b"x", idempotency_key="k0")[0] == top + 1
+
+
+def test_one_call_shares_one_reply_budget_and_the_next_call_gets_a_new_one(clock: Clock) -> None:
+    state = ServerState([NamespacePolicy("chat", 100, 60.0)], clock=clock, max_reply_bytes=10_000)
+    for _ in range(4):
+        state.publish("chat:a", b"x" * 1000)
+    with state.call():
+        assert len(state.history("chat:a").publications) == 4  # about 4 KB of 10
+        assert len(state.history("chat:a").publications) == 4
+        assert code_of(state.history, "chat:a") == 107  # the third would pass 10 KB
+        assert len(state.history("chat:a", limit=1).publications) == 1  # a smaller one still fits
+    with state.call():
+        assert len(state.history("chat:a").publications) == 4
+
+
+def test_a_listing_of_long_names_is_held_to_the_reply_budget(clock: Clock) -> None:
+    state = ServerState([NamespacePolicy("chat", 10, 60.0)], clock=clock, max_reply_bytes=4 * 1024 * 1024)
+    for n in range(5):
+        state.publish(f"chat:{n}" + "m" * 1024 * 1024, b"x")
+    assert code_of(state.channel_names, "chat:*") == 107
+    assert len(state.channel_names("chat:[01]*")) == 2
+
+
+def test_max_channels_counts_channels_made_by_history_reads_too(clock: Clock) -> None:
+    state = ServerState([NamespacePolicy("chat", 10, 60.0)], clock=clock, max_channels=2)
+    state.publish("chat:a", b"x")
+    state.history("chat:b")  # a read starts the stream: a channel held
+    assert code_of(state.publish, "chat:c", b"x") == 100
+    assert code_of(state.history, "chat:c") == 100
+    assert state.publish("chat:a", b"y")[0] == 2
+    clock.advance(61)  # both idle past history_ttl: gone, room for new ones
+    assert state.publish("chat:c", b"x")[0] == 1

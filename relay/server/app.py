@@ -83,7 +83,8 @@ class EmbeddedServer:
 
     def __init__(self, config: ServerSection, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.state = ServerState(namespace_policies(config), clock=clock)
+        self.state = ServerState(namespace_policies(config), clock=clock, max_channels=config.max_channels,
+                                 max_reply_bytes=config.max_reply_bytes)
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._address = ""
@@ -138,9 +139,9 @@ class EmbeddedServer:
         # The server-wide default of Centrifugo's grpc_api.error_mode; a call can still ask per call.
         transport = getattr(self.config, "error_mode", "body") == "transport"
         add_service(server, api_pb2, "CentrifugoApi",
-                    CentrifugoApiService(self.state, node, transport_errors=transport))
+                    CentrifugoApiService(self.state, node, transport_errors=transport), self.state.call)
         add_service(server, legacy_pb2, "Centrifugo",
-                    LegacyCentrifugoService(self.state, node, transport_errors=transport))
+                    LegacyCentrifugoService(self.state, node, transport_errors=transport), self.state.call)
         await server.start()
         self._server = server
         self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"

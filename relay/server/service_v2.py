@@ -88,7 +88,11 @@ class LegacyCentrifugoService(api_pb2_grpc.CentrifugoServicer):
         return api_pb2.PresenceStatsResponse(result=api_pb2.PresenceStatsResult())
 
     async def Channels(self, request: api_pb2.ChannelsRequest, context: Any) -> api_pb2.ChannelsResponse:
-        return api_pb2.ChannelsResponse(result=api_pb2.ChannelsResult(channels=self.state.channel_names()))
+        try:
+            names = self.state.channel_names()
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.ChannelsResponse)
+        return api_pb2.ChannelsResponse(result=api_pb2.ChannelsResult(channels=names))
 
     async def Info(self, request: api_pb2.InfoRequest, context: Any) -> api_pb2.InfoResponse:
         result = api_pb2.InfoResult()

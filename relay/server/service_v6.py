@@ -215,4 +215,7 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
         return api_pb2.InfoResponse(result=self._info())
 
     async def Channels(self, request: api_pb2.ChannelsRequest, context: Any) -> api_pb2.ChannelsResponse:
-        return api_pb2.ChannelsResponse(result=self._channels(request))
+        try:
+            return api_pb2.ChannelsResponse(result=self._channels(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.ChannelsResponse)

@@ -8,26 +8,31 @@ idempotency window, with the semantics of Centrifugo's memory engine.
   of the channel's stream; the stream keeps at most history_size publications and is cleared when
   history_ttl passes without a publication (Centrifugo's memory and Redis engines expire the whole
   stream, not single publications). Clearing keeps epoch and top offset.
+- What one API call may make the server build is bounded too (CallBudget): the bytes of the
+  History publications and Channels names it answers with, and the work of matching a pattern.
 - A publish with an idempotency key already seen on that channel within the window (5 minutes)
   is not published again; the first result is returned. At most MAX_IDEMPOTENCY_KEYS are kept
   (oldest forgotten first): redeliveries that matter are recent ones.
 - Memory is bounded: a channel is dropped once it retains no publication, no idempotency key, and
   nobody published or read it for history_ttl. Centrifugo keeps stream meta for 30 days
   (history_meta_ttl); the embedded server forgets sooner, so a stream that comes back after a long
-  idle time has a new epoch, which clients read as "stream lost", correctly.
+  idle time has a new epoch, which clients read as "stream lost", correctly. At most max_channels
+  are held: past that a new channel is error 100, which clients retry while old channels expire.
 
 Everything runs on one event loop thread: no locks. Time comes from an injectable clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import random
 import string
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,7 +44,7 @@ from relay.server.errors import (
     UNRECOVERABLE_POSITION,
     ApiError,
 )
-from relay.server.pattern import channel_matcher
+from relay.server.pattern import PatternError, PatternTooCostly, channel_matcher
 
 IDEMPOTENCY_WINDOW = 300.0
 # Keys remembered at most (about 300 bytes each): past this, the oldest are forgotten first, so a
@@ -48,6 +53,15 @@ MAX_IDEMPOTENCY_KEYS = 1_000_000
 PRIVATE_PREFIX = "$"
 NAMESPACE_BOUNDARY = ":"
 _EPOCH_ALPHABET = string.ascii_letters
+# Channels held at most by default: about 1.7 KB of memory each (bench/server_memory.py).
+MAX_CHANNELS = 100_000
+# Bytes of publications and channel names one call may make the server answer with by default.
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+# Matching work (channel characters looked at, automaton states built) one call may spend:
+# well over one Channels call on MAX_CHANNELS channels, about a second of the event loop.
+MAX_CALL_WORK = 20_000_000
+# What a reply spends on each publication or channel name besides its bytes (protobuf framing).
+_ITEM_OVERHEAD = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +92,26 @@ class HistoryPage(NamedTuple):
     publications: list[StoredPublication]
     offset: int
     epoch: str
+
+
+class CallBudget:
+    """What one API call (a Batch with all its commands counts as one) may still make the server do."""
+
+    __slots__ = ("reply_bytes", "work")
+
+    def __init__(self, reply_bytes: int = MAX_REPLY_BYTES, work: int = MAX_CALL_WORK) -> None:
+        self.reply_bytes = reply_bytes
+        self.work = work
+
+    def charge_reply(self, nbytes: int) -> None:
+        """Take `nbytes` of reply, or raise 107 leaving the budget as it was."""
+        if nbytes > self.reply_bytes:
+            raise ApiError(BAD_REQUEST[0], "bad request: the reply would exceed server.max_reply_bytes "
+                                           "for one call; ask for less (History limit, fewer commands)")
+        self.reply_bytes -= nbytes
+
+
+_CALL_BUDGET: ContextVar[CallBudget | None] = ContextVar("call_budget", default=None)
 
 
 # (offset, epoch) of a publish result.
@@ -120,7 +154,10 @@ class ServerState:
     def __init__(self, namespaces: Iterable[NamespacePolicy], *, top_level: NamespacePolicy = TOP_LEVEL,
                  clock: Callable[[], float] = time.monotonic,
                  idempotency_window: float = IDEMPOTENCY_WINDOW,
-                 max_idempotency_keys: int = MAX_IDEMPOTENCY_KEYS) -> None:
+                 max_idempotency_keys: int = MAX_IDEMPOTENCY_KEYS,
+                 max_channels: int = MAX_CHANNELS, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+        self.max_channels = max_channels
+        self.max_reply_bytes = max_reply_bytes
         self.namespaces = {ns.name: ns for ns in namespaces}
         self.top_level = top_level
         self.clock = clock
@@ -132,6 +169,23 @@ class ServerState:
         self._tie = itertools.count()
         # Idempotency keys in the order they expire (the window is the same for all).
         self._results_fifo: deque[tuple[float, str, str]] = deque()
+
+    # -- per call ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[CallBudget]:
+        """Run one API call: what it does inside shares one fresh CallBudget."""
+        budget = CallBudget(self.max_reply_bytes)
+        token = _CALL_BUDGET.set(budget)
+        try:
+            yield budget
+        finally:
+            _CALL_BUDGET.reset(token)
+
+    def _budget(self) -> CallBudget:
+        """The running call's budget; outside a call (a direct use), a fresh one per operation."""
+        budget = _CALL_BUDGET.get()
+        return budget if budget is not None else CallBudget(self.max_reply_bytes)
 
     # -- namespaces ----------------------------------------------------------------------------
 
@@ -260,6 +314,8 @@ class ServerState:
                 picked = self._from_offset(ch.publications, start, top, limit, reverse)
             if since_epoch and since_epoch != epoch:
                 raise ApiError(*UNRECOVERABLE_POSITION)
+        if picked:
+            self._budget().charge_reply(sum(map(_reply_size, picked)))
         return HistoryPage(picked, top, epoch)
 
     def _touch_stream(self, channel: str, policy: NamespacePolicy, now: float) -> Channel:
@@ -311,10 +367,24 @@ class ServerState:
     # -- listing -------------------------------------------------------------------------------
 
     def channel_names(self, pattern: str = "") -> list[str]:
-        """Names of the channels held, matching a glob pattern."""
+        """Names of the channels held, matching a glob pattern.
+
+        Raises 100 for a pattern Centrifugo cannot compile (as it does), 107 when the listing
+        would exceed the call's budget (matching work or reply bytes).
+        """
         self.sweep()
-        matches = channel_matcher(pattern)
-        return [name for name in self.channels if matches(name)]
+        budget = self._budget()
+        try:
+            matcher = channel_matcher(pattern, budget.work)
+            names = [name for name in self.channels if matcher(name)]
+        except PatternError:
+            raise ApiError(*INTERNAL) from None
+        except PatternTooCostly:
+            raise ApiError(BAD_REQUEST[0], "bad request: matching this pattern would take more work than one "
+                                           "call may; use a more specific pattern") from None
+        budget.work = matcher.budget
+        budget.charge_reply(sum(len(name) + _ITEM_OVERHEAD for name in names))
+        return names
 
     @property
     def num_channels(self) -> int:
@@ -323,6 +393,11 @@ class ServerState:
     # -- expiry --------------------------------------------------------------------------------
 
     def _add_channel(self, name: str, policy: NamespacePolicy) -> Channel:
+        if len(self.channels) >= self.max_channels:
+            self.sweep()  # channels due to go make room first
+            if len(self.channels) >= self.max_channels:
+                raise ApiError(INTERNAL[0], f"internal server error: the server holds server.max_channels "
+                                            f"({self.max_channels}) channels; retry once some expire")
         ch = Channel(name, policy)
         self.channels[name] = ch
         return ch
@@ -374,3 +449,11 @@ class ServerState:
             if not ch.results:
                 ch.results = None
                 self._settle(ch, now)
+
+
+def _reply_size(pub: StoredPublication) -> int:
+    """About the bytes a publication takes in a History reply."""
+    size = len(pub.data) + _ITEM_OVERHEAD
+    if pub.tags:
+        size += sum(len(k) + len(v) + 4 for k, v in pub.tags.items())
+    return size

@@ -165,12 +165,12 @@ class EmbeddedServerProcess:
             process.kill()
         process.wait()
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process, from /proc."""
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """Resident memory of the server process, from /proc (`field="VmHWM"`: its peak so far)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS in /proc status")
+        raise RuntimeError(f"no {field} in /proc status")
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from relay import __version__
+from relay.addresses import parse_host_port
 from relay.config import Config, ConfigError, default_config_path, load_config
 from relay.secrets import redact
 
@@ -22,6 +23,15 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 class FatalError(Exception):
     """A runtime failure reported as one line and exit status 1."""
+
+
+def _address(text: str) -> str:
+    """An argparse type: a `host:port` flag is checked like the config's addresses."""
+    try:
+        parse_host_port(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--from-start", action="store_true", help="print what history holds first")
             cmd.add_argument("--poll", default="200ms", help="how often to ask History (default 200ms)")
-        cmd.add_argument("--address", default="127.0.0.1:10000", help="Centrifugo GRPC API address")
+        cmd.add_argument("--address", default="127.0.0.1:10000", type=_address,
+                         help="Centrifugo GRPC API address")
         cmd.add_argument("--api-key-env", default="CENTRIFUGO_GRPC_API_KEY",
                          help="environment variable holding the API key")
         cmd.add_argument("--api", choices=["v6", "v2"], default="v6")

@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.addresses import parse_host_port
 from relay.metrics import REGISTRY
 
 
 class StatusServer:
     def __init__(self, listen: str, is_ready: Callable[[], tuple[bool, str]]) -> None:
-        host, _, port = listen.rpartition(":")
-        self._host = host.strip("[]") or "127.0.0.1"
-        self._port = int(port)
+        address = parse_host_port(listen, any_port=True)
+        self._host, self._port = address.host, address.port
         self._is_ready = is_ready
         self._server: asyncio.Server | None = None
 

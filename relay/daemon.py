@@ -77,7 +77,15 @@ class Relay:
         if self.sink is None or not self.sink.healthy:
             why = self.sink.last_error if self.sink is not None else ""
             return False, f"sink not connected{': ' + why if why else ''}"
+        if self.pipeline is not None and self.pipeline.problem:
+            return False, self.pipeline.problem
         return True, ""
+
+    def reopen_files(self) -> None:
+        """SIGUSR1: close the dead letter file and open its path again (after a rotation)."""
+        if self.pipeline is not None:
+            log.info("SIGUSR1: reopening the dead letter file %s", self.pipeline.dead_letters.path)
+            self.pipeline.dead_letters.reopen()
 
     def describe(self) -> str:
         """One line for systemd's STATUS=."""
@@ -415,6 +423,7 @@ async def run_pipeline(config: Config, path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    loop.add_signal_handler(signal.SIGUSR1, relay.reopen_files)
     notifier.status("starting")
     try:
         await relay.start()

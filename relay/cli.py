@@ -15,14 +15,11 @@ from typing import Any
 
 from relay import __version__
 from relay.addresses import parse_host_port
-from relay.config import Config, ConfigError, default_config_path, load_config
+from relay.config import Config, default_config_path, load_config
+from relay.errors import ConfigError, FatalError
 from relay.secrets import redact
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
-
-
-class FatalError(Exception):
-    """A runtime failure reported as one line and exit status 1."""
 
 
 def _address(text: str) -> str:
@@ -105,7 +102,7 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _run_async(func: Callable[..., Coroutine[Any, Any, int | None]], *args: Any) -> int:
+def _run_async(func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> int:
     _tune_gc()
     try:
         import uvloop
@@ -113,7 +110,8 @@ def _run_async(func: Callable[..., Coroutine[Any, Any, int | None]], *args: Any)
     except ImportError:
         runner = asyncio.run
     try:
-        return runner(func(*args)) or EXIT_OK
+        runner(func(*args))
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     except FatalError as err:
         if args.debug:
             raise
-        print(redact(f"relay: {err}"), file=sys.stderr)
+        if not err.logged:
+            print(redact(f"relay: {err}"), file=sys.stderr)
         code = EXIT_FATAL
     except Exception as err:  # a bug or an environment failure: one line unless --debug
         if args.debug:

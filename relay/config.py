@@ -21,6 +21,7 @@ from relay import sources
 from relay.addresses import parse_host_port
 from relay.certificates import TlsError, check_ca, check_pair
 from relay.channels import NAMESPACE_NAME, channel_problem
+from relay.errors import ConfigError
 from relay.templates import Template, TemplateError
 from relay.units import Duration, Size, format_duration
 
@@ -264,14 +265,6 @@ class Config(Model):
     @property
     def dead_letter_path(self) -> Path:
         return Path(self.sink.dead_letter or os.path.join(self.relay.state_dir, "dead-letter.jsonl"))
-
-
-class ConfigError(Exception):
-    """One or more problems in a config file, each a line `FILE: dotted.key: what is wrong`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 def _key(part: Any) -> str:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from relay import events, logs, metrics, sources
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, load_config
 from relay.dead_letter import DeadLetterFile
+from relay.errors import ConfigError, FatalError
 from relay.pipeline import Pipeline
 from relay.routing import RoutingTable
 from relay.secrets import SecretError
@@ -387,7 +388,6 @@ async def _reload(relay: Relay, path: str, notifier: SystemdNotifier) -> None:
     try:
         await relay.reload(new)
     except StartError as err:
-        from relay.cli import FatalError
         raise FatalError(f"reload: {err}") from None
     finally:
         logs.setup(relay.config.relay.log_level, relay.config.relay.log_format)
@@ -407,7 +407,9 @@ async def _delivered_or_stopped(relay: Relay, stop: asyncio.Event) -> None:
     stopped.cancel()
 
 
-async def run_pipeline(config: Config, path: str) -> int:
+async def run_pipeline(config: Config, path: str) -> None:
+    """`relay run` until a stop signal or every source finished; FatalError when it cannot start or
+    a source failed (after the stop, so what settled is committed)."""
     logs.setup(config.relay.log_level, config.relay.log_format)
     notifier = SystemdNotifier()
     relay = Relay(config)
@@ -428,12 +430,11 @@ async def run_pipeline(config: Config, path: str) -> int:
     try:
         await relay.start()
     except StartError as err:
-        from relay.cli import FatalError
         await relay.stop()
         raise FatalError(str(err)) from None
     helpers = [asyncio.create_task(_report(relay, notifier), name="sd-notify"),
                asyncio.create_task(notifier.keep_watchdog_fed(), name="sd-watchdog")]
-    code = 0
+    failure: BaseException | None = None
     try:
         while True:
             waits = {asyncio.create_task(relay.wait_sources()), asyncio.create_task(stop.wait()),
@@ -450,9 +451,9 @@ async def run_pipeline(config: Config, path: str) -> int:
                 await _reload(relay, path, notifier)
                 continue
             finished = done.pop()
-            if finished.exception() is not None:
-                log.error("source failed: %s", finished.exception())
-                code = 1
+            failure = finished.exception()
+            if failure is not None:
+                log.error("source failed: %s", failure)
             else:
                 log.info("every source finished; waiting until everything is delivered")
                 await _delivered_or_stopped(relay, stop)
@@ -464,4 +465,5 @@ async def run_pipeline(config: Config, path: str) -> int:
         drained = await relay.stop()
         notifier.close()
     log.info("stopped" if drained else "stopped (some messages will be read again after the restart)")
-    return code
+    if failure is not None:
+        raise FatalError(f"source failed: {failure}", logged=True) from failure

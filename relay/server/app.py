@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from relay.addresses import HostPort, parse_host_port
 from relay.certificates import TlsError
-from relay.config import ConfigError, NamespaceConfig, ServerSection, load_config
+from relay.config import NamespaceConfig, ServerSection, load_config
+from relay.errors import ConfigError, FatalError
 from relay.proto.centrifugo import api_pb2
 from relay.proto.centrifugo_v2 import api_pb2 as legacy_pb2
 from relay.secrets import SecretError, load_secret
@@ -187,10 +188,8 @@ def _server_section(args: argparse.Namespace) -> ServerSection:
     return section
 
 
-async def serve_from_args(args: argparse.Namespace) -> int:
-    """`relay serve`: run the embedded server until SIGINT/SIGTERM; 0 on a clean stop."""
-    from relay.cli import FatalError
-
+async def serve_from_args(args: argparse.Namespace) -> None:
+    """`relay serve`: run the embedded server until SIGINT/SIGTERM; FatalError when it cannot start."""
     server = EmbeddedServer(_server_section(args))
     try:
         await server.start()
@@ -207,4 +206,3 @@ async def serve_from_args(args: argparse.Namespace) -> int:
         await stopping.wait()
     finally:
         await server.stop(grace=1.0)
-    return 0

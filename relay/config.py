@@ -404,13 +404,13 @@ def parse_config(text: str, file: str = "config.toml") -> Config:
         problems.extend(_problems(file, err, Config))
         raise ConfigError(problems) from None
     config = config.model_copy(update={"sources": source_tables})
-    problems.extend(_cross_checks(file, config, raw_source_names=source_tables.keys() | set()))
+    problems.extend(_cross_checks(file, config))
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _cross_checks(file: str, config: Config, raw_source_names: Any) -> list[str]:
+def _cross_checks(file: str, config: Config) -> list[str]:
     problems = []
     for i, route in enumerate(config.routes):
         if route.source not in config.sources:

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "relay"
 # Modules in no layer (config, message, events, ...) are the shared base: they import no layer.
 LAYERS: list[tuple[str, ...]] = [
     ("relay.__main__", "relay.cli"),
-    ("relay.daemon", "relay.client_commands", "relay.check", "relay.server"),
+    ("relay.daemon", "relay.client_commands", "relay.check", "relay.server.app"),
     ("relay.pipeline",),
     ("relay.sources.", "relay.sinks"),  # relay.sources itself is the registry, in the base
 ]

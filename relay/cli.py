@@ -76,7 +76,7 @@ def _load(path: str | None) -> Config:
 def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "check":
-        from relay.inspect import describe
+        from relay.check import describe
         print(describe(_load(args.config), args.config or default_config_path()))
         return EXIT_OK
     if command == "run":

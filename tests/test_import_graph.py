@@ -129,6 +129,8 @@ def test_the_checks_see_what_they_must() -> None:
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
     assert layer("relay.sources.file") > layer("relay.pipeline") > layer("relay.daemon") > layer("relay.cli")
     assert layer("relay.sources") == layer("relay.config") == BASE
+    assert all(layer(m) < BASE for m in ("relay.check", "relay.client_commands", "relay.server.app"))
+    assert {m for m in edges if layer(m) < BASE} >= {"relay.check", "relay.sinks.grpc_centrifugo"}
 
 
 def test_only_the_cli_makes_exit_codes() -> None:

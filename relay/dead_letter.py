@@ -84,11 +84,6 @@ class DeadLetterFile:
         if self._retrying is None:
             self._write_waiting()
 
-    @property
-    def waiting(self) -> int:
-        """Commits whose lines are not written yet."""
-        return len(self._waiting)
-
     def reopen(self) -> None:
         """Close the file now and open the path again for the next line (SIGUSR1, after rotation)."""
         self._close()
@@ -142,10 +137,10 @@ class DeadLetterFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            if created:
-                _fsync_directory(self.path.parent)  # the new name survives a power loss too
             stat = os.fstat(fd)
             self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
+            if created:
+                _fsync_directory(self.path.parent)  # the new name survives a power loss too
         return self._fd
 
     def _close(self) -> None:

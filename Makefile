@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
-run: $(STAMP)  ## the default pipeline: embedded server + ticker + file tail
+run: $(STAMP)  ## the default pipeline: embedded server + ticker + file tail (of var/log/*.log)
+	mkdir -p var/log
 	$(VENV)/bin/relay run -c config.toml
 
 test: $(STAMP)  ## the whole suite; starts real Kafka and real Centrifugo itself

@@ -5,18 +5,11 @@ from __future__ import annotations
 import re
 
 MAX_CHANNEL_BYTES = 255
-NAMESPACE_SEPARATOR = ":"
 # Centrifugo reserves these in channel names (`chat:*` is not a wildcard).
 RESERVED = frozenset("*$#/&")
 # One scan finds both reserved and control characters: this runs for every publication.
 _BAD_CHAR = re.compile(r"[*$#/&\x00-\x1f\x7f]")
 NAMESPACE_NAME = re.compile(r"^[-a-zA-Z0-9_.]{2,}$")
-
-
-def namespace_of(channel: str) -> str:
-    """The namespace part of a channel: what comes before the first `:`, or "" for none."""
-    head, sep, _ = channel.partition(NAMESPACE_SEPARATOR)
-    return head if sep else ""
 
 
 def channel_problem(channel: str) -> str | None:

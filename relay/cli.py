@@ -14,14 +14,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from relay import __version__
-from relay.config import Config, ConfigError, default_config_path, load_config
+from relay.addresses import parse_host_port
+from relay.config import Config, default_config_path, load_config
+from relay.errors import ConfigError, FatalError
 from relay.secrets import redact
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
 
-class FatalError(Exception):
-    """A runtime failure reported as one line and exit status 1."""
+def _address(text: str) -> str:
+    """An argparse type: a `host:port` flag is checked like the config's addresses."""
+    try:
+        parse_host_port(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--from-start", action="store_true", help="print what history holds first")
             cmd.add_argument("--poll", default="200ms", help="how often to ask History (default 200ms)")
-        cmd.add_argument("--address", default="127.0.0.1:10000", help="Centrifugo GRPC API address")
+        cmd.add_argument("--address", default="127.0.0.1:10000", type=_address,
+                         help="Centrifugo GRPC API address")
         cmd.add_argument("--api-key-env", default="CENTRIFUGO_GRPC_API_KEY",
                          help="environment variable holding the API key")
         cmd.add_argument("--api", choices=["v6", "v2"], default="v6")
@@ -68,7 +76,7 @@ def _load(path: str | None) -> Config:
 def _dispatch(args: argparse.Namespace) -> int:
     command: str = args.command
     if command == "check":
-        from relay.inspect import describe
+        from relay.check import describe
         print(describe(_load(args.config), args.config or default_config_path()))
         return EXIT_OK
     if command == "run":
@@ -94,7 +102,7 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _run_async(func: Callable[..., Coroutine[Any, Any, int | None]], *args: Any) -> int:
+def _run_async(func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> int:
     _tune_gc()
     try:
         import uvloop
@@ -102,7 +110,8 @@ def _run_async(func: Callable[..., Coroutine[Any, Any, int | None]], *args: Any)
     except ImportError:
         runner = asyncio.run
     try:
-        return runner(func(*args)) or EXIT_OK
+        runner(func(*args))
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     except FatalError as err:
         if args.debug:
             raise
-        print(redact(f"relay: {err}"), file=sys.stderr)
+        if not err.logged:
+            print(redact(f"relay: {err}"), file=sys.stderr)
         code = EXIT_FATAL
     except Exception as err:  # a bug or an environment failure: one line unless --debug
         if args.debug:

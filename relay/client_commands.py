@@ -7,9 +7,11 @@ import asyncio
 import base64
 import json
 import sys
+from typing import NoReturn
 
 import grpc
 
+from relay.errors import FatalError
 from relay.proto.centrifugo import api_pb2 as v6
 from relay.proto.centrifugo import api_pb2_grpc as v6_grpc
 from relay.proto.centrifugo_v2 import api_pb2 as v2
@@ -23,16 +25,14 @@ def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return auth_metadata(load_secret(env=args.api_key_env))
 
 
-def _fail(what: str, err: grpc.aio.AioRpcError) -> int:
-    from relay.cli import FatalError
+def _fail(what: str, err: grpc.aio.AioRpcError) -> NoReturn:
     code = STATUS_TO_CODE.get(err.code())
     detail = f"error {code}: {err.details()}" if code else f"{err.code().name}: {err.details()}"
     raise FatalError(f"{what}: {detail}")
 
 
-async def publish(args: argparse.Namespace) -> int:
+async def publish(args: argparse.Namespace) -> None:
     """Publish once; print the result as JSON (offset and epoch where the server keeps history)."""
-    from relay.cli import FatalError
     data = args.data.encode()
     async with open_channel(args.address) as channel:
         try:
@@ -42,15 +42,14 @@ async def publish(args: argparse.Namespace) -> int:
                 if resp2.error.code:
                     raise FatalError(f"publish: error {resp2.error.code}: {resp2.error.message}")
                 print(json.dumps({"channel": args.channel}))
-                return 0
+                return
             resp = await v6_grpc.CentrifugoApiStub(channel).Publish(  # type: ignore[no-untyped-call]
                 v6.PublishRequest(channel=args.channel, data=data), metadata=_metadata(args), timeout=10)
         except grpc.aio.AioRpcError as err:
-            return _fail("publish", err)
+            _fail("publish", err)
     if resp.error.code:
         raise FatalError(f"publish: error {resp.error.code}: {resp.error.message}")
     print(json.dumps({"channel": args.channel, "offset": resp.result.offset, "epoch": resp.result.epoch}))
-    return 0
 
 
 def _line(pub: v6.Publication, channel: str) -> str:
@@ -65,9 +64,8 @@ def _line(pub: v6.Publication, channel: str) -> str:
     return json.dumps(entry, ensure_ascii=False)
 
 
-async def tail(args: argparse.Namespace) -> int:
+async def tail(args: argparse.Namespace) -> None:
     """Follow a channel through History with `since`: one JSON line per publication."""
-    from relay.cli import FatalError
     poll = parse_duration(args.poll)
     metadata = _metadata(args)
     async with open_channel(args.address) as channel:
@@ -101,7 +99,7 @@ async def tail(args: argparse.Namespace) -> int:
                 if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     await asyncio.sleep(1)  # the server restarts; keep following
                     continue
-                return _fail(f"tail {args.channel}", err)
+                _fail(f"tail {args.channel}", err)
             except FatalError as err:
                 if "error 112" in str(err):  # position no longer retained: start again from the top
                     print(f"relay tail: {err}; continuing from the newest", file=sys.stderr)
@@ -109,6 +107,5 @@ async def tail(args: argparse.Namespace) -> int:
                     continue
                 raise
             await asyncio.sleep(poll)
-    return 0
 
 

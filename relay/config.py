@@ -11,16 +11,20 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from relay import sources
+from relay.addresses import parse_host_port
+from relay.certificates import TlsError, check_ca, check_pair
 from relay.channels import NAMESPACE_NAME, channel_problem
+from relay.errors import ConfigError
 from relay.server.state import MAX_CHANNELS, MAX_REPLY_BYTES
 from relay.templates import Template, TemplateError
-from relay.units import Duration, Size
+from relay.units import Duration, Size, format_duration
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # gRPC keeps message size limits in a signed 32-bit integer.
@@ -39,6 +43,13 @@ class RelaySection(Model):
     shutdown_timeout: Duration = Field(10.0, description="Drain in-flight work on SIGTERM, then stop.")
     unmatched: Literal["drop", "dead_letter"] = Field(
         "drop", description="What happens to a message no route takes.")
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, any_port=True)
+        return value
 
 
 class NamespaceConfig(Model):
@@ -95,6 +106,12 @@ class ServerSection(Model):
                                       "call may make the server answer with (16 MiB), all commands of a "
                                       "Batch together; past it a command gets error 107.")
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_host_port(value, any_port=True)
+        return value
+
     @field_validator("namespaces", mode="before")
     @classmethod
     def _bare_names(cls, value: Any) -> Any:
@@ -123,9 +140,18 @@ class SinkTls(Model):
 
 
 class RetryConfig(Model):
-    initial_backoff: Duration = 0.05
+    initial_backoff: Annotated[Duration, Field(gt=0)] = 0.05
     max_backoff: Duration = 5.0
     max_elapsed: Duration = Field(0.0, description="0s = retry forever.")
+
+    @field_validator("max_backoff")
+    @classmethod
+    def _not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial_backoff")
+        if initial is not None and value < initial:
+            raise ValueError(f"max_backoff ({format_duration(value)}) is less than initial_backoff "
+                             f"({format_duration(initial)})")
+        return value
 
 
 class SinkSection(Model):
@@ -135,7 +161,7 @@ class SinkSection(Model):
     api_key_env: str = Field("", description="Environment variable holding the GRPC API key.")
     api_key_file: str = Field("", description="File holding the GRPC API key.")
     tls: SinkTls = Field(default_factory=lambda: SinkTls.model_validate({}))
-    timeout: Duration = Field(5.0, description="Per-call deadline.")
+    timeout: Annotated[Duration, Field(gt=0)] = Field(5.0, description="Per-call deadline.")
     batch_max_size: int = Field(500, ge=1, le=10000)
     batch_linger: Duration = Field(0.0, description="How long a lane waits to fill a batch that is not full.")
     max_in_flight: int = Field(4, ge=1, le=256, description="Batches in flight at once (ordered lanes).")
@@ -146,6 +172,12 @@ class SinkSection(Model):
         4 * 1024 * 1024, description="Largest GRPC request sent; a publication that cannot fit goes to "
                                      "the dead letter file. Lowered by itself if the server says its "
                                      "limit is less.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
 
 
 WhenValue = str
@@ -245,14 +277,6 @@ class Config(Model):
         return Path(self.sink.dead_letter or os.path.join(self.relay.state_dir, "dead-letter.jsonl"))
 
 
-class ConfigError(Exception):
-    """One or more problems in a config file, each a line `FILE: dotted.key: what is wrong`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
 def _key(part: Any) -> str:
     """A key as TOML writes it in a dotted key: bare when it can be, else quoted (one line always)."""
     text = str(part)
@@ -318,6 +342,38 @@ def _problems(file: str, err: ValidationError, root: type[BaseModel],
     return out
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'')
+_TABLE_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_VALUE = re.compile(r"^\s*([^=\s][^=]*?)\s*=(.*)$")
+
+
+def _deepest_key(text: str) -> str:
+    """The dotted key whose value nests deepest: tomllib's RecursionError does not say where it was."""
+    table, key, depth, deepest, where = "", "", 0, -1, "(toml)"
+    arrays: dict[str, int] = {}
+    for line in text.splitlines():
+        line = _STRING.sub('""', line)
+        if depth == 0:
+            header = _TABLE_HEADER.match(line)
+            if header:
+                table = header.group(2).replace(" ", "")
+                if header.group(1) == "[[":
+                    arrays[table] = arrays.get(table, -1) + 1
+                    table += f"[{arrays[table]}]"
+                key = ""
+                continue
+            pair = _KEY_VALUE.match(line)
+            if pair:
+                key, line = pair.group(1).replace(" ", ""), pair.group(2)
+        for char in line.split("#", 1)[0]:
+            depth += char in "[{"
+            depth -= char in "]}"
+            if depth > deepest:
+                deepest, where = depth, ".".join(part for part in (table, key) if part)
+        depth = max(depth, 0)
+    return where or "(toml)"
+
+
 def _validate_sources(file: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     built: dict[str, Any] = {}
     problems: list[str] = []
@@ -349,6 +405,8 @@ def parse_config(text: str, file: str = "config.toml") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([f"{file}: (toml): {err}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{file}: {_deepest_key(text)}: arrays or tables nested too deeply"]) from None
     source_tables, problems = _validate_sources(file, raw.pop("sources", {}))
     try:
         config = Config.model_validate({**raw, "sources": {}})
@@ -356,13 +414,13 @@ def parse_config(text: str, file: str = "config.toml") -> Config:
         problems.extend(_problems(file, err, Config))
         raise ConfigError(problems) from None
     config = config.model_copy(update={"sources": source_tables})
-    problems.extend(_cross_checks(file, config, raw_source_names=source_tables.keys() | set()))
+    problems.extend(_cross_checks(file, config))
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _cross_checks(file: str, config: Config, raw_source_names: Any) -> list[str]:
+def _cross_checks(file: str, config: Config) -> list[str]:
     problems = []
     for i, route in enumerate(config.routes):
         if route.source not in config.sources:
@@ -375,8 +433,49 @@ def _cross_checks(file: str, config: Config, raw_source_names: Any) -> list[str]
     return problems
 
 
+def _named_files(model: BaseModel, where: str) -> Iterator[tuple[str, str]]:
+    """(dotted key, path) of every `*_file` option that names a file, in `model` and the tables inside."""
+    for name, value in model:
+        if isinstance(value, BaseModel):
+            yield from _named_files(value, f"{where}.{name}")
+        elif name.endswith("_file") and isinstance(value, str) and value:
+            yield f"{where}.{name}", value
+
+
+def _file_problems(file: str, config: Config) -> list[str]:
+    """The files a config names that `relay run` could not use: unreadable ones, and TLS files that
+    are not PEM or not a pair. Checked here so `relay check` fails where `relay run` would."""
+    problems = []
+    named = [*_named_files(config.server, "server"), *_named_files(config.sink, "sink")]
+    for name, source in config.sources.items():
+        named += _named_files(source, f"sources.{_key(name)}")
+    for key, path in named:
+        try:
+            Path(path).open("rb").close()
+        except OSError as err:
+            problems.append(f"{file}: {key}: cannot read {path}: {err.strerror}")
+    if problems:
+        return problems
+    server, sink = config.server.tls, config.sink.tls
+    checks: list[Callable[[], object]] = []
+    if server.enabled:
+        checks.append(lambda: check_pair(server.cert_file, server.key_file, "server.tls"))
+        if server.client_ca_file:
+            checks.append(lambda: check_ca(server.client_ca_file, "server.tls.client_ca_file"))
+    if sink.enabled and sink.ca_file:
+        checks.append(lambda: check_ca(sink.ca_file, "sink.tls.ca_file"))
+    if sink.enabled and sink.cert_file:
+        checks.append(lambda: check_pair(sink.cert_file, sink.key_file, "sink.tls"))
+    for check in checks:
+        try:
+            check()
+        except TlsError as err:
+            problems.append(f"{file}: {err}")
+    return problems
+
+
 def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; raises ConfigError."""
+    """Read and validate a config file, and the files it names; raises ConfigError."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -384,7 +483,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"{file}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{file}: not UTF-8 text"]) from None
-    return parse_config(text, file)
+    config = parse_config(text, file)
+    problems = _file_problems(file, config)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def default_config_path() -> str:

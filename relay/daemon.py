@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from relay import events, logs, metrics, sources
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, load_config
 from relay.dead_letter import DeadLetterFile
+from relay.errors import ConfigError, FatalError
 from relay.pipeline import Pipeline
 from relay.routing import RoutingTable
 from relay.secrets import SecretError
@@ -77,7 +78,15 @@ class Relay:
         if self.sink is None or not self.sink.healthy:
             why = self.sink.last_error if self.sink is not None else ""
             return False, f"sink not connected{': ' + why if why else ''}"
+        if self.pipeline is not None and self.pipeline.problem:
+            return False, self.pipeline.problem
         return True, ""
+
+    def reopen_files(self) -> None:
+        """SIGUSR1: close the dead letter file and open its path again (after a rotation)."""
+        if self.pipeline is not None:
+            log.info("SIGUSR1: reopening the dead letter file %s", self.pipeline.dead_letters.path)
+            self.pipeline.dead_letters.reopen()
 
     def describe(self) -> str:
         """One line for systemd's STATUS=."""
@@ -379,7 +388,6 @@ async def _reload(relay: Relay, path: str, notifier: SystemdNotifier) -> None:
     try:
         await relay.reload(new)
     except StartError as err:
-        from relay.cli import FatalError
         raise FatalError(f"reload: {err}") from None
     finally:
         logs.setup(relay.config.relay.log_level, relay.config.relay.log_format)
@@ -399,7 +407,9 @@ async def _delivered_or_stopped(relay: Relay, stop: asyncio.Event) -> None:
     stopped.cancel()
 
 
-async def run_pipeline(config: Config, path: str) -> int:
+async def run_pipeline(config: Config, path: str) -> None:
+    """`relay run` until a stop signal or every source finished; FatalError when it cannot start or
+    a source failed (after the stop, so what settled is committed)."""
     logs.setup(config.relay.log_level, config.relay.log_format)
     notifier = SystemdNotifier()
     relay = Relay(config)
@@ -415,16 +425,16 @@ async def run_pipeline(config: Config, path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    loop.add_signal_handler(signal.SIGUSR1, relay.reopen_files)
     notifier.status("starting")
     try:
         await relay.start()
     except StartError as err:
-        from relay.cli import FatalError
         await relay.stop()
         raise FatalError(str(err)) from None
     helpers = [asyncio.create_task(_report(relay, notifier), name="sd-notify"),
                asyncio.create_task(notifier.keep_watchdog_fed(), name="sd-watchdog")]
-    code = 0
+    failure: BaseException | None = None
     try:
         while True:
             waits = {asyncio.create_task(relay.wait_sources()), asyncio.create_task(stop.wait()),
@@ -441,9 +451,9 @@ async def run_pipeline(config: Config, path: str) -> int:
                 await _reload(relay, path, notifier)
                 continue
             finished = done.pop()
-            if finished.exception() is not None:
-                log.error("source failed: %s", finished.exception())
-                code = 1
+            failure = finished.exception()
+            if failure is not None:
+                log.error("source failed: %s", failure)
             else:
                 log.info("every source finished; waiting until everything is delivered")
                 await _delivered_or_stopped(relay, stop)
@@ -455,4 +465,5 @@ async def run_pipeline(config: Config, path: str) -> int:
         drained = await relay.stop()
         notifier.close()
     log.info("stopped" if drained else "stopped (some messages will be read again after the restart)")
-    return code
+    if failure is not None:
+        raise FatalError(f"source failed: {failure}", logged=True) from failure

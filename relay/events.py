@@ -20,6 +20,7 @@ from relay.message import Message
 
 log = logging.getLogger("relay.pipeline")
 sink_log = logging.getLogger("relay.sink")
+dead_letter_log = logging.getLogger("relay.dead_letter")
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +92,35 @@ class DeadLettered:
         log.warning("dead letter: %s at %s: %s", self.message.source, self.message.position, self.reason,
                     extra={"source": self.message.source, "position": self.message.position,
                            "channel": self.channel, "error_code": self.code, "reason": label})
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetterWriteFailed:
+    """An attempt to write the dead letter file failed; `lines` wait for the next one."""
+
+    problem: str
+    lines: int
+    attempt: int
+
+    def emit(self) -> None:
+        metrics.DEAD_LETTER_WRITE_ERRORS.inc()
+        if self.attempt in (1, 10) or self.attempt % 100 == 0:
+            dead_letter_log.error("%s; %d dead letter line(s) wait, their messages unacknowledged; "
+                                  "retrying (attempt %d)", self.problem, self.lines, self.attempt,
+                                  extra={"attempt": self.attempt})
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetterWriteRecovered:
+    """The dead letter file could be written again; the lines that waited are in it."""
+
+    path: str
+    lines: int
+    failed_attempts: int
+
+    def emit(self) -> None:
+        dead_letter_log.warning("dead letter file %s written again: %d waiting line(s) written after %d "
+                                "failed attempt(s)", self.path, self.lines, self.failed_attempts)
 
 
 @dataclass(slots=True, frozen=True)

@@ -35,6 +35,9 @@ FILE_CHECKPOINTS = Counter("relay_file_checkpoints", "Checkpoint files written."
 FILES_WATCHED = Gauge("relay_files_watched", "Files being tailed.", registry=REGISTRY)
 DEAD_LETTERS = Counter("relay_dead_letters", "Dead letters written, by reason.", ["reason"],
                        registry=REGISTRY)
+DEAD_LETTER_WRITE_ERRORS = Counter(
+    "relay_dead_letter_write_errors", "Failed attempts to write the dead letter file (a full disk, a path "
+    "that cannot be a file); its messages wait, unacknowledged, and are retried.", registry=REGISTRY)
 READY = Gauge("relay_ready", "1 while sources run and the sink answers.", registry=REGISTRY)
 
 

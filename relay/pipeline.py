@@ -74,6 +74,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task[None]] = []
+        self._lane_failure = ""
 
     # -- source side -------------------------------------------------------------------------
 
@@ -91,26 +92,29 @@ class Pipeline:
             return
         per_lane: dict[int, list[Publication]] = {}
         settle_now: list[Message] = []
-        rejected = False
+        rejected: list[Message] = []
         routed = 0
         for msg in batch:
             pubs, rejects = self.router.route(msg)
-            for rejection in rejects:
-                self._dead_letter(rejection)
-                rejected = True
-            if not pubs:
+            owed = self._assign(pubs, per_lane) if pubs else 0
+            if rejects:
+                for rejection in rejects:
+                    self._dead_letter(rejection)
+                rejected.append(msg)
+                owed += 1  # its dead letter lines, until they are durable
+            if not owed:
                 settle_now.append(msg)
                 continue
             self._unsettled += 1
             routed += 1
-            msg.pending = self._assign(pubs, per_lane)
+            msg.pending = owed
         events.MessagesReceived(batch[0].source, len(batch), in_flight=routed).emit()
-        if rejected:
-            self.dead_letters.flush()
         for msg in settle_now:
             msg.settle()
-        if per_lane:
+        if routed:
             self._idle.clear()
+        if rejected:
+            self.dead_letters.commit(lambda: self._release(rejected))
         for index, pubs in per_lane.items():
             await self.lanes[index].put(pubs)
 
@@ -143,6 +147,20 @@ class Pipeline:
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._run_lane(lane), name=f"lane-{i}")
                          for i, lane in enumerate(self.lanes)]
+        for task in self._workers:
+            task.add_done_callback(self._lane_ended)
+
+    @property
+    def problem(self) -> str:
+        """Why the pipeline cannot deliver everything now ("" when it can): for /readyz."""
+        return self.dead_letters.problem or self._lane_failure
+
+    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+        # A lane never ends by itself; one that failed must be loud, not a silent stall.
+        if not task.cancelled() and task.exception() is not None:
+            self._lane_failure = f"{task.get_name()} failed: {task.exception()!r}"
+            log.error("%s; publications to its channels wait until a restart", self._lane_failure,
+                      exc_info=task.exception())
 
     async def _run_lane(self, lane: Lane) -> None:
         # Settling a delivered batch (acks, dead letters, metrics) is done while the server works
@@ -168,25 +186,35 @@ class Pipeline:
                 self._finish(*delivered)
 
     def _finish(self, batch: list[Publication], failures: Failures) -> None:
-        dead = False
-        for index, failed in failures.items():
+        failed: list[Message] = []
+        for index, failures_of_pub in failures.items():
+            if not failures_of_pub:
+                continue
             pub = batch[index]
             # One line per distinct error, not per channel: a broadcast to 1,000 channels that all
             # fail the same way must not write its data 1,000 times.
             by_error: dict[tuple[int, str], list[str]] = {}
-            for failure in failed:
+            for failure in failures_of_pub:
                 by_error.setdefault((failure.code, failure.message), []).append(failure.channel)
             for (code, message), channels in by_error.items():
                 reason = f"centrifugo error {code}: {message}" if code else message
                 self._dead_letter(Rejection(pub.message, reason, channel=channels[0], code=code, data=pub.data,
                                             channels=tuple(channels)))
-                dead = True
-        if dead:
-            self.dead_letters.flush()
-        events.PublicationsAccepted(len(batch) - sum(1 for f in failures.values() if f)).emit()
+            failed.append(pub.message)
+        events.PublicationsAccepted(len(batch) - len(failed)).emit()
+        if failed:
+            # A failed publication is owed until its dead letter is durable; the rest are done.
+            done = {index for index, failures_of_pub in failures.items() if failures_of_pub}
+            self._release([pub.message for index, pub in enumerate(batch) if index not in done])
+            self.dead_letters.commit(lambda: self._release(failed))
+        else:
+            self._release([pub.message for pub in batch])
+
+    def _release(self, messages: list[Message]) -> None:
+        """One publication (or the dead letter lines) of each message is settled; messages with
+        nothing left owed are acknowledged."""
         settled = []
-        for pub in batch:
-            msg = pub.message
+        for msg in messages:
             msg.pending -= 1
             if msg.pending == 0:
                 self._unsettled -= 1

@@ -14,7 +14,6 @@ PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 SIMPLE_FIELDS = frozenset(
     {"key", "topic", "partition", "offset", "timestamp", "seq", "now", "source", "line"}
 )
-PREFIX_FIELDS = ("header.", "json.", "file.")
 FILE_FIELDS = frozenset({"file.path", "file.name", "file.line", "file.offset"})
 _FIELD_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 

@@ -1,9 +1,9 @@
 """TLS on both GRPC ends: the embedded server's certificate (and a client CA for mTLS), the sink's
 CA, client certificate and server name; and, when a handshake fails, why, in one line.
 
-Files are checked when the relay starts, with Python's ssl module, so a missing file, a file that
-is not PEM or a certificate that does not match its key is a clear error naming the setting
-instead of gRPC's "cannot listen" or a handshake that fails later.
+Files are checked by `relay check` and when the relay starts (relay/certificates.py), so a missing
+file, a file that is not PEM or a certificate that does not match its key is a clear error naming
+the setting instead of gRPC's "cannot listen" or a handshake that fails later.
 
 gRPC reports a refused handshake as UNAVAILABLE and often says no more than "Socket closed" (with
 TLS 1.3 a server that wants a client certificate says so only after the client finished its side
@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from pathlib import Path
 
 import grpc
 
+from relay.addresses import parse_host_port
+from relay.certificates import check_ca, check_pair, no_password
 from relay.config import ServerTls, SinkTls
-from relay.secrets import SecretError
 
 # An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with its SETTINGS,
 # or, if it refused our certificate, with a TLS alert.
@@ -38,52 +38,13 @@ _CLIENT_CERT_REFUSED_TEXT = ("the server refused our client certificate (is sink
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
 
 
-class TlsError(SecretError):
-    """A TLS file named by the config is missing, unreadable, or not what it should be."""
-
-
-def _no_password() -> bytes:
-    # An encrypted private key fails cleanly instead of OpenSSL prompting on the terminal.
-    return b""
-
-
-def _read_pem(path: str, setting: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise TlsError(f"{setting}: cannot read {path}: {err.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise TlsError(f"{setting}: {path} is not a PEM file")
-    return data
-
-
-def _check_pair(cert_file: str, key_file: str, section: str) -> tuple[bytes, bytes]:
-    cert = _read_pem(cert_file, f"{section}.cert_file")
-    key = _read_pem(key_file, f"{section}.key_file")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_file, key_file, password=_no_password)
-    except ssl.SSLError as err:
-        raise TlsError(f"{section}: {cert_file} and {key_file} are not a PEM certificate and its "
-                       f"(unencrypted) private key ({err.reason or err})") from None
-    return cert, key
-
-
-def _check_ca(ca_file: str, setting: str) -> bytes:
-    data = _read_pem(ca_file, setting)
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca_file)
-    except ssl.SSLError as err:
-        raise TlsError(f"{setting}: {ca_file} holds no usable CA certificate ({err.reason or err})") from None
-    return data
-
-
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials | None:
     """The embedded server's credentials (None without TLS); with a client CA, clients must
     present a certificate it signed. Raises TlsError."""
     if not tls.enabled:
         return None
-    cert, key = _check_pair(tls.cert_file, tls.key_file, "server.tls")
-    ca = _check_ca(tls.client_ca_file, "server.tls.client_ca_file") if tls.client_ca_file else None
+    cert, key = check_pair(tls.cert_file, tls.key_file, "server.tls")
+    ca = check_ca(tls.client_ca_file, "server.tls.client_ca_file") if tls.client_ca_file else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                        require_client_auth=ca is not None)
 
@@ -91,18 +52,11 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials | None:
 def channel_credentials(tls: SinkTls) -> grpc.ChannelCredentials:
     """The sink's credentials: a CA file (or the system's trust store) and, for mTLS, a client
     certificate and key. Raises TlsError."""
-    ca = _check_ca(tls.ca_file, "sink.tls.ca_file") if tls.ca_file else None
+    ca = check_ca(tls.ca_file, "sink.tls.ca_file") if tls.ca_file else None
     cert = key = None
     if tls.cert_file:
-        cert, key = _check_pair(tls.cert_file, tls.key_file, "sink.tls")
+        cert, key = check_pair(tls.cert_file, tls.key_file, "sink.tls")
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    host, sep, port = address.removeprefix("dns:///").removeprefix("ipv4:").rpartition(":")
-    if not sep or not port.isdigit() or "/" in host:
-        return None
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _client_context(tls: SinkTls | None) -> ssl.SSLContext:
@@ -118,7 +72,7 @@ def _client_context(tls: SinkTls | None) -> ssl.SSLContext:
     else:
         ctx.load_default_certs()
     if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_no_password)
+        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_password)
     return ctx
 
 
@@ -140,10 +94,11 @@ def _explain(err: ssl.SSLError, tls: SinkTls) -> str:
 async def diagnose(address: str, tls: SinkTls | None, timeout: float = DIAGNOSE_TIMEOUT) -> str | None:
     """Why a gRPC connection to `address` fails for TLS reasons, as one line naming the setting to
     fix; None when TLS is not the problem (or the server cannot be reached at all)."""
-    target = _host_port(address)
-    if target is None:
+    try:
+        target = parse_host_port(address)
+    except ValueError:
         return None
-    host, port = target
+    host, port = target.host, target.port
     enabled = tls is not None and tls.enabled
     try:
         ctx = _client_context(tls)

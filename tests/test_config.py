@@ -77,6 +77,20 @@ BROKEN = [
     ("[relay\n", "(toml)", "Expected"),
     ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:*"\n',
      "routes[0].channel", "reserved"),
+    # issue 12 item 8: these escaped the one-line rule (a traceback, exit 1, or accepted)
+    ("[relay]\nx = " + "[" * 1000 + "]" * 1000 + "\n" + BASE, "relay.x", "nested too deeply"),
+    ('[[routes]]\nsource = "a"\n[[routes]]\nchannels = ' + "{a = " * 500 + "1" + "}" * 500 + "\n",
+     "routes[1].channels", "nested too deeply"),
+    ('[relay]\nmetrics_listen = "garbage"\n' + BASE, "relay.metrics_listen", "expected host:port"),
+    ('[relay]\nmetrics_listen = "127.0.0.1:99999"\n' + BASE, "relay.metrics_listen", "outside 0..65535"),
+    ('[server]\nlisten = "127.0.0.1:99999"\n' + BASE, "server.listen", "outside 0..65535"),
+    ('[server]\nlisten = ":10000"\n' + BASE, "server.listen", "has no host"),
+    ('[sink]\ntimeout = "0s"\n' + BASE, "sink.timeout", "greater than 0"),
+    ('[sink]\naddress = "::::"\n' + BASE, "sink.address", "in brackets"),
+    ('[sink]\naddress = "127.0.0.1:0"\n' + BASE, "sink.address", "outside 1..65535"),
+    ('[sink]\nretry = { initial_backoff = "5s", max_backoff = "1s" }\n' + BASE, "sink.retry.max_backoff",
+     "less than initial_backoff (5s)"),
+    ('[sink]\nretry = { initial_backoff = "0s" }\n' + BASE, "sink.retry.initial_backoff", "greater than 0"),
 ]
 
 
@@ -144,3 +158,47 @@ def test_relay_check_prints_the_resolved_pipeline() -> None:
     assert "  [1] applog → chat:logs data=wrap\n" in out
     assert "  grpc v6 → 127.0.0.1:10000, api key from $RELAY_SERVER_API_KEY" in out
     assert "  namespaces: chat (history 1000, 600s)" in out
+
+
+# Each is refused by `relay check` exactly as by `relay run`: exit 2, one line naming the key.
+# "{d}" is the test's directory; files named there do not exist.
+REFUSED_BY_BOTH = [
+    ("x = " + "[" * 1000 + "]" * 1000 + "\n", "x", "nested too deeply"),
+    ('[relay]\nmetrics_listen = "garbage"\n', "relay.metrics_listen", "expected host:port, got 'garbage'"),
+    ('[relay]\nmetrics_listen = "127.0.0.1:99999"\n', "relay.metrics_listen", "outside 0..65535"),
+    ('[server]\nenabled = true\nlisten = "127.0.0.1:99999"\n', "server.listen", "outside 0..65535"),
+    ('[server]\nenabled = true\napi_key_file = "{d}/server.key"\n', "server.api_key_file",
+     "cannot read {d}/server.key: No such file or directory"),
+    ('[sink]\napi_key_file = "{d}/sink.key"\n', "sink.api_key_file", "cannot read {d}/sink.key"),
+    ('[sink]\ntls = { enabled = true, ca_file = "{d}/ca.pem" }\n', "sink.tls.ca_file", "cannot read {d}/ca.pem"),
+    ('[server]\ntls = { enabled = true, cert_file = "{d}/c.pem", key_file = "{d}/relay.toml" }\n',
+     "server.tls.cert_file", "cannot read {d}/c.pem"),
+    ('[sink]\ntls = { enabled = true, ca_file = "{d}/relay.toml" }\n', "sink.tls.ca_file", "is not a PEM file"),
+    ('[sources.k]\ntype = "kafka"\nbrokers = ["127.0.0.1:9092"]\ntopics = ["t"]\nsecurity_protocol = "SSL"\n'
+     'tls = { ca_file = "{d}/kafka-ca.pem" }\n', "sources.k.tls.ca_file", "cannot read {d}/kafka-ca.pem"),
+    ('[sink]\ntimeout = "0s"\n', "sink.timeout", "greater than 0"),
+    ('[sink]\naddress = "::::"\n', "sink.address", "in brackets"),
+    ('[sink]\nretry = { initial_backoff = "5s", max_backoff = "1s" }\n', "sink.retry.max_backoff",
+     "less than initial_backoff"),
+]
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(("text", "key", "words"), REFUSED_BY_BOTH, ids=[c[1] for c in REFUSED_BY_BOTH])
+def test_check_and_run_refuse_alike_with_one_line(tmp_path: Path, command: str, text: str, key: str,
+                                                  words: str) -> None:
+    """A config `relay check` calls ok must not be one `relay run` refuses, nor the other way round."""
+    config = tmp_path / "relay.toml"
+    state = f'state_dir = "{tmp_path}/state"\n'
+    body = text.replace("{d}", str(tmp_path))
+    if body.startswith("[relay]\n"):
+        body = body.replace("[relay]\n", "[relay]\n" + state, 1)
+    else:
+        body += '[relay]\nmetrics_listen = ""\n' + state
+    config.write_text(body)
+    proc = subprocess.run([sys.executable, "-m", "relay", command, "-c", str(config)], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{config}: {key}: ") and words.replace("{d}", str(tmp_path)) in lines[0], lines

@@ -28,9 +28,9 @@ from pydantic import BaseModel, ValidationError
 
 from relay import sources
 from relay.channels import channel_problem
+from relay.check import describe
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, Config, ConfigError, RouteConfig, parse_config
 from relay.dead_letter import DeadLetterFile
-from relay.inspect import describe
 from relay.message import Message
 from relay.pipeline import Pipeline
 from relay.proto.centrifugo import api_pb2 as pb

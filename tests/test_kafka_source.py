@@ -417,7 +417,7 @@ async def test_tls_with_a_private_ca(kafka_broker: KafkaBroker) -> None:
 @pytest.mark.parametrize(("table", "problem"), [
     ({"topics": ["a"], "topics_pattern": "a.*"}, "exactly one of topics or topics_pattern"),
     ({"topics": []}, "exactly one of topics or topics_pattern"),
-    ({"topics": ["a"], "brokers": ["nohost"]}, "is not \"host:port\""),
+    ({"topics": ["a"], "brokers": ["nohost"]}, "expected host:port"),
     ({"topics_pattern": "(unclosed"}, "not a regular expression"),
     ({"topics": ["a"], "sasl": {"username": "u", "password_env": "P"}}, "security_protocol is PLAINTEXT"),
     ({"topics": ["a"], "security_protocol": "SASL_SSL", "sasl": {"username": "u"}}, "password_env or"),

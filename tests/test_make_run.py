@@ -1,9 +1,11 @@
-"""A new user's first minute: `make run` on a fresh copy, `relay tail chat:index` shows ticks."""
+"""A new user's first minute: `make run` on a fresh copy, then README's first steps as written:
+`relay tail chat:index` shows ticks, a line appended to var/log/app.log reaches chat:logs."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -36,6 +38,19 @@ def _fresh_copy(dest: Path) -> None:
             (dest / name).write_bytes(src.read_bytes())
 
 
+def _first_steps() -> list[str]:
+    """The commands of README's first "second terminal" block, as a user would type them."""
+    lines = (REPO / "README.md").read_text().split("watch the ticker arrive", 1)[1].splitlines()
+    block = [line.strip() for line in lines[1:12] if line.startswith("    ")]
+    return [line.split("   #")[0].strip() for line in block]
+
+
+def _as_run_here(command: str) -> list[str]:
+    """A README command for this test: `.venv/bin/relay` is the relay of the venv the suite runs in."""
+    words = shlex.split(command)
+    return [sys.executable, "-m", "relay", *words[1:]] if words[0] == ".venv/bin/relay" else words
+
+
 def test_make_run_then_relay_tail_shows_ticks(tmp_path: Path) -> None:
     for port in (10000, 9108):
         if not _port_free(port):
@@ -55,7 +70,10 @@ def test_make_run_then_relay_tail_shows_ticks(tmp_path: Path) -> None:
             assert run.poll() is None, run.stdout.read().decode() if run.stdout else ""
             assert time.monotonic() < deadline, "make run did not start the embedded server"
             time.sleep(0.1)
-        tail = subprocess.Popen([sys.executable, "-m", "relay", "tail", "chat:index", "--poll", "100ms"],
+        steps = _first_steps()
+        assert steps[0].startswith(".venv/bin/relay tail chat:index") and steps[1].startswith("echo "), steps
+        assert steps[2].startswith(".venv/bin/relay tail chat:logs"), steps
+        tail = subprocess.Popen([*_as_run_here(steps[0]), "--poll", "100ms"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ}, text=True)
         assert tail.stdout is not None
         ticks = [json.loads(tail.stdout.readline()) for _ in range(2)]
@@ -63,6 +81,16 @@ def test_make_run_then_relay_tail_shows_ticks(tmp_path: Path) -> None:
         assert all(t["channel"] == "chat:index" and t["data"]["type"] == "tick" for t in ticks)
         assert seqs[1] == seqs[0] + 1
         assert ticks[1]["offset"] == ticks[0]["offset"] + 1
+        tail.kill()
+        # The second step exactly as README writes it, in the fresh copy: var/log must be there.
+        echo = subprocess.run(["sh", "-c", steps[1]], cwd=clone, capture_output=True, text=True)
+        assert echo.returncode == 0, echo.stderr
+        tail = subprocess.Popen([*_as_run_here(steps[2]), "--poll", "100ms"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ}, text=True)
+        assert tail.stdout is not None
+        line = json.loads(tail.stdout.readline())
+        assert line["channel"] == "chat:logs" and line["data"] == {"line": '{"msg": "hello"}',
+                                                                   "file": str(clone / "var/log/app.log")}, line
     finally:
         if tail is not None:
             tail.kill()

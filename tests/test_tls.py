@@ -297,18 +297,20 @@ def test_tls_mistakes_are_one_clear_line_and_no_hang(pki: Pki, embedded_server_f
     ('tls = { enabled = true, cert_file = "{d}/client_cert.pem", key_file = "{d}/other_key.pem" }',
      "are not a PEM certificate and its (unencrypted) private key"),
 ])
-def test_a_bad_sink_tls_file_stops_the_relay_with_one_line(pki: Pki, tmp_path: Path, tls: str,
-                                                           message: str) -> None:
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_sink_tls_file_is_a_config_error_of_one_line(pki: Pki, tmp_path: Path, tls: str,
+                                                            message: str, command: str) -> None:
+    """`relay check` finds what `relay run` would refuse: exit 2, one line naming the setting."""
     d = pki.ca.parent
     (d / "garbage.pem").write_text("not a certificate\n")
     config = tmp_path / "relay.toml"
     config.write_text(relay_config(f"127.0.0.1:{free_port()}", "chat:x", tls.replace("{d}", str(d)))
                       .replace("[relay]", f'[relay]\nstate_dir = "{tmp_path}/state"\nmetrics_listen = ""'))
-    done = subprocess.run([sys.executable, "-m", "relay", "run", "-c", str(config)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "relay", command, "-c", str(config)], capture_output=True,
                           text=True, timeout=30, cwd=tmp_path)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("relay: sink: ") and message.format(d=d) in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith(f"{config}: sink.tls") and message.format(d=d) in lines[0], lines
 
 
 @pytest.mark.parametrize(("tls", "problem"), [

@@ -20,7 +20,10 @@ from collections.abc import Callable
 import grpc
 from pydantic import ValidationError
 
-from relay.config import ConfigError, NamespaceConfig, ServerSection, load_config
+from relay.addresses import HostPort, parse_host_port
+from relay.certificates import TlsError
+from relay.config import NamespaceConfig, ServerSection, load_config
+from relay.errors import ConfigError, FatalError
 from relay.proto.centrifugo import api_pb2
 from relay.proto.centrifugo_v2 import api_pb2 as legacy_pb2
 from relay.secrets import SecretError, load_secret
@@ -30,7 +33,7 @@ from relay.server.node import NodeInfo
 from relay.server.service_v2 import LegacyCentrifugoService
 from relay.server.service_v6 import CentrifugoApiService
 from relay.server.state import NamespacePolicy, ServerState
-from relay.tls import TlsError, server_credentials
+from relay.tls import server_credentials
 
 SWEEP_INTERVAL = 1.0
 DEFAULT_NAMESPACES = ["chat"]
@@ -38,15 +41,6 @@ DEFAULT_NAMESPACES = ["chat"]
 
 class ServerStartError(Exception):
     """The server could not start: bad listen address, port taken, unreadable key or TLS files."""
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """(host, port) from "host:port" or "[v6]:port"; ValueError with the reason."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected host:port, got {listen!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host or "0.0.0.0", int(port_text)
 
 
 def is_loopback(host: str) -> bool:
@@ -112,9 +106,10 @@ class EmbeddedServer:
     async def start(self) -> None:
         """Bind and serve; raises ServerStartError when it cannot."""
         try:
-            host, port = parse_listen(self.config.listen)
+            listen = parse_host_port(self.config.listen, any_port=True)
         except ValueError as err:
             raise ServerStartError(f"server.listen: {err}") from None
+        host, port = listen.host, listen.port
         key = self._api_key()
         if not key and not is_loopback(host) and not self.config.allow_unauthenticated_remote:
             raise ServerStartError(
@@ -127,7 +122,7 @@ class EmbeddedServer:
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      # Without this a second server could bind the same port and share the traffic.
                      ("grpc.so_reuseport", 0)])
-        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        bind = str(listen)
         try:
             bound = (server.add_secure_port(bind, credentials) if credentials
                      else server.add_insecure_port(bind))
@@ -144,7 +139,7 @@ class EmbeddedServer:
                     LegacyCentrifugoService(self.state, node, transport_errors=transport), self.state.call)
         await server.start()
         self._server = server
-        self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        self._address = str(HostPort(host, bound))
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="embedded-server-sweeper")
 
     async def _sweep_forever(self) -> None:
@@ -188,16 +183,14 @@ def _server_section(args: argparse.Namespace) -> ServerSection:
                                for e in err.errors()]) from None
     section = section.model_copy(update=update)
     try:
-        parse_listen(section.listen)
+        parse_host_port(section.listen, any_port=True)
     except ValueError as err:
         raise ConfigError([f"{where}: server.listen: {err}"]) from None
     return section
 
 
-async def serve_from_args(args: argparse.Namespace) -> int:
-    """`relay serve`: run the embedded server until SIGINT/SIGTERM; 0 on a clean stop."""
-    from relay.cli import FatalError
-
+async def serve_from_args(args: argparse.Namespace) -> None:
+    """`relay serve`: run the embedded server until SIGINT/SIGTERM; FatalError when it cannot start."""
     server = EmbeddedServer(_server_section(args))
     try:
         await server.start()
@@ -214,4 +207,3 @@ async def serve_from_args(args: argparse.Namespace) -> int:
         await stopping.wait()
     finally:
         await server.stop(grace=1.0)
-    return 0

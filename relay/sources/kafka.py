@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from relay import events
 from relay.acks import ContiguousTracker
+from relay.addresses import parse_host_port
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources import Emit
@@ -135,9 +136,7 @@ class Config(BaseModel):
     @classmethod
     def _brokers(cls, value: list[str]) -> list[str]:
         for broker in value:
-            host, sep, port = broker.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f'broker {broker!r} is not "host:port"')
+            parse_host_port(broker)
         return value
 
     @field_validator("topics_pattern")
@@ -499,11 +498,11 @@ class KafkaSource:
         hears it. Waiting does not fix a wrong password, so the source fails at once, naming the
         mechanism and the user (never the password)."""
         cfg = self.config
-        host, _, port = cfg.brokers[0].rpartition(":")
+        first = parse_host_port(cfg.brokers[0])
         options = self._client_options()
         try:
             conn = await asyncio.wait_for(create_conn(
-                host.strip("[]"), int(port), client_id=cfg.client_id, request_timeout_ms=10_000,
+                first.host, first.port, client_id=cfg.client_id, request_timeout_ms=10_000,
                 ssl_context=options.get("ssl_context"), security_protocol=cfg.security_protocol,
                 sasl_mechanism=options.get("sasl_mechanism"),
                 sasl_plain_username=options.get("sasl_plain_username"),

@@ -25,7 +25,12 @@ from relay.proto.centrifugo import api_pb2
 from relay.proto.centrifugo_v2 import api_pb2 as legacy_pb2
 from relay.secrets import SecretError, load_secret
 from relay.server.auth import ApiKeyInterceptor
+from relay.server.client_protocol import ClientContext
 from relay.server.handlers import add_service
+from relay.server.http_api import HttpApi
+from relay.server.http_side import HttpSide
+from relay.server.hub import Hub
+from relay.server.jwt import TokenVerifier
 from relay.server.node import NodeInfo
 from relay.server.service_v2 import LegacyCentrifugoService
 from relay.server.service_v6 import CentrifugoApiService
@@ -78,12 +83,20 @@ def namespace_policies(config: ServerSection) -> list[NamespacePolicy]:
     return [NamespacePolicy(ns.name, ns.history_size, ns.history_ttl) for ns in config.namespaces]
 
 
+def top_level_policy(config: ServerSection) -> NamespacePolicy:
+    options = config.without_namespace
+    return NamespacePolicy("", options.history_size, options.history_ttl)
+
+
 class EmbeddedServer:
     """Serves `centrifugal.centrifugo.api.CentrifugoApi` and `api.Centrifugo` from one store."""
 
     def __init__(self, config: ServerSection, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.state = ServerState(namespace_policies(config), clock=clock)
+        self.state = ServerState(namespace_policies(config), top_level=top_level_policy(config), clock=clock)
+        self.hub = Hub()
+        self.state.on_publication = self.hub.deliver
+        self._http: HttpSide | None = None
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._address = ""
@@ -95,12 +108,13 @@ class EmbeddedServer:
             raise RuntimeError("the embedded server is not started")
         return self._address
 
+    @property
+    def http_address(self) -> str:
+        """The host:port of the HTTP side (WebSocket and HTTP API); "" when it is off."""
+        return self._http.address if self._http is not None else ""
+
     def _api_key(self) -> str:
-        try:
-            secret = load_secret(self.config.api_key_env, self.config.api_key_file)
-        except SecretError as err:
-            raise ServerStartError(str(err)) from None
-        return secret.reveal() if secret else ""
+        return _secret(self.config.api_key_env, self.config.api_key_file)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         try:
@@ -115,10 +129,11 @@ class EmbeddedServer:
         except ValueError as err:
             raise ServerStartError(f"server.listen: {err}") from None
         key = self._api_key()
-        if not key and not is_loopback(host) and not self.config.allow_unauthenticated_remote:
-            raise ServerStartError(
-                f"server.listen: {self.config.listen} is reachable from other hosts and no API key is set; "
-                "set server.api_key_env (or allow_unauthenticated_remote = true)")
+        self._refuse_open_remote("listen", host, key)
+        http_host, http_port = self._http_listen()
+        if self.config.http_listen:
+            self._refuse_open_remote("http_listen", http_host, key)
+            check_bindable(http_host, http_port)
         credentials = self._credentials()
         check_bindable(host, port)
         server = grpc.aio.server(
@@ -137,14 +152,49 @@ class EmbeddedServer:
         node = NodeInfo(bound)
         # The server-wide default of Centrifugo's grpc_api.error_mode; a call can still ask per call.
         transport = getattr(self.config, "error_mode", "body") == "transport"
-        add_service(server, api_pb2, "CentrifugoApi",
-                    CentrifugoApiService(self.state, node, transport_errors=transport))
+        clients = self._client_context()
+        service = CentrifugoApiService(self.state, node, transport_errors=transport,
+                                       clients=clients if self.config.http_listen else None)
+        add_service(server, api_pb2, "CentrifugoApi", service)
         add_service(server, legacy_pb2, "Centrifugo",
                     LegacyCentrifugoService(self.state, node, transport_errors=transport))
         await server.start()
         self._server = server
+        if self.config.http_listen:
+            http = HttpSide(self.config, clients, HttpApi(service, clients, key))
+            try:
+                await http.start(http_host, http_port)
+            except OSError as err:
+                await server.stop(0)
+                self._server = None
+                raise ServerStartError(f"cannot listen on {self.config.http_listen}: {err.strerror or err}") from None
+            self._http = http
         self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="embedded-server-sweeper")
+
+    def _refuse_open_remote(self, key_name: str, host: str, key: str) -> None:
+        if not key and not is_loopback(host) and not self.config.allow_unauthenticated_remote:
+            listen = getattr(self.config, key_name)
+            raise ServerStartError(
+                f"server.{key_name}: {listen} is reachable from other hosts and no API key is set; "
+                "set server.api_key_env (or allow_unauthenticated_remote = true)")
+
+    def _http_listen(self) -> tuple[str, int]:
+        if not self.config.http_listen:
+            return "", 0
+        try:
+            return parse_listen(self.config.http_listen)
+        except ValueError as err:
+            raise ServerStartError(f"server.http_listen: {err}") from None
+
+    def _client_context(self) -> ClientContext:
+        secret = _secret(self.config.client_token_hmac_secret_env, self.config.client_token_hmac_secret_file)
+        return ClientContext(
+            state=self.state, hub=self.hub, namespaces={ns.name: ns for ns in self.config.namespaces},
+            without_namespace=self.config.without_namespace, verifier=TokenVerifier(secret),
+            allow_anonymous=self.config.allow_anonymous_connect_without_token,
+            max_subscriptions=self.config.max_subscriptions_per_connection,
+            version=NodeInfo().version)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -158,9 +208,20 @@ class EmbeddedServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+
+
+def _secret(env: str, file: str) -> str:
+    try:
+        secret = load_secret(env, file)
+    except SecretError as err:
+        raise ServerStartError(str(err)) from None
+    return secret.reveal() if secret else ""
 
 
 def _server_section(args: argparse.Namespace) -> ServerSection:
@@ -174,6 +235,8 @@ def _server_section(args: argparse.Namespace) -> ServerSection:
     update: dict[str, object] = {}
     if args.listen:
         update["listen"] = args.listen
+    if getattr(args, "http_listen", None) is not None:
+        update["http_listen"] = args.http_listen
     if args.api_key_env:
         update.update(api_key_env=args.api_key_env, api_key_file="")
     names = args.namespace
@@ -208,6 +271,8 @@ async def serve_from_args(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stopping.set)
     # What was loaded to start is there for good: keep the collector from walking it again and again.
     gc.freeze()
+    if server.http_address:
+        print(f"http on {server.http_address}", file=sys.stderr, flush=True)
     print(f"listening on {server.address}", file=sys.stderr, flush=True)
     try:
         await stopping.wait()

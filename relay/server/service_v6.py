@@ -13,10 +13,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
+from relay.server.client_protocol import ClientContext
 from relay.server.errors import (
     BAD_REQUEST,
+    NOT_AVAILABLE,
     NOT_FOUND,
     STATUS_DETAILS_KEY,
     ApiError,
@@ -25,6 +28,7 @@ from relay.server.errors import (
     wants_transport_errors,
 )
 from relay.server.node import NodeInfo
+from relay.server.pattern import channel_matcher
 from relay.server.state import Position, ServerState
 
 ERROR_TYPE = "centrifugal.centrifugo.api.Error"
@@ -59,10 +63,30 @@ async def answer_error(context: grpc.aio.ServicerContext[Any, Any], err: ApiErro
 class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
     """The v6 API over a ServerState."""
 
-    def __init__(self, state: ServerState, node: NodeInfo, *, transport_errors: bool = False) -> None:
+    def __init__(self, state: ServerState, node: NodeInfo, *, transport_errors: bool = False,
+                 clients: ClientContext | None = None) -> None:
         self.state = state
         self.node = node
         self.transport_errors = transport_errors
+        # The WebSocket side, when the HTTP side runs: presence and client counts come from it.
+        self.clients = clients
+
+    def operations(self) -> dict[str, tuple[type[Message], Callable[[Any], Message]]]:
+        """The server API methods shared with the HTTP API: name → (request type, operation)."""
+        return {
+            "publish": (api_pb2.PublishRequest, self._publish_result),
+            "broadcast": (api_pb2.BroadcastRequest, self._broadcast),
+            "history": (api_pb2.HistoryRequest, self._history),
+            "history_remove": (api_pb2.HistoryRemoveRequest, self._history_remove),
+            "presence": (api_pb2.PresenceRequest, self._presence),
+            "presence_stats": (api_pb2.PresenceStatsRequest, self._presence_stats),
+            "info": (api_pb2.InfoRequest, lambda _req: self._info()),
+            "channels": (api_pb2.ChannelsRequest, self._channels),
+        }
+
+    def _publish_result(self, req: api_pb2.PublishRequest) -> api_pb2.PublishResult:
+        offset, epoch = self._publish(req)
+        return api_pb2.PublishResult(offset=offset, epoch=epoch)
 
     async def _fail(self, context: Any, err: ApiError, make: Callable[..., Response]) -> Response:
         return await answer_error(context, err, make, api_pb2.Error, ERROR_TYPE, self.transport_errors)
@@ -110,24 +134,51 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
         self.state.remove_history(req.channel)
         return api_pb2.HistoryRemoveResult()
 
+    def _presence_channel(self, channel: str) -> ClientContext | None:
+        """Validate a presence request: 107, 102, then 108 when the namespace keeps no presence."""
+        self.state.check_channel(channel)
+        if self.clients is not None and not self.clients.options(channel).presence:
+            raise ApiError(*NOT_AVAILABLE)
+        return self.clients
+
     def _presence(self, req: api_pb2.PresenceRequest) -> api_pb2.PresenceResult:
-        self.state.check_channel(req.channel)
-        return api_pb2.PresenceResult()
+        result = api_pb2.PresenceResult()
+        clients = self._presence_channel(req.channel)
+        if clients is not None:
+            for client, sub in clients.hub.channels.get(req.channel, {}).items():
+                conn = sub.connection
+                result.presence[client].CopyFrom(api_pb2.ClientInfo(
+                    user=conn.user, client=client, conn_info=conn.conn_info or b"", chan_info=sub.chan_info or b""))
+        return result
 
     def _presence_stats(self, req: api_pb2.PresenceStatsRequest) -> api_pb2.PresenceStatsResult:
-        self.state.check_channel(req.channel)
-        return api_pb2.PresenceStatsResult()
+        clients = self._presence_channel(req.channel)
+        if clients is None:
+            return api_pb2.PresenceStatsResult()
+        num_clients, num_users = clients.hub.presence_stats(req.channel)
+        return api_pb2.PresenceStatsResult(num_clients=num_clients, num_users=num_users)
 
     def _info(self) -> api_pb2.InfoResult:
         result = api_pb2.InfoResult()
-        self.node.fill(result.nodes.add(), self.state.num_channels)
+        node = result.nodes.add()
+        self.node.fill(node, self.state.num_channels)
+        if self.clients is not None:
+            hub = self.clients.hub
+            node.num_clients, node.num_users, node.num_subs = hub.num_clients, hub.num_users, hub.num_subs
         return result
 
     def _channels(self, req: api_pb2.ChannelsRequest) -> api_pb2.ChannelsResult:
         result = api_pb2.ChannelsResult()
         entries = result.channels
-        for name in self.state.channel_names(req.pattern):
-            entries.get_or_create(name)
+        hub = self.clients.hub if self.clients is not None else None
+        names = self.state.channel_names(req.pattern)
+        if hub is not None:  # channels with subscribers but nothing stored are channels too
+            held, matches = set(names), channel_matcher(req.pattern)
+            names += [name for name in hub.channels if name not in held and matches(name)]
+        for name in names:
+            entry = entries.get_or_create(name)
+            if hub is not None:
+                entry.num_clients = hub.num_subscribers(name)
         return result
 
     # -- Batch -----------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ class ServerState:
         self._tie = itertools.count()
         # Idempotency keys in the order they expire (the window is the same for all).
         self._results_fifo: deque[tuple[float, str, str]] = deque()
+        # Called with (channel, data, tags, position) for every new publication (not for repeats):
+        # how WebSocket subscribers hear of them (relay/server/hub.py).
+        self.on_publication: Callable[[str, bytes, Mapping[str, str] | None, Position], None] | None = None
 
     # -- namespaces ----------------------------------------------------------------------------
 
@@ -192,6 +195,8 @@ class ServerState:
                 # An out-of-order version: skipped, answered with the current top.
                 return ch.top, ch.epoch
             position = position_or_none
+        if self.on_publication is not None:
+            self.on_publication(channel, data, tags or None, position)
         if idempotency_key:
             if ch is None:
                 ch = self._add_channel(channel, policy)

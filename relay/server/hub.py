@@ -1,0 +1,171 @@
+"""Who is connected and subscribed where: the embedded server's WebSocket clients, over one state.
+
+The hub keeps every client connection and, per channel, its subscribers. `ServerState` calls
+`Hub.deliver` for each new publication (whoever published it: GRPC, HTTP API or a client), which
+encodes the push once and queues the same frame for every subscriber, in publication order.
+Presence is what the hub holds: a channel's subscribers are its presence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from relay.server.state import Position
+
+
+class Connection(Protocol):
+    """What the hub needs of a client connection (relay/server/client_protocol.py's Session)."""
+
+    client_id: str
+    user: str
+    conn_info: bytes | None
+
+    def push(self, frame: bytes) -> None:
+        """Queue an already encoded frame (a JSON line) for the client."""
+
+    def server_subscribe(self, channel: str) -> None:
+        """Subscribe on the server's behalf and tell the client."""
+
+    def server_unsubscribe(self, channel: str, code: int, reason: str) -> None:
+        """Drop a subscription on the server's behalf and tell the client."""
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Close the connection with a Centrifugo disconnect code."""
+
+
+@dataclass(slots=True)
+class Subscriber:
+    """One connection's subscription to one channel."""
+
+    connection: Connection
+    chan_info: bytes | None = None
+    push_join_leave: bool = False
+
+
+@dataclass
+class Hub:
+    """Connections and subscriptions; presence is derived from them."""
+
+    connections: dict[str, Connection] = field(default_factory=dict)
+    channels: dict[str, dict[str, Subscriber]] = field(default_factory=dict)
+    # The ClientInfo of a client publishing right now (a client publication carries `info`).
+    _publisher: dict[str, Any] | None = None
+
+    # -- connections --------------------------------------------------------------------------
+
+    def add_connection(self, conn: Connection) -> None:
+        self.connections[conn.client_id] = conn
+
+    def remove_connection(self, conn: Connection) -> None:
+        self.connections.pop(conn.client_id, None)
+
+    def find(self, user: str = "", client: str = "") -> list[Connection]:
+        """Connections of a user, or the one client id (both given: both must match)."""
+        if client:
+            conn = self.connections.get(client)
+            return [conn] if conn is not None and (not user or conn.user == user) else []
+        return [conn for conn in self.connections.values() if conn.user == user]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.connections)
+
+    @property
+    def num_users(self) -> int:
+        return len({conn.user for conn in self.connections.values()})
+
+    @property
+    def num_subs(self) -> int:
+        return sum(len(subs) for subs in self.channels.values())
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(self, channel: str, sub: Subscriber) -> None:
+        self.channels.setdefault(channel, {})[sub.connection.client_id] = sub
+
+    def unsubscribe(self, channel: str, conn: Connection) -> None:
+        subs = self.channels.get(channel)
+        if subs is not None:
+            subs.pop(conn.client_id, None)
+            if not subs:
+                del self.channels[channel]
+
+    def is_subscribed(self, channel: str, conn: Connection) -> bool:
+        return conn.client_id in self.channels.get(channel, {})
+
+    def num_subscribers(self, channel: str) -> int:
+        return len(self.channels.get(channel, {}))
+
+    # -- presence -----------------------------------------------------------------------------
+
+    def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """ClientInfo of each subscriber, by client id (bytes fields as raw JSON)."""
+        return {client: client_info(sub.connection, sub.chan_info)
+                for client, sub in self.channels.get(channel, {}).items()}
+
+    def presence_stats(self, channel: str) -> tuple[int, int]:
+        """(clients, distinct users) subscribed to a channel."""
+        subs = self.channels.get(channel, {})
+        return len(subs), len({sub.connection.user for sub in subs.values()})
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    @contextmanager
+    def publishing_as(self, info: dict[str, Any]) -> Iterator[None]:
+        """Publications made inside carry this ClientInfo (a client's own publish)."""
+        self._publisher = info
+        try:
+            yield
+        finally:
+            self._publisher = None
+
+    def deliver(self, channel: str, data: bytes, tags: Mapping[str, str] | None, position: Position) -> None:
+        """Queue a publication for every subscriber of `channel` (the state's on_publication)."""
+        subs = self.channels.get(channel)
+        if not subs:
+            return
+        pub: dict[str, Any] = {"data": raw_json(data)}
+        if position[0]:
+            pub["offset"] = position[0]
+        if tags:
+            pub["tags"] = dict(tags)
+        if self._publisher is not None:
+            pub["info"] = self._publisher
+        frame = orjson.dumps({"push": {"channel": channel, "pub": pub}})
+        for sub in list(subs.values()):
+            sub.connection.push(frame)
+
+    def join_leave(self, channel: str, kind: str, info: dict[str, Any]) -> None:
+        """Push a join or leave to the subscribers that asked for them."""
+        frame = orjson.dumps({"push": {"channel": channel, kind: {"info": info}}})
+        for sub in list(self.channels.get(channel, {}).values()):
+            if sub.push_join_leave:
+                sub.connection.push(frame)
+
+
+def raw_json(data: bytes | None) -> Any:
+    """Bytes that are JSON, embedded as they are; other bytes as a JSON string (never a broken frame)."""
+    if not data:
+        return None
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+    return orjson.Fragment(data)
+
+
+def client_info(conn: Connection, chan_info: bytes | None = None) -> dict[str, Any]:
+    """Centrifugo's ClientInfo of a connection (zero values left out, as Centrifugo does)."""
+    info: dict[str, Any] = {"client": conn.client_id}
+    if conn.user:
+        info["user"] = conn.user
+    if conn.conn_info:
+        info["conn_info"] = raw_json(conn.conn_info)
+    if chan_info:
+        info["chan_info"] = raw_json(chan_info)
+    return info

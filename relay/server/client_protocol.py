@@ -96,7 +96,8 @@ class ClientContext:
 
 
 def _allowed(for_client: bool, for_anonymous: bool, for_subscriber: bool, user: str, subscribed: bool) -> bool:
-    return (for_subscriber and subscribed) or (for_client and (bool(user) or for_anonymous))
+    # As Centrifugo: anonymous users need the *_for_anonymous option even as subscribers.
+    return (for_client or (for_subscriber and subscribed)) and (bool(user) or for_anonymous)
 
 
 class Session:
@@ -328,13 +329,13 @@ class Session:
         result["was_recovering"] = True
         offset, epoch = int(params.get("offset") or 0), str(params.get("epoch") or "")
         if epoch and epoch != top.epoch:
-            result["recovered"] = False
             return result
         page = self.ctx.state.history(channel, limit=RECOVERY_MAX_PUBLICATIONS, since=(offset, top.epoch))
         pubs = page.publications
         recovered = (offset == top.offset) if not pubs else (
             pubs[0].offset == offset + 1 and pubs[-1].offset == top.offset)
-        result["recovered"] = recovered
+        if recovered:  # false is left out, as Centrifugo leaves out every zero value
+            result["recovered"] = True
         if recovered and pubs:
             result["publications"] = [_publication(p.data, p.offset, p.tags) for p in pubs]
             result["offset"] = offset

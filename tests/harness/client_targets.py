@@ -15,7 +15,7 @@ import pytest
 from tests.harness.ports import free_port
 from tests.harness.require import unavailable
 
-TOKEN_SECRET = "client-token-secret"
+TOKEN_SECRET = "client-token-secret-of-32-bytes-at-least"
 SECRET_ENV = "RELAY_TEST_CLIENT_TOKEN_SECRET"
 API_KEY = "http-key"
 _SUBSCRIBE = {"allow_subscribe_for_client": True, "allow_subscribe_for_anonymous": True}

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.harness.centrifugo",
     "tests.harness.subscriber",
     "tests.harness.client_targets",
+    "tests.harness.node_client",
 ]

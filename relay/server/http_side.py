@@ -32,7 +32,9 @@ class HttpSide:
         self.app.router.add_get("/connection/websocket", self.websocket.handle)
         api.add_routes(self.app)
         if EXAMPLES.is_dir():
-            self.app.router.add_static("/examples/", EXAMPLES, show_index=True)
+            self.app.router.add_get("/examples", _to_examples)
+            self.app.router.add_get("/examples/", _examples_index)
+            self.app.router.add_static("/examples/", EXAMPLES)
         self._runner: web.AppRunner | None = None
         self.address = ""
 
@@ -57,3 +59,11 @@ class HttpSide:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+async def _to_examples(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/examples/")
+
+
+async def _examples_index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(EXAMPLES / "index.html")

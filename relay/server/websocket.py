@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
@@ -32,8 +33,10 @@ DISCONNECT_SHUTDOWN = (3001, "shutdown")
 class WebSocketTransport:
     """The outgoing side of one connection: a byte-bounded queue drained by a writer task."""
 
-    def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int,
+                 on_drop: Callable[[], None] = lambda: None) -> None:
         self.ws = ws
+        self.on_drop = on_drop
         self.max_queued_bytes = max_queued_bytes
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
@@ -47,10 +50,13 @@ class WebSocketTransport:
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         if self._queued_bytes > self.max_queued_bytes:
-            # Drop what it could not take: the client reconnects and recovers from history.
+            # Drop what it could not take: the client reconnects and recovers from history. The
+            # writer may be stuck on the full socket, so the connection is cut rather than closed.
             self._queue.clear()
             self._queued_bytes = 0
-            self.close(*DISCONNECT_SLOW)
+            self._close = DISCONNECT_SLOW
+            self.writer.cancel()
+            self.on_drop()
             return
         self._wake.set()
 
@@ -98,7 +104,7 @@ class WebSocketEndpoint:
         if len(self.transports) >= self.max_connections:
             await ws.close(code=DISCONNECT_CONNECTION_LIMIT[0], message=DISCONNECT_CONNECTION_LIMIT[1].encode())
             return ws
-        transport = WebSocketTransport(ws, self.max_queued_bytes)
+        transport = WebSocketTransport(ws, self.max_queued_bytes, on_drop=lambda: _cut(session, request))
         session = Session(self.ctx, transport)
         self.transports.add(transport)
         watchdog = asyncio.create_task(self._watch(session, transport), name="websocket-pinger")
@@ -149,6 +155,14 @@ class WebSocketEndpoint:
         writers = [t.writer for t in self.transports]
         if writers:
             await asyncio.wait(writers, timeout=CLOSE_TIMEOUT)
+
+
+def _cut(session: Session, request: web.Request) -> None:
+    """A slow client: forget it now, and drop its socket (its read loop then ends)."""
+    log.warning("websocket client %s disconnected: slow (its queue passed the limit)", session.client_id)
+    session.close()
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:

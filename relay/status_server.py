@@ -1,15 +1,17 @@
-"""The HTTP endpoints at `relay.metrics_listen`: /metrics, /healthz, /readyz.
+"""The HTTP endpoints at `relay.metrics_listen`: /metrics, /healthz, /readyz (aiohttp).
 
-A few lines of asyncio instead of a web framework: three GET routes, no request bodies.
+The same HTTP library as the embedded server's WebSocket side: requests are parsed by aiohttp,
+so a malformed or oversized request gets an HTTP error, never a traceback.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.http_requests_log import http_server_logger
 from relay.metrics import REGISTRY
 
 
@@ -19,47 +21,45 @@ class StatusServer:
         self._host = host.strip("[]") or "127.0.0.1"
         self._port = int(port)
         self._is_ready = is_ready
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._bound = 0
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        assert self._runner is not None
+        return self._bound
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_server_logger())
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        sockets = getattr(site._server, "sockets", None) or []
+        self._bound = sockets[0].getsockname()[1] if sockets else self._port
+        self._runner = runner
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, ctype, body = self._route(path)
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n")
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # prometheus_client's content type carries parameters aiohttp's content_type= refuses.
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _route(self, path: str) -> tuple[str, str, bytes]:
-        if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
-        if path == "/healthz":
-            return "200 OK", "text/plain", b"ok\n"
-        if path == "/readyz":
-            ready, why = self._is_ready()
-            if ready:
-                return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", f"not ready: {why}\n".encode()
-        return "404 Not Found", "text/plain", b"not found\n"
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, why = self._is_ready()
+        if ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")

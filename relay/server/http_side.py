@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from relay.config import ServerSection
+from relay.http_requests_log import http_server_logger
 from relay.server.client_protocol import ClientContext
 from relay.server.http_api import HttpApi
 from relay.server.websocket import WebSocketEndpoint
@@ -40,7 +41,7 @@ class HttpSide:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (0 = any free port); OSError when it cannot."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, logger=http_server_logger())
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:

@@ -97,6 +97,13 @@ def test_legacy_api_endpoint_and_bad_json(client_target: ClientTarget) -> None:
         lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
     assert lines[0]["result"]["offset"] == 1
     assert lines[1]["result"]["publications"] == [{"data": {"a": 1}, "offset": 1}]
+    batch = urllib.request.Request(client_target.api_url + "/batch", headers={"X-API-Key": client_target.api_key},
+                                   data=json.dumps({"commands": [{"publish": {"channel": channel, "data": {}}},
+                                                                 {"history": {"channel": fresh("nowhere")}}]}).encode())
+    with urllib.request.urlopen(batch, timeout=5) as resp:  # a batch answer is not wrapped in "result"
+        assert json.loads(resp.read()) == {"replies": [
+            {"publish": {"offset": 2, "epoch": lines[0]["result"]["epoch"]}},
+            {"error": {"code": 102, "message": "unknown channel"}}]}
     bad = urllib.request.Request(client_target.api_url + "/publish", data=b"{not json",
                                  headers={"X-API-Key": client_target.api_key})
     with pytest.raises(urllib.error.HTTPError) as http_err:

@@ -148,6 +148,8 @@ class HttpApi:
             reply = self.call(name, params)
         except (orjson.JSONDecodeError, BadJson):
             return web.Response(status=400, text="Bad Request\n")
+        if name == "batch" and "result" in reply:  # Centrifugo answers a batch unwrapped: {"replies": [...]}
+            reply = reply["result"]
         error = reply.get("error")
         if error and request.headers.get("X-Centrifugo-Error-Mode", "") == "transport":
             return web.Response(status=TRANSPORT_STATUS.get(error["code"], 500), body=orjson.dumps(error),

@@ -44,7 +44,8 @@ async def _subscriber(session: aiohttp.ClientSession, ws_url: str, expect: int, 
     got = 0
     last_offset = 0
     async with session.ws_connect(ws_url, max_msg_size=0) as ws:
-        await ws.send_str('{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"%s"}}' % CHANNEL)
+        subscribe = orjson.dumps({"id": 2, "subscribe": {"channel": CHANNEL}}).decode()
+        await ws.send_str('{"id":1,"connect":{}}\n' + subscribe)
         subscribed = False
         while got < expect:
             msg = await ws.receive()
@@ -106,7 +107,6 @@ def _subscriber_process(ws_url: str, count: int, expect: int, timeout: float, re
 async def publish(api_url: str, api_key: str, publications: int, rate: float) -> float:
     """Send `publications` at `rate` per second in batches of 10; returns when the first was sent."""
     headers = {"X-API-Key": api_key}
-    interval = BATCH / rate
     started = time.time()
     async with aiohttp.ClientSession() as http:
         sent = 0

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import orjson
 
 from relay.config import ChannelOptions
+from relay.server.client_encoding import JSON, BadFrame, Encoding
 from relay.server.errors import ApiError
-from relay.server.hub import Hub, Subscriber, client_info, raw_json
+from relay.server.hub import Hub, Subscriber, client_info
 from relay.server.jwt import Claims, InvalidToken, TokenExpired, TokenVerifier, ttl
 from relay.server.state import ServerState
 
@@ -103,9 +104,10 @@ def _allowed(for_client: bool, for_anonymous: bool, for_subscriber: bool, user: 
 class Session:
     """One client's connection state and its command handling."""
 
-    def __init__(self, ctx: ClientContext, transport: Transport) -> None:
+    def __init__(self, ctx: ClientContext, transport: Transport, encoding: Encoding = JSON) -> None:
         self.ctx = ctx
         self.transport = transport
+        self.encoding = encoding
         self.client_id = str(uuid.uuid4())
         self.user = ""
         self.conn_info: bytes | None = None
@@ -120,16 +122,20 @@ class Session:
         if not self.closed:
             self.transport.send(frame)
 
+    def send(self, message: dict[str, Any]) -> None:
+        """Encode and queue one reply or push."""
+        self.push(self.encoding.encode(message))
+
     def server_unsubscribe(self, channel: str, code: int, reason: str) -> None:
         if channel in self.subscriptions:
             self._leave(channel)
-            self.push(orjson.dumps({"push": {"channel": channel, "unsubscribe": {"code": code, "reason": reason}}}))
+            self.send({"push": {"channel": channel, "unsubscribe": {"code": code, "reason": reason}}})
 
     def server_subscribe(self, channel: str) -> None:
         """Subscribe on the server's behalf (server API Subscribe) and tell the client."""
         if channel not in self.subscriptions and not self.closed:
             result = self._join(channel, self.ctx.options(channel), {}, server_side=True)
-            self.push(orjson.dumps({"push": {"channel": channel, "subscribe": result}}))
+            self.send({"push": {"channel": channel, "subscribe": result}})
 
     def disconnect(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -147,24 +153,15 @@ class Session:
 
     # -- input --------------------------------------------------------------------------------
 
-    def handle_frame(self, text: bytes | str) -> None:
-        """Handle one WebSocket message: one or more JSON commands separated by newlines."""
-        raw = text.encode() if isinstance(text, str) else text
-        if not raw.strip():
+    def handle_frame(self, frame: bytes | str) -> None:
+        """Handle one WebSocket message: one or more commands, in order."""
+        try:
+            commands = self.encoding.decode(frame)
+        except BadFrame:
             self.disconnect(*DISCONNECT_BAD_REQUEST)
             return
-        for line in raw.split(b"\n"):
+        for command in commands:
             if self.closed:
-                return
-            if not line.strip():
-                continue
-            try:
-                command = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                self.disconnect(*DISCONNECT_BAD_REQUEST)
-                return
-            if not isinstance(command, dict):
-                self.disconnect(*DISCONNECT_BAD_REQUEST)
                 return
             self.handle(command)
 
@@ -191,11 +188,11 @@ class Session:
             error: dict[str, Any] = {"code": err.code, "message": err.message}
             if err.code in (100, 111):
                 error["temporary"] = True
-            self.push(orjson.dumps({"id": cid, "error": error}))
+            self.send({"id": cid, "error": error})
             if method == "connect":
                 self.disconnect(*DISCONNECT_BAD_REQUEST)
             return
-        self.push(orjson.dumps({"id": cid, method: result}))
+        self.send({"id": cid, method: result})
 
     def _dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         handler = {
@@ -372,7 +369,7 @@ class Session:
             raise ClientError(*BAD_REQUEST)
         sub = self.subscriptions.get(channel)
         with self.ctx.hub.publishing_as(client_info(self, sub.chan_info if sub else None)):
-            self.ctx.state.publish(channel, orjson.dumps(data))
+            self.ctx.state.publish(channel, data if isinstance(data, bytes) else orjson.dumps(data))
         return {}
 
     def _may_presence(self, opts: ChannelOptions, subscribed: bool) -> bool:
@@ -417,7 +414,7 @@ class Session:
 
 
 def _publication(data: bytes, offset: int, tags: Any) -> dict[str, Any]:
-    pub: dict[str, Any] = {"data": raw_json(data), "offset": offset}
+    pub: dict[str, Any] = {"data": data, "offset": offset}
     if tags:
         pub["tags"] = dict(tags)
     return pub

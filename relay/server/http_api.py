@@ -23,11 +23,21 @@ from google.protobuf.message import Message
 
 from relay.server.client_protocol import DISCONNECT_FORCE, UNSUBSCRIBE_SERVER, ClientContext
 from relay.server.errors import BAD_REQUEST, NOT_FOUND, ApiError
-from relay.server.hub import raw_json
 from relay.server.service_v6 import CentrifugoApiService
 
 TRANSPORT_STATUS = {100: 500, 102: 404, 104: 404, 107: 400, 108: 400, 112: 416}
 Operation = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def raw_json(data: bytes | None) -> Any:
+    """Bytes that are JSON, embedded as they are; other bytes as a JSON string (never a broken answer)."""
+    if not data:
+        return None
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+    return orjson.Fragment(data)
 
 
 class BadJson(Exception):

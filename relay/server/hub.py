@@ -8,13 +8,12 @@ Presence is what the hub holds: a channel's subscribers are its presence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
+from relay.server.client_encoding import Encoding
 from relay.server.state import Position
 
 
@@ -24,9 +23,10 @@ class Connection(Protocol):
     client_id: str
     user: str
     conn_info: bytes | None
+    encoding: Encoding
 
     def push(self, frame: bytes) -> None:
-        """Queue an already encoded frame (a JSON line) for the client."""
+        """Queue one message, already in the connection's encoding."""
 
     def server_subscribe(self, channel: str) -> None:
         """Subscribe on the server's behalf and tell the client."""
@@ -104,7 +104,7 @@ class Hub:
     # -- presence -----------------------------------------------------------------------------
 
     def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        """ClientInfo of each subscriber, by client id (bytes fields as raw JSON)."""
+        """ClientInfo of each subscriber, by client id."""
         return {client: client_info(sub.connection, sub.chan_info)
                 for client, sub in self.channels.get(channel, {}).items()}
 
@@ -129,43 +129,39 @@ class Hub:
         subs = self.channels.get(channel)
         if not subs:
             return
-        pub: dict[str, Any] = {"data": raw_json(data)}
+        pub: dict[str, Any] = {"data": data}
         if position[0]:
             pub["offset"] = position[0]
         if tags:
             pub["tags"] = dict(tags)
         if self._publisher is not None:
             pub["info"] = self._publisher
-        frame = orjson.dumps({"push": {"channel": channel, "pub": pub}})
-        for sub in list(subs.values()):
-            sub.connection.push(frame)
+        self._send_to(subs.values(), {"push": {"channel": channel, "pub": pub}})
 
     def join_leave(self, channel: str, kind: str, info: dict[str, Any]) -> None:
         """Push a join or leave to the subscribers that asked for them."""
-        frame = orjson.dumps({"push": {"channel": channel, kind: {"info": info}}})
-        for sub in list(self.channels.get(channel, {}).values()):
-            if sub.push_join_leave:
-                sub.connection.push(frame)
+        wanting = [sub for sub in self.channels.get(channel, {}).values() if sub.push_join_leave]
+        self._send_to(wanting, {"push": {"channel": channel, kind: {"info": info}}})
 
-
-def raw_json(data: bytes | None) -> Any:
-    """Bytes that are JSON, embedded as they are; other bytes as a JSON string (never a broken frame)."""
-    if not data:
-        return None
-    try:
-        orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")
-    return orjson.Fragment(data)
+    @staticmethod
+    def _send_to(subs: Iterable[Subscriber], message: dict[str, Any]) -> None:
+        """Encode once per encoding in use, queue the same bytes for every subscriber."""
+        frames: dict[str, bytes] = {}
+        for sub in list(subs):
+            encoding = sub.connection.encoding
+            frame = frames.get(encoding.name)
+            if frame is None:
+                frame = frames[encoding.name] = encoding.encode(message)
+            sub.connection.push(frame)
 
 
 def client_info(conn: Connection, chan_info: bytes | None = None) -> dict[str, Any]:
-    """Centrifugo's ClientInfo of a connection (zero values left out, as Centrifugo does)."""
+    """Centrifugo's ClientInfo of a connection (zero values left out; bytes fields as bytes)."""
     info: dict[str, Any] = {"client": conn.client_id}
     if conn.user:
         info["user"] = conn.user
     if conn.conn_info:
-        info["conn_info"] = raw_json(conn.conn_info)
+        info["conn_info"] = conn.conn_info
     if chan_info:
-        info["chan_info"] = raw_json(chan_info)
+        info["chan_info"] = chan_info
     return info

@@ -17,11 +17,13 @@ from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
+from relay.server.client_encoding import JSON, PROTOBUF, Encoding
 from relay.server.client_protocol import PING_INTERVAL, PONG_TIMEOUT, ClientContext, Session
 
 log = logging.getLogger("relay.server")
 
 CONNECT_TIMEOUT = 10.0
+PROTOBUF_SUBPROTOCOL = "centrifuge-protobuf"
 CLOSE_TIMEOUT = 1.0
 DISCONNECT_SLOW = (3008, "slow")
 DISCONNECT_NO_PONG = (3012, "no pong")
@@ -33,9 +35,10 @@ DISCONNECT_SHUTDOWN = (3001, "shutdown")
 class WebSocketTransport:
     """The outgoing side of one connection: a byte-bounded queue drained by a writer task."""
 
-    def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int,
+    def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int, encoding: Encoding = JSON,
                  on_drop: Callable[[], None] = lambda: None) -> None:
         self.ws = ws
+        self.encoding = encoding
         self.on_drop = on_drop
         self.max_queued_bytes = max_queued_bytes
         self._queue: deque[bytes] = deque()
@@ -75,7 +78,8 @@ class WebSocketTransport:
                 self._queue.clear()
                 self._queued_bytes = 0
                 try:
-                    await ws.send_str(b"\n".join(frames).decode())
+                    joined = self.encoding.separator.join(frames)
+                    await (ws.send_bytes(joined) if self.encoding.binary else ws.send_str(joined.decode()))
                 except (ConnectionError, RuntimeError):
                     return
                 if self._close is not None:
@@ -99,13 +103,16 @@ class WebSocketEndpoint:
         self.transports: set[WebSocketTransport] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.max_message_bytes, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=self.max_message_bytes, autoping=True,
+                                   protocols=(PROTOBUF_SUBPROTOCOL,))
         await ws.prepare(request)
+        encoding = PROTOBUF if request.query.get("format") == "protobuf" or ws.ws_protocol == PROTOBUF_SUBPROTOCOL \
+            else JSON
         if len(self.transports) >= self.max_connections:
             await ws.close(code=DISCONNECT_CONNECTION_LIMIT[0], message=DISCONNECT_CONNECTION_LIMIT[1].encode())
             return ws
-        transport = WebSocketTransport(ws, self.max_queued_bytes, on_drop=lambda: _cut(session, request))
-        session = Session(self.ctx, transport)
+        transport = WebSocketTransport(ws, self.max_queued_bytes, encoding, on_drop=lambda: _cut(session, request))
+        session = Session(self.ctx, transport, encoding)
         self.transports.add(transport)
         watchdog = asyncio.create_task(self._watch(session, transport), name="websocket-pinger")
         try:
@@ -142,7 +149,7 @@ class WebSocketEndpoint:
         while not session.closed:
             await asyncio.sleep(PING_INTERVAL)
             session.awaiting_pong = True
-            session.push(b"{}")
+            session.push(session.encoding.ping)
             await asyncio.sleep(PONG_TIMEOUT)
             if session.awaiting_pong:
                 session.disconnect(*DISCONNECT_NO_PONG)

@@ -72,8 +72,9 @@ class ChannelSubscriber:
     """Subscribes to one channel over WebSocket and keeps every publication, in arrival order."""
 
     def __init__(self, ws_url: str, channel: str, recoverable: bool = False,
-                 max_reconnect_delay: float = 0.5) -> None:
+                 max_reconnect_delay: float = 0.5, use_protobuf: bool = False) -> None:
         self.ws_url = ws_url
+        self.use_protobuf = use_protobuf
         self.channel = channel
         self.recoverable = recoverable
         self.max_reconnect_delay = max_reconnect_delay
@@ -98,7 +99,7 @@ class ChannelSubscriber:
 
     async def _open(self) -> None:
         # proxy=None: never route a loopback test connection through an environment proxy.
-        self._client = Client(self.ws_url, proxy=None, min_reconnect_delay=0.05,
+        self._client = Client(self.ws_url, proxy=None, min_reconnect_delay=0.05, use_protobuf=self.use_protobuf,
                               max_reconnect_delay=self.max_reconnect_delay)
         sub = self._client.new_subscription(self.channel, events=_Events(self),
                                             recoverable=self.recoverable, positioned=self.recoverable)

@@ -65,6 +65,9 @@ class ChannelOptions(Model):
     force_recovery: bool = Field(False, description="Every subscription is recoverable.")
     allow_positioning: bool = Field(False, description="Subscribers that ask are told the stream position.")
     force_positioning: bool = Field(False, description="Every subscription is positioned.")
+    allowed_delta_types: list[Literal["fossil"]] = Field(
+        default_factory=list, description='Delta compressions subscribers may ask for: ["fossil"].')
+    delta_publish: bool = Field(False, description="Every publication is a delta publication.")
 
 
 class NamespaceConfig(ChannelOptions):

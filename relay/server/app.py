@@ -153,6 +153,8 @@ class EmbeddedServer:
         # The server-wide default of Centrifugo's grpc_api.error_mode; a call can still ask per call.
         transport = getattr(self.config, "error_mode", "body") == "transport"
         clients = self._client_context()
+        self.hub.delta_publish = clients.delta_publish
+        self.hub.previous_data = lambda channel, offset: self.state.publication_data(channel, offset - 1)
         service = CentrifugoApiService(self.state, node, transport_errors=transport,
                                        clients=clients if self.config.http_listen else None)
         add_service(server, api_pb2, "CentrifugoApi", service)

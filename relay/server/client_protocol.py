@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from relay.config import ChannelOptions
+from relay.server import delta
 from relay.server.client_encoding import JSON, BadFrame, Encoding
 from relay.server.errors import ApiError
 from relay.server.hub import Hub, Subscriber, client_info
@@ -89,6 +90,13 @@ class ClientContext:
     max_subscriptions: int = 128
     version: str = ""
     clock: Callable[[], float] = field(default=time.time)
+
+    def delta_publish(self, channel: str) -> bool:
+        """Whether every publication to a channel is a delta publication (its namespace's delta_publish)."""
+        try:
+            return self.options(channel).delta_publish
+        except ApiError:
+            return False
 
     def options(self, channel: str) -> ChannelOptions:
         """The options of a channel's namespace; ApiError 102 when it is not configured."""
@@ -302,12 +310,19 @@ class Session:
                                 or (server_side and bool(params.get("recover"))))
         positioning = history and (recovery or opts.force_positioning
                                    or (bool(params.get("positioned")) and opts.allow_positioning))
-        result: dict[str, Any] = {}
+        wanted_delta = str(params.get("delta") or "")
+        if wanted_delta and wanted_delta not in delta.DELTA_TYPES:
+            raise Disconnect(*DISCONNECT_BAD_REQUEST)
+        use_delta = bool(wanted_delta) and wanted_delta in opts.allowed_delta_types
+        result: dict[str, Any] = {"delta": True} if use_delta else {}
         if positioning:
             result.update(self._position(channel, opts, params, recovery))
+        if use_delta and result.get("publications"):
+            result["publications"] = delta.recovered(result["publications"], not self.encoding.binary)
         wants_join_leave = opts.force_push_join_leave or (
             bool(params.get("join_leave")) and opts.join_leave and self._may_presence(opts, True))
-        sub = Subscriber(self, chan_info, push_join_leave=opts.join_leave and wants_join_leave)
+        sub = Subscriber(self, chan_info, push_join_leave=opts.join_leave and wants_join_leave, delta=use_delta,
+                         delta_ready=use_delta and bool(result.get("recovered")))
         self.subscriptions[channel] = sub
         self.ctx.hub.subscribe(channel, sub)
         if opts.join_leave:
@@ -335,6 +350,8 @@ class Session:
             result["recovered"] = True
         if recovered and pubs:
             result["publications"] = [_publication(p.data, p.offset, p.tags) for p in pubs]
+            if pubs[0].offset == 1:  # as Centrifugo: a stream's first publication names its epoch
+                result["publications"][0]["epoch"] = top.epoch
             result["offset"] = offset
         return result
 

@@ -8,11 +8,12 @@ Presence is what the hub holds: a channel's subscribers are its presence.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from relay.server import delta
 from relay.server.client_encoding import Encoding
 from relay.server.state import Position
 
@@ -45,6 +46,8 @@ class Subscriber:
     connection: Connection
     chan_info: bytes | None = None
     push_join_leave: bool = False
+    delta: bool = False  # asked for fossil deltas, and the namespace allows them
+    delta_ready: bool = False  # has had a whole publication since subscribing: deltas may follow
 
 
 @dataclass
@@ -55,6 +58,12 @@ class Hub:
     channels: dict[str, dict[str, Subscriber]] = field(default_factory=dict)
     # The ClientInfo of a client publishing right now (a client publication carries `info`).
     _publisher: dict[str, Any] | None = None
+    # Whether the publication being made was published with `delta`.
+    _delta: bool = False
+    # Whether a channel's namespace has delta_publish, and the data of a channel's publication
+    # at an offset (the base of a delta): given by the server that owns the hub.
+    delta_publish: Callable[[str], bool] = lambda channel: False
+    previous_data: Callable[[str, int], bytes | None] = lambda channel, offset: None
 
     # -- connections --------------------------------------------------------------------------
 
@@ -124,19 +133,51 @@ class Hub:
         finally:
             self._publisher = None
 
+    @contextmanager
+    def delta_publishing(self, on: bool) -> Iterator[None]:
+        """Publications made inside were published with `delta` (API publish's `delta` field)."""
+        self._delta = on
+        try:
+            yield
+        finally:
+            self._delta = False
+
     def deliver(self, channel: str, data: bytes, tags: Mapping[str, str] | None, position: Position) -> None:
         """Queue a publication for every subscriber of `channel` (the state's on_publication)."""
         subs = self.channels.get(channel)
         if not subs:
             return
         pub: dict[str, Any] = {"data": data}
-        if position[0]:
-            pub["offset"] = position[0]
+        offset, epoch = position
+        if offset:
+            pub["offset"] = offset
+            if offset == 1:  # Centrifugo names the epoch in a stream's first publication
+                pub["epoch"] = epoch
         if tags:
             pub["tags"] = dict(tags)
         if self._publisher is not None:
             pub["info"] = self._publisher
-        self._send_to(subs.values(), {"push": {"channel": channel, "pub": pub}})
+        plain = [sub for sub in subs.values() if not sub.delta]
+        if plain:
+            self._send_to(plain, {"push": {"channel": channel, "pub": pub}})
+        if len(plain) < len(subs):
+            use_delta = self._delta or self.delta_publish(channel)
+            previous = self.previous_data(channel, offset) if use_delta and offset > 1 else None
+            self._deliver_deltas(channel, pub, previous, [sub for sub in subs.values() if sub.delta])
+
+    def _deliver_deltas(self, channel: str, pub: dict[str, Any], previous: bytes | None,
+                        subs: list[Subscriber]) -> None:
+        frames: dict[tuple[str, bool], bytes] = {}
+        for sub in subs:
+            encoding = sub.connection.encoding
+            key = (encoding.name, sub.delta_ready)
+            frame = frames.get(key)
+            if frame is None:
+                json = not encoding.binary
+                shaped = delta.against(previous, pub, json) if sub.delta_ready else delta.whole(pub, json)
+                frame = frames[key] = encoding.encode({"push": {"channel": channel, "pub": shaped}})
+            sub.delta_ready = True
+            sub.connection.push(frame)
 
     def join_leave(self, channel: str, kind: str, info: dict[str, Any]) -> None:
         """Push a join or leave to the subscribers that asked for them."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -97,6 +98,10 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
         if not req.channel:
             raise ApiError(*BAD_REQUEST)
         data = decode_data(req.data, req.b64data)
+        if req.delta and self.clients is not None:
+            with self.clients.hub.delta_publishing(True):
+                return self.state.publish(req.channel, data, dict(req.tags) if req.tags else None,
+                                          req.idempotency_key, req.skip_history, req.version, req.version_epoch)
         return self.state.publish(req.channel, data, dict(req.tags) if req.tags else None,
                                   req.idempotency_key, req.skip_history, req.version, req.version_epoch)
 
@@ -107,6 +112,14 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
         tags = dict(req.tags) if req.tags else None
         result = api_pb2.BroadcastResult()
         publish = self.state.publish
+        with contextlib.ExitStack() as stack:
+            if req.delta and self.clients is not None:
+                stack.enter_context(self.clients.hub.delta_publishing(True))
+            self._broadcast_each(req, data, tags, result, publish)
+        return result
+
+    def _broadcast_each(self, req: api_pb2.BroadcastRequest, data: bytes, tags: dict[str, str] | None,
+                        result: api_pb2.BroadcastResult, publish: Callable[..., Position]) -> None:
         for channel in req.channels:
             reply = result.responses.add()
             try:
@@ -117,7 +130,6 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
             else:
                 reply.result.offset, reply.result.epoch = offset, epoch
                 reply.result.SetInParent()
-        return result
 
     def _history(self, req: api_pb2.HistoryRequest) -> api_pb2.HistoryResult:
         since = (req.since.offset, req.since.epoch) if req.HasField("since") else None

@@ -306,6 +306,14 @@ class ServerState:
         stop = None if limit < 0 else index + limit
         return list(itertools.islice(pubs, index, stop))
 
+    def publication_data(self, channel: str, offset: int) -> bytes | None:
+        """The data of a retained publication of a channel, None when it is not retained."""
+        ch = self.channels.get(channel)
+        if ch is None or not ch.publications:
+            return None
+        index = offset - ch.publications[0].offset  # offsets in the deque are consecutive
+        return ch.publications[index].data if 0 <= index < len(ch.publications) else None
+
     def remove_history(self, channel: str) -> None:
         """Forget a channel's publications; its epoch and top offset stay (Centrifugo's Clear)."""
         self._history_policy(channel)

@@ -27,6 +27,9 @@ CLIENT_NAMESPACES: list[dict[str, Any]] = [
     # Only users with a token (not anonymous) may subscribe.
     {"name": "members", "history_size": 0, "allow_subscribe_for_client": True,
      "allow_subscribe_for_anonymous": False},
+    # Fossil delta compression for subscribers that ask.
+    {"name": "deltas", "history_size": 100, "history_ttl": "300s", "force_recovery": True,
+     "allowed_delta_types": ["fossil"], **_SUBSCRIBE},
     # Nobody may subscribe without a subscription token.
     {"name": "closed", "history_size": 0, "allow_subscribe_for_client": False},
 ]

@@ -52,7 +52,8 @@ class RawClient:
         while not self.pending:
             msg = await asyncio.wait_for(self.ws.receive(), TIMEOUT)
             if msg.type != aiohttp.WSMsgType.TEXT:
-                self.close_code, self.close_reason = self.ws.close_code, str(msg.extra or "")
+                code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else self.ws.close_code
+                self.close_code, self.close_reason = code, str(msg.extra or "")
                 return None
             for line in msg.data.split("\n"):
                 obj = orjson.loads(line)
@@ -190,3 +191,28 @@ async def test_server_api_unsubscribe_and_disconnect_act_on_connections(client_t
         assert push == {"channel": channel, "unsubscribe": {"code": 2000, "reason": "server unsubscribe"}}
         api(client_target).disconnect(DisconnectRequest(user="u2"))
         assert await c.closed() == (3503, "force disconnect")
+
+
+async def test_grpc_subscribe_unsubscribe_disconnect_act_on_connections(client_target: ClientTarget) -> None:
+    from relay.proto.centrifugo import api_pb2 as pb
+    from tests.harness.embedded import open_aio_stubs
+
+    server = client_target.server
+    channel = fresh()
+    async with raw_client(client_target) as c, open_aio_stubs(server.grpc_address if client_target.kind ==
+                                                              "centrifugo" else server.address,
+                                                              server.api_key) as stubs:
+        await c.call("connect", token=token(sub="u3"))
+        md = stubs.metadata
+        assert not (await stubs.v6.Subscribe(pb.SubscribeRequest(channel=channel, user="u3"), metadata=md)).error.code
+        pushed = await c.push()
+        assert pushed["channel"] == channel and "subscribe" in pushed
+        await stubs.v6.Publish(pb.PublishRequest(channel=channel, data=b'{"x": 1}'), metadata=md)
+        assert (await c.push())["pub"]["data"] == {"x": 1}
+        await stubs.v6.Unsubscribe(pb.UnsubscribeRequest(channel=channel, user="u3"), metadata=md)
+        assert (await c.push())["unsubscribe"]["code"] == 2000
+        reply = await stubs.v6.Subscribe(pb.SubscribeRequest(channel=fresh("nowhere"), user="u3"), metadata=md)
+        assert reply.error.code == 102
+        await stubs.v6.Disconnect(pb.DisconnectRequest(user="u3", disconnect=pb.Disconnect(code=4000, reason="bye")),
+                                  metadata=md)
+        assert await c.closed() == (4000, "bye")

@@ -3,7 +3,7 @@
 The methods are the GRPC service's own operations (relay/server/service_v6.py) over the same
 state: a JSON request is read into the protobuf request, the result written back as JSON, so both
 APIs validate alike and answer the same codes. `bytes` fields (`data`, `info`...) are raw JSON
-on this side, as in Centrifugo. Subscribe, Unsubscribe and Disconnect act on WebSocket clients.
+on this side, as in Centrifugo. Subscribe, Unsubscribe and Disconnect (the service's too) act on WebSocket clients.
 
 Auth as Centrifugo's: `X-API-Key: KEY`, else `Authorization: apikey KEY`, else `?api_key=KEY`;
 a missing or wrong key is 401 with an empty body. Errors are `{"error": {code, message}}` with
@@ -21,8 +21,8 @@ from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from relay.server.client_protocol import DISCONNECT_FORCE, UNSUBSCRIBE_SERVER, ClientContext
-from relay.server.errors import BAD_REQUEST, NOT_FOUND, ApiError
+from relay.server.client_protocol import ClientContext
+from relay.server.errors import NOT_FOUND, ApiError
 from relay.server.service_v6 import CentrifugoApiService
 
 TRANSPORT_STATUS = {100: 500, 102: 404, 104: 404, 107: 400, 108: 400, 112: 416}
@@ -113,8 +113,7 @@ class HttpApi:
         self.methods: dict[str, Operation] = {}
         for name, (request_type, operation) in service.operations().items():
             self.methods[name] = self._protobuf_method(request_type, operation)
-        self.methods.update(subscribe=self._subscribe, unsubscribe=self._unsubscribe,
-                            disconnect=self._disconnect, batch=self._batch)
+        self.methods["batch"] = self._batch
 
     @staticmethod
     def _protobuf_method(request_type: type[Message], operation: Callable[[Any], Message]) -> Operation:
@@ -182,37 +181,6 @@ class HttpApi:
         except (orjson.JSONDecodeError, BadJson):
             return web.Response(status=400, text="Bad Request\n")
         return web.Response(body=b"\n".join(replies), content_type="application/json")
-
-    # -- methods that act on WebSocket clients ------------------------------------------------
-
-    def _targets(self, params: dict[str, Any]) -> list[Any]:
-        user, client = str(params.get("user") or ""), str(params.get("client") or "")
-        return self.clients.hub.find(user, client)
-
-    def _subscribe(self, params: dict[str, Any]) -> dict[str, Any]:
-        channel = str(params.get("channel") or "")
-        if not channel:
-            raise ApiError(*BAD_REQUEST)
-        self.clients.options(channel)
-        for conn in self._targets(params):
-            conn.server_subscribe(channel)
-        return {}
-
-    def _unsubscribe(self, params: dict[str, Any]) -> dict[str, Any]:
-        channel = str(params.get("channel") or "")
-        if not channel:
-            raise ApiError(*BAD_REQUEST)
-        for conn in self._targets(params):
-            conn.server_unsubscribe(channel, *UNSUBSCRIBE_SERVER)
-        return {}
-
-    def _disconnect(self, params: dict[str, Any]) -> dict[str, Any]:
-        how = params.get("disconnect") or {}
-        code = int(how.get("code") or DISCONNECT_FORCE[0])
-        reason = str(how.get("reason") or DISCONNECT_FORCE[1])
-        for conn in self._targets(params):
-            conn.disconnect(code, reason)
-        return {}
 
     def _batch(self, params: dict[str, Any]) -> dict[str, Any]:
         replies = []

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
-from relay.server.client_protocol import ClientContext
+from relay.server.client_protocol import DISCONNECT_FORCE, UNSUBSCRIBE_SERVER, ClientContext
 from relay.server.errors import (
     BAD_REQUEST,
     NOT_AVAILABLE,
@@ -83,6 +83,9 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
             "presence_stats": (api_pb2.PresenceStatsRequest, self._presence_stats),
             "info": (api_pb2.InfoRequest, lambda _req: self._info()),
             "channels": (api_pb2.ChannelsRequest, self._channels),
+            "subscribe": (api_pb2.SubscribeRequest, self._subscribe),
+            "unsubscribe": (api_pb2.UnsubscribeRequest, self._unsubscribe),
+            "disconnect": (api_pb2.DisconnectRequest, self._disconnect),
         }
 
     def _publish_result(self, req: api_pb2.PublishRequest) -> api_pb2.PublishResult:
@@ -193,6 +196,32 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
                 entry.num_clients = hub.num_subscribers(name)
         return result
 
+    # -- acting on WebSocket clients ----------------------------------------------------------
+
+    def _connections(self, user: str, client: str) -> list[Any]:
+        return self.clients.hub.find(user, client) if self.clients is not None else []
+
+    def _subscribe(self, req: api_pb2.SubscribeRequest) -> api_pb2.SubscribeResult:
+        self.state.check_channel(req.channel)
+        for conn in self._connections(req.user, req.client):
+            conn.server_subscribe(req.channel)
+        return api_pb2.SubscribeResult()
+
+    def _unsubscribe(self, req: api_pb2.UnsubscribeRequest) -> api_pb2.UnsubscribeResult:
+        self.state.check_channel(req.channel)
+        for conn in self._connections(req.user, req.client):
+            conn.server_unsubscribe(req.channel, *UNSUBSCRIBE_SERVER)
+        return api_pb2.UnsubscribeResult()
+
+    def _disconnect(self, req: api_pb2.DisconnectRequest) -> api_pb2.DisconnectResult:
+        code = req.disconnect.code or DISCONNECT_FORCE[0]
+        reason = req.disconnect.reason or DISCONNECT_FORCE[1]
+        spared = set(req.whitelist)
+        for conn in self._connections(req.user, req.client):
+            if conn.client_id not in spared:
+                conn.disconnect(code, reason)
+        return api_pb2.DisconnectResult()
+
     # -- Batch -----------------------------------------------------------------------------------
 
     async def Batch(self, request: api_pb2.BatchRequest, context: Any) -> api_pb2.BatchResponse:
@@ -230,6 +259,12 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
             reply.info.CopyFrom(self._info())
         elif cmd.HasField("channels"):
             reply.channels.CopyFrom(self._channels(cmd.channels))
+        elif cmd.HasField("subscribe"):
+            reply.subscribe.CopyFrom(self._subscribe(cmd.subscribe))
+        elif cmd.HasField("unsubscribe"):
+            reply.unsubscribe.CopyFrom(self._unsubscribe(cmd.unsubscribe))
+        elif cmd.HasField("disconnect"):
+            reply.disconnect.CopyFrom(self._disconnect(cmd.disconnect))
         else:
             raise ApiError(*NOT_FOUND)
 
@@ -279,3 +314,18 @@ class CentrifugoApiService(api_pb2_grpc.CentrifugoApiServicer):
 
     async def Channels(self, request: api_pb2.ChannelsRequest, context: Any) -> api_pb2.ChannelsResponse:
         return api_pb2.ChannelsResponse(result=self._channels(request))
+
+    async def Subscribe(self, request: api_pb2.SubscribeRequest, context: Any) -> api_pb2.SubscribeResponse:
+        try:
+            return api_pb2.SubscribeResponse(result=self._subscribe(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.SubscribeResponse)
+
+    async def Unsubscribe(self, request: api_pb2.UnsubscribeRequest, context: Any) -> api_pb2.UnsubscribeResponse:
+        try:
+            return api_pb2.UnsubscribeResponse(result=self._unsubscribe(request))
+        except ApiError as err:
+            return await self._fail(context, err, api_pb2.UnsubscribeResponse)
+
+    async def Disconnect(self, request: api_pb2.DisconnectRequest, context: Any) -> api_pb2.DisconnectResponse:
+        return api_pb2.DisconnectResponse(result=self._disconnect(request))

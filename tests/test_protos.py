@@ -39,8 +39,10 @@ def test_wire_field_numbers() -> None:
 
     assert numbers(v6.PublishRequest) == {"channel": 1, "data": 2, "b64data": 3, "skip_history": 4, "tags": 5,
                                           "idempotency_key": 6, "delta": 7, "version": 8, "version_epoch": 9}
-    assert numbers(v6.Command) == {"publish": 4, "broadcast": 5, "presence": 9, "presence_stats": 10,
-                                   "history": 11, "history_remove": 12, "info": 13, "channels": 16}
+    assert numbers(v6.Command) == {"publish": 4, "broadcast": 5, "subscribe": 6, "unsubscribe": 7, "disconnect": 8,
+                                   "presence": 9, "presence_stats": 10, "history": 11, "history_remove": 12,
+                                   "info": 13, "channels": 16}
+    assert numbers(v6.DisconnectRequest) == {"user": 1, "disconnect": 2, "client": 3, "whitelist": 4}
     assert numbers(v6.Reply)["error"] == 2 and numbers(v6.Reply)["channels"] == 16
     assert numbers(v6.Publication) == {"data": 2, "info": 3, "offset": 4, "tags": 5}
     assert numbers(v6.HistoryRequest) == {"channel": 1, "limit": 2, "since": 3, "reverse": 4}

@@ -54,3 +54,18 @@ def test_wire_field_numbers() -> None:
     assert channels.is_repeated and channels.message_type is None  # repeated string, not a map
     assert list(v6.DESCRIPTOR.services_by_name) == ["CentrifugoApi"]
     assert list(v2.DESCRIPTOR.services_by_name) == ["Centrifugo"]
+
+
+def test_client_protocol_field_numbers() -> None:
+    """The client protocol's numbers the SDKs rely on (shared/reference/centrifugo-client-protocol.md)."""
+    from relay.proto.centrifuge_client import client_pb2 as client
+
+    def numbers(message: type) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+    assert client.DESCRIPTOR.package == "centrifugal.centrifuge.protocol"
+    assert numbers(client.Command)["connect"] == 4 and numbers(client.Command)["sub_refresh"] == 15
+    assert numbers(client.Reply)["push"] == 4 and numbers(client.Reply)["subscribe"] == 6
+    assert {k: numbers(client.Publication)[k] for k in ("data", "info", "offset", "tags", "delta")} == {
+        "data": 4, "info": 5, "offset": 6, "tags": 7, "delta": 8}
+    assert numbers(client.SubscribeRequest)["delta"] == 12 and numbers(client.SubscribeResult)["was_recovering"] == 12

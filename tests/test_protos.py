@@ -63,7 +63,7 @@ def test_client_protocol_field_numbers() -> None:
     def numbers(message: type) -> dict[str, int]:
         return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
 
-    assert client.DESCRIPTOR.package == "centrifugal.centrifuge.protocol"
+    assert client.DESCRIPTOR.package == "centrifugo_relay.client_protocol"  # the SDKs' name is taken by them
     assert numbers(client.Command)["connect"] == 4 and numbers(client.Command)["sub_refresh"] == 15
     assert numbers(client.Reply)["push"] == 4 and numbers(client.Reply)["subscribe"] == 6
     assert {k: numbers(client.Publication)[k] for k in ("data", "info", "offset", "tags", "delta")} == {

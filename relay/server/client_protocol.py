@@ -33,6 +33,9 @@ from relay.server.state import ServerState
 RECOVERY_MAX_PUBLICATIONS = 300
 PING_INTERVAL = 25
 PONG_TIMEOUT = 8
+# How long after its token's exp a connection may still refresh (Centrifugo's client_expired_close_delay).
+EXPIRED_CLOSE_DELAY = 25
+DISCONNECT_EXPIRED = (3005, "connection expired")
 
 # Client error codes (centrifuge errors.go).
 PERMISSION_DENIED = (103, "permission denied")
@@ -123,6 +126,7 @@ class Session:
         self.closed = False
         self.subscriptions: dict[str, Subscriber] = {}
         self.awaiting_pong = False
+        self.expire_at = 0  # unix seconds from the token's exp; 0 = never
 
     # -- what the hub calls -------------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class Session:
             if claims.expire_at and claims.expire_at <= self.ctx.clock():
                 raise ClientError(*EXPIRED)
             self.user, self.conn_info, channels = claims.user, claims.info, claims.channels
+            self.expire_at = claims.expire_at
             if claims.expire_at:
                 result.update(expires=True, ttl=ttl(claims.expire_at))
         elif not self.ctx.allow_anonymous:
@@ -255,10 +260,17 @@ class Session:
         claims = self._verify(str(params.get("token") or ""))
         if claims.user != self.user:
             raise Disconnect(*DISCONNECT_INVALID_TOKEN)
+        if claims.expire_at and claims.expire_at <= self.ctx.clock():
+            raise ClientError(*EXPIRED)
+        self.expire_at = claims.expire_at
         result: dict[str, Any] = {"client": self.client_id, "version": self.ctx.version}
         if claims.expire_at:
             result.update(expires=True, ttl=ttl(claims.expire_at))
         return result
+
+    def expired(self) -> bool:
+        """Whether the connection's token expired more than the refresh grace ago (then: 3005)."""
+        return bool(self.expire_at) and self.ctx.clock() > self.expire_at + EXPIRED_CLOSE_DELAY
 
     def _sub_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = str(params.get("channel") or "")

@@ -4,7 +4,8 @@ Each connection has a `Session` (relay/server/client_protocol.py) and a bounded 
 the hub queues pushes without waiting, one writer task sends what is queued as one frame (JSON
 lines joined by newlines, as Centrifugo batches them). A client that does not read fast enough,
 so that more than `client_queue_max_bytes` wait, is disconnected with 3008 "slow"; nothing else
-waits for it. The server pings every 25 s; a client that does not answer is closed with 3012.
+waits for it. The server pings every 25 s; a client that does not answer is closed with 3012, one
+whose token expired and was not refreshed within 25 s with 3005 (checked at each ping).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from collections.abc import Callable
 from aiohttp import WSMsgType, web
 
 from relay.server.client_encoding import JSON, PROTOBUF, Encoding
-from relay.server.client_protocol import PING_INTERVAL, PONG_TIMEOUT, ClientContext, Session
+from relay.server.client_protocol import (
+    DISCONNECT_EXPIRED,
+    PING_INTERVAL,
+    PONG_TIMEOUT,
+    ClientContext,
+    Session,
+)
 
 log = logging.getLogger("relay.server")
 
@@ -148,6 +155,9 @@ class WebSocketEndpoint:
             return
         while not session.closed:
             await asyncio.sleep(PING_INTERVAL)
+            if session.expired():
+                session.disconnect(*DISCONNECT_EXPIRED)
+                return
             session.awaiting_pong = True
             session.push(session.encoding.ping)
             await asyncio.sleep(PONG_TIMEOUT)

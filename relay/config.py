@@ -96,6 +96,12 @@ class ServerTls(Model):
         return self
 
 
+class PersonalChannel(Model):
+    enabled: bool = Field(False, description="Subscribe every user (not anonymous) to a personal channel on connect.")
+    personal_channel_namespace: str = Field(
+        "", description='Its namespace: the channel is "NS:#USER" ("#USER" when empty).')
+
+
 class ServerSection(Model):
     enabled: bool = Field(False, description="Run the embedded Centrifugo-compatible server.")
     listen: str = Field("127.0.0.1:10000", description="host:port of the embedded server.")
@@ -121,6 +127,9 @@ class ServerSection(Model):
     client_token_hmac_secret_env: str = Field(
         "", description="Environment variable holding the HS256 secret of connection and subscription JWTs.")
     client_token_hmac_secret_file: str = Field("", description="File holding that secret.")
+    subscribe_to_user_personal_channel: PersonalChannel = Field(
+        default_factory=lambda: PersonalChannel.model_validate({}),
+        description="Centrifugo's client.subscribe_to_user_personal_channel.")
     allow_anonymous_connect_without_token: bool = Field(
         True, description="Clients may connect without a token (as anonymous users).")
     max_connections: int = Field(10000, ge=1, description="WebSocket connections at most; more are refused.")

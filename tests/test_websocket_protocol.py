@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import jwt
 import orjson
+import pytest
 from cent import Client, DisconnectRequest, PublishRequest, UnsubscribeRequest
 
 from tests.harness.client_targets import TOKEN_SECRET, ClientTarget
@@ -216,3 +217,21 @@ async def test_grpc_subscribe_unsubscribe_disconnect_act_on_connections(client_t
         await stubs.v6.Disconnect(pb.DisconnectRequest(user="u3", disconnect=pb.Disconnect(code=4000, reason="bye")),
                                   metadata=md)
         assert await c.closed() == (4000, "bye")
+
+
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("centrifugo", marks=pytest.mark.centrifugo)])
+async def test_users_personal_channel(kind: str, request: pytest.FixtureRequest) -> None:
+    from tests.harness.client_targets import start_target
+
+    target = start_target(
+        request, kind, embedded={"subscribe_to_user_personal_channel": {"enabled": True,
+                                                                         "personal_channel_namespace": "chat"}},
+        centrifugo={"client": {"subscribe_to_user_personal_channel": {"enabled": True,
+                                                                      "personal_channel_namespace": "chat"}}})
+    async with raw_client(target) as c:
+        result = (await c.call("connect", token=token(sub="u9")))["connect"]
+        assert "chat:#u9" in result["subs"]
+        api(target).publish(PublishRequest(channel="chat:#u9", data={"to": "u9"}))
+        assert (await c.push())["pub"]["data"] == {"to": "u9"}
+    async with raw_client(target) as c:  # anonymous: no personal channel
+        assert "subs" not in (await c.call("connect"))["connect"]

@@ -191,11 +191,13 @@ class EmbeddedServer:
 
     def _client_context(self) -> ClientContext:
         secret = _secret(self.config.client_token_hmac_secret_env, self.config.client_token_hmac_secret_file)
+        personal = self.config.subscribe_to_user_personal_channel
         return ClientContext(
             state=self.state, hub=self.hub, namespaces={ns.name: ns for ns in self.config.namespaces},
             without_namespace=self.config.without_namespace, verifier=TokenVerifier(secret),
             allow_anonymous=self.config.allow_anonymous_connect_without_token,
             max_subscriptions=self.config.max_subscriptions_per_connection,
+            personal_namespace=personal.personal_channel_namespace if personal.enabled else None,
             version=NodeInfo().version)
 
     async def _sweep_forever(self) -> None:

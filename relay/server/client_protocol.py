@@ -91,6 +91,8 @@ class ClientContext:
     verifier: TokenVerifier
     allow_anonymous: bool = True
     max_subscriptions: int = 128
+    # Namespace of users' personal channels ("" = none); None = no personal channels.
+    personal_namespace: str | None = None
     version: str = ""
     clock: Callable[[], float] = field(default=time.time)
 
@@ -243,6 +245,9 @@ class Session:
                 result.update(expires=True, ttl=ttl(claims.expire_at))
         elif not self.ctx.allow_anonymous:
             raise Disconnect(*DISCONNECT_BAD_REQUEST)
+        if self.user and self.ctx.personal_namespace is not None:
+            ns = self.ctx.personal_namespace
+            channels = [*channels, f"{ns}:#{self.user}" if ns else f"#{self.user}"]
         for channel in channels:
             self.ctx.options(channel)  # 102 for an unknown namespace, before anything is subscribed
         self.connected = True

@@ -70,21 +70,25 @@ def embedded_options(namespaces: list[dict[str, Any]]) -> dict[str, Any]:
             "client_token_hmac_secret_env": SECRET_ENV}
 
 
-def start_target(request: pytest.FixtureRequest, kind: str,
-                 namespaces: list[dict[str, Any]] | None = None) -> ClientTarget:
-    """Start a server of `kind` with `namespaces` (CLIENT_NAMESPACES by default) for this test."""
+def start_target(request: pytest.FixtureRequest, kind: str, namespaces: list[dict[str, Any]] | None = None,
+                 embedded: dict[str, Any] | None = None, centrifugo: dict[str, Any] | None = None) -> ClientTarget:
+    """Start a server of `kind` with `namespaces` (CLIENT_NAMESPACES by default) for this test;
+    `embedded` adds [server] options, `centrifugo` config overrides, for the same setting."""
     tables = namespaces if namespaces is not None else CLIENT_NAMESPACES
     if kind == "embedded":
         monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
         monkeypatch.setenv(SECRET_ENV, TOKEN_SECRET)
-        options = embedded_options(tables)
+        options = {**embedded_options(tables), **(embedded or {})}
         server = request.getfixturevalue("embedded_server_factory")(**options)
         return ClientTarget(kind, options["http_listen"], API_KEY, server)
     try:
         factory = request.getfixturevalue("centrifugo_factory")
     except pytest.FixtureLookupError:
         unavailable("the centrifugo_factory fixture is not available")
-    real = factory(config_overrides=centrifugo_options(tables))
+    overrides = centrifugo_options(tables)
+    for section, values in (centrifugo or {}).items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    real = factory(config_overrides=overrides)
     return ClientTarget(kind, real.http_address, API_KEY, real)
 
 

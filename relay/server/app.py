@@ -13,6 +13,7 @@ import gc
 import ipaddress
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from relay.server.node import NodeInfo
 from relay.server.service_v2 import LegacyCentrifugoService
 from relay.server.service_v6 import CentrifugoApiService
 from relay.server.state import NamespacePolicy, ServerState
-from relay.tls import TlsError, server_credentials
+from relay.tls import TlsError, server_credentials, server_ssl_context
 
 SWEEP_INTERVAL = 1.0
 DEFAULT_NAMESPACES = ["chat"]
@@ -165,7 +166,7 @@ class EmbeddedServer:
         if self.config.http_listen:
             http = HttpSide(self.config, clients, HttpApi(service, clients, key))
             try:
-                await http.start(http_host, http_port)
+                await http.start(http_host, http_port, self._ssl_context())
             except OSError as err:
                 await server.stop(0)
                 self._server = None
@@ -173,6 +174,12 @@ class EmbeddedServer:
             self._http = http
         self._address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="embedded-server-sweeper")
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        try:
+            return server_ssl_context(self.config.tls)
+        except TlsError as err:
+            raise ServerStartError(str(err)) from None
 
     def _refuse_open_remote(self, key_name: str, host: str, key: str) -> None:
         if not key and not is_loopback(host) and not self.config.allow_unauthenticated_remote:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -39,11 +40,11 @@ class HttpSide:
         self._runner: web.AppRunner | None = None
         self.address = ""
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (0 = any free port); OSError when it cannot."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port (0 = any free port), with TLS when given; OSError when it cannot."""
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, logger=http_server_logger())
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError:

@@ -235,3 +235,42 @@ async def test_users_personal_channel(kind: str, request: pytest.FixtureRequest)
         assert (await c.push())["pub"]["data"] == {"to": "u9"}
     async with raw_client(target) as c:  # anonymous: no personal channel
         assert "subs" not in (await c.call("connect"))["connect"]
+
+
+async def test_join_and_leave_pushed(client_target: ClientTarget) -> None:
+    channel = fresh("rooms")
+    async with raw_client(client_target) as a:
+        a_id = (await a.call("connect", token=token(sub="ann")))["connect"]["client"]
+        await a.call("subscribe", channel=channel)
+        own = await a.push()  # a subscriber hears its own join too, as in Centrifugo
+        assert own == {"channel": channel, "join": {"info": {"user": "ann", "client": a_id}}}
+        async with raw_client(client_target) as b:
+            b_id = (await b.call("connect", token=token(sub="bob")))["connect"]["client"]
+            await b.call("subscribe", channel=channel)
+            joined = await a.push()
+            assert joined == {"channel": channel, "join": {"info": {"user": "bob", "client": b_id}}}
+            await b.call("unsubscribe", channel=channel)
+            left = await a.push()
+            assert left == {"channel": channel, "leave": {"info": {"user": "bob", "client": b_id}}}
+
+
+async def test_subscription_tokens(client_target: ClientTarget) -> None:
+    channel = "$" + fresh()
+    async with raw_client(client_target) as c:
+        await c.call("connect", token=token(sub="u5"))
+        assert (await c.call("subscribe", channel=channel))["error"]["code"] == 103  # no token
+        expired = await c.call("subscribe", channel=channel,
+                               token=token(sub="u5", channel=channel, exp=int(time.time()) - 60))
+        assert expired["error"] == {"code": 109, "message": "token expired"}
+        good = await c.call("subscribe", channel=channel, token=token(sub="u5", channel=channel))
+        assert "subscribe" in good
+    async with raw_client(client_target) as c:
+        await c.call("connect", token=token(sub="u5"))
+        await c.send(subscribe={"channel": channel,
+                                "token": token("not-the-secret-but-just-as-long-as-it", sub="u5", channel=channel)})
+        bad = await c.receive()
+        assert bad is not None and bad["error"] == {"code": 103, "message": "permission denied"}
+    async with raw_client(client_target) as c:  # a token for another channel: disconnected
+        await c.call("connect", token=token(sub="u5"))
+        await c.send(subscribe={"channel": channel, "token": token(sub="u5", channel=channel + "x")})
+        assert await c.closed() == (3500, "invalid token")

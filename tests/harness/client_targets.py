@@ -30,6 +30,9 @@ CLIENT_NAMESPACES: list[dict[str, Any]] = [
     # Fossil delta compression for subscribers that ask.
     {"name": "deltas", "history_size": 100, "history_ttl": "300s", "force_recovery": True,
      "allowed_delta_types": ["fossil"], **_SUBSCRIBE},
+    # Presence with join/leave pushed to every subscriber.
+    {"name": "rooms", "history_size": 0, "presence": True, "join_leave": True, "force_push_join_leave": True,
+     **_SUBSCRIBE},
     # Nobody may subscribe without a subscription token.
     {"name": "closed", "history_size": 0, "allow_subscribe_for_client": False},
 ]

@@ -48,3 +48,15 @@ def test_centrifuge_python_applies_the_deltas(client_target: ClientTarget) -> No
         for n in range(4):
             api.publish(PublishRequest(channel=channel, data=payload(n), delta=True))
         assert sub.wait_for(4) == [payload(n) for n in range(4)]
+
+
+def test_centrifuge_js_in_protobuf_with_fossil_deltas(client_target: ClientTarget, js_subscriber: Any) -> None:
+    channel = f"deltas:{uuid.uuid4().hex[:10]}"
+    api = Client(client_target.api_url, client_target.api_key)
+    sub = js_subscriber(client_target.ws_url, channel, "protobuf", "fossil")
+    assert "subscribed" in sub.next_event()
+    for n in range(4):
+        api.publish(PublishRequest(channel=channel, data=payload(n), delta=True))
+    got = sub.publications(4)
+    assert [json.loads(data["bytes"]) for data, _ in got] == [payload(n) for n in range(4)]
+    assert [offset for _, offset in got] == [1, 2, 3, 4]

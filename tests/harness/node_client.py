@@ -1,7 +1,8 @@
 """centrifuge-js (npm `centrifuge`) under Node 20, installed into the cache, never the work tree.
 
-`js_subscriber(ws_url, channel)` runs a small script that subscribes and prints one JSON line per
-event (`{"subscribed": {...}}`, `{"pub": data, "offset": n}`); the test reads them in order.
+`js_subscriber(ws_url, channel, encoding="json"|"protobuf", delta=""|"fossil")` runs a small script
+that subscribes and prints one JSON line per event (`{"subscribed": {...}}`, `{"pub": data,
+"offset": n}`; protobuf data as `{"bytes": text}`); the test reads them in order.
 Node 20 has no global WebSocket, so the `ws` package is passed as the `websocket` option.
 """
 
@@ -24,15 +25,17 @@ NPM_DIR = CACHE / "npm"
 PACKAGES = ["centrifuge@5", "ws@8"]
 
 SCRIPT = """
-const { Centrifuge } = require('centrifuge');
+const [url, channel, encoding, delta] = process.argv.slice(2);
+const { Centrifuge } = require(encoding === 'protobuf' ? 'centrifuge/build/protobuf' : 'centrifuge');
 const WebSocket = require('ws');
-const [url, channel] = process.argv.slice(2);
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\\n');
 const client = new Centrifuge(url, { websocket: WebSocket, minReconnectDelay: 50, maxReconnectDelay: 500 });
-const sub = client.newSubscription(channel);
+const sub = client.newSubscription(channel, delta ? { delta } : {});
 sub.on('subscribed', (ctx) => out({ subscribed: { recovered: ctx.recovered, wasRecovering: ctx.wasRecovering,
                                                   recoverable: ctx.recoverable, position: ctx.streamPosition } }));
-sub.on('publication', (ctx) => out({ pub: ctx.data, offset: ctx.offset }));
+sub.on('publication', (ctx) => out({
+  pub: ctx.data instanceof Uint8Array ? { bytes: Buffer.from(ctx.data).toString('utf8') } : ctx.data,
+  offset: ctx.offset }));
 sub.on('error', (ctx) => out({ error: ctx.error }));
 client.on('disconnected', (ctx) => out({ disconnected: ctx }));
 sub.subscribe();
@@ -59,9 +62,10 @@ def node_modules() -> Path:
 class JsSubscriber:
     """A running centrifuge-js subscriber; `next_event()` returns its printed events in order."""
 
-    def __init__(self, script: Path, ws_url: str, channel: str) -> None:
+    def __init__(self, script: Path, ws_url: str, channel: str, encoding: str = "json", delta: str = "") -> None:
         env = {"NODE_PATH": str(node_modules()), "PATH": "/usr/bin:/bin"}
-        self.process = subprocess.Popen(["node", str(script), ws_url, channel], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen(["node", str(script), ws_url, channel, encoding, delta],
+                                        stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env)
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -102,8 +106,8 @@ def js_subscriber(tmp_path: Path) -> Iterator[Any]:
     script.write_text(SCRIPT)
     started: list[JsSubscriber] = []
 
-    def make(ws_url: str, channel: str) -> JsSubscriber:
-        sub = JsSubscriber(script, ws_url, channel)
+    def make(ws_url: str, channel: str, encoding: str = "json", delta: str = "") -> JsSubscriber:
+        sub = JsSubscriber(script, ws_url, channel, encoding, delta)
         started.append(sub)
         return sub
 

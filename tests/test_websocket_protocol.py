@@ -158,6 +158,8 @@ async def test_tokens_and_permissions_refused_like_centrifugo(client_target: Cli
     async with raw_client(client_target) as c:  # expired: error 109, then closed
         reply = await c.call("connect", token=token(sub="u1", exp=int(time.time()) - 60))
         assert reply["error"] == {"code": 109, "message": "token expired"}
+        code, _ = await c.closed()
+        assert code is not None and code < 3000  # dropped, no close code: SDKs get a fresh token and retry
     async with raw_client(client_target) as c:  # anonymous where only users may subscribe: 103
         await c.call("connect")
         refused = await c.call("subscribe", channel=fresh("members"))

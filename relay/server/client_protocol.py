@@ -52,6 +52,8 @@ DISCONNECT_INVALID_TOKEN = (3500, "invalid token")
 DISCONNECT_BAD_REQUEST = (3501, "bad request")
 DISCONNECT_FORCE = (3503, "force disconnect")
 UNSUBSCRIBE_SERVER = (2000, "server unsubscribe")
+# Not a close frame: the connection is dropped once what is queued was sent (SDKs then reconnect).
+DROP = (0, "")
 
 
 class ClientError(Exception):
@@ -77,7 +79,7 @@ class Transport(Protocol):
         """Queue one encoded JSON line."""
 
     def close(self, code: int, reason: str) -> None:
-        """Send what is queued, then close with this code."""
+        """Send what is queued, then close with this code (0: drop the connection, no close frame)."""
 
 
 @dataclass
@@ -203,8 +205,8 @@ class Session:
             if err.code in (100, 111):
                 error["temporary"] = True
             self.send({"id": cid, "error": error})
-            if method == "connect":
-                self.disconnect(*DISCONNECT_BAD_REQUEST)
+            if method == "connect":  # as Centrifugo: the reply, then the socket is dropped (no close code)
+                self.disconnect(*DROP)
             return
         self.send({"id": cid, method: result})
 

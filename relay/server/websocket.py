@@ -43,10 +43,11 @@ class WebSocketTransport:
     """The outgoing side of one connection: a byte-bounded queue drained by a writer task."""
 
     def __init__(self, ws: web.WebSocketResponse, max_queued_bytes: int, encoding: Encoding = JSON,
-                 on_drop: Callable[[], None] = lambda: None) -> None:
+                 on_drop: Callable[[], None] = lambda: None, abort: Callable[[], None] = lambda: None) -> None:
         self.ws = ws
         self.encoding = encoding
         self.on_drop = on_drop
+        self.abort = abort
         self.max_queued_bytes = max_queued_bytes
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
@@ -89,10 +90,11 @@ class WebSocketTransport:
                     await (ws.send_bytes(joined) if self.encoding.binary else ws.send_str(joined.decode()))
                 except (ConnectionError, RuntimeError):
                     return
-                if self._close is not None:
-                    break
             if self._close is not None:
                 code, reason = self._close
+                if not code:
+                    self.abort()
+                    return
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
                 return
@@ -118,7 +120,8 @@ class WebSocketEndpoint:
         if len(self.transports) >= self.max_connections:
             await ws.close(code=DISCONNECT_CONNECTION_LIMIT[0], message=DISCONNECT_CONNECTION_LIMIT[1].encode())
             return ws
-        transport = WebSocketTransport(ws, self.max_queued_bytes, encoding, on_drop=lambda: _cut(session, request))
+        transport = WebSocketTransport(ws, self.max_queued_bytes, encoding, on_drop=lambda: _cut(session, request),
+                                       abort=lambda: _abort(request))
         session = Session(self.ctx, transport, encoding)
         self.transports.add(transport)
         watchdog = asyncio.create_task(self._watch(session, transport), name="websocket-pinger")
@@ -174,12 +177,16 @@ class WebSocketEndpoint:
             await asyncio.wait(writers, timeout=CLOSE_TIMEOUT)
 
 
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
 def _cut(session: Session, request: web.Request) -> None:
     """A slow client: forget it now, and drop its socket (its read loop then ends)."""
     log.warning("websocket client %s disconnected: slow (its queue passed the limit)", session.client_id)
     session.close()
-    if request.transport is not None:
-        request.transport.abort()
+    _abort(request)
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:

@@ -157,6 +157,12 @@ def _server_table(s: dict[str, Any]) -> str:
     return _table(["scenario", "publications/s", "calls/s", "p50 ms", "p99 ms", "errors"], rows)
 
 
+def _fanout_table(f: dict[str, Any]) -> str:
+    rows = [[name, f"{r['deliveries']:,} of {r['expected_deliveries']:,}", f"{r['deliveries_per_second']:,}",
+             r["p50_ms"], r["p99_ms"], len(r["errors"])] for name, r in f.items() if name != "load"]
+    return _table(["server", "deliveries", "deliveries/s", "p50 ms", "p99 ms", "errors"], rows)
+
+
 def _pipeline_table(p: dict[str, Any]) -> str:
     relay = p["relay ticker→serve"]["publications_per_second"]
     rows = [[name, f"{r['publications_per_second']:,}", f"{relay / r['publications_per_second']:.2f}"]
@@ -220,6 +226,14 @@ HOW = {
     "server": _text("""
         `relay serve` alone, driven by the grpc.aio client of bench/server_bench.py in another
         process: the ceiling the other figures are compared with."""),
+    "fanout": _text("""
+        N subscribers on one channel (raw client-protocol JSON frames, aiohttp, in two client
+        processes) and one publisher sending `/api/batch` calls of 10 publications at the rate, each
+        stamped with its send time; deliveries/s counts every publication every subscriber received,
+        from the first publication to the last delivery; latency is receive time minus send time.
+        The same client load runs against `relay serve` with its HTTP side, then real Centrifugo.
+        The client processes share the 2 cores with the server, so at 1,000,000 deliveries/s offered
+        both servers are held back by the clients as much as by themselves."""),
     "pipeline": _text("""
         A ticker with `interval = "0s"` through the relay into `relay serve`: the relay's own cost
         without any source I/O."""),
@@ -288,6 +302,8 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
                 out += ["", f"![latency]({plots['latency']})"]
         out += ["", f"How: {HOW['latency']}"]
     section("6. ", "sizes", "Throughput against message size", _size_table, "sizes", "sizes")
+    section("7. ", "fanout", "WebSocket fan-out: the embedded server beside real Centrifugo", _fanout_table,
+            "fanout")
     section("", "server", "Context: the embedded server alone", _server_table, "server")
     section("", "pipeline", "Context: ticker → relay serve", _pipeline_table, "pipeline")
     if "throughput" in plots:

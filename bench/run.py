@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import (  # noqa: E402
     centrifugo_bench,
+    fanout_bench,
     file_bench,
     kafka_bench,
     latency_bench,
@@ -60,12 +61,15 @@ class Params:
     sizes: tuple[int, ...] = size_bench.SIZES
     size_budget: int = size_bench.BUDGET
     size_min_lines: int = 2000
+    fanout_subscribers: int = 1000
+    fanout_rate: float = 1000
+    fanout_seconds: float = 5.0
 
 
 FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
                compare_count=20_000, compare_repeats=1, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
-               size_min_lines=200)
+               size_min_lines=200, fanout_subscribers=100, fanout_rate=200, fanout_seconds=1.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,11 @@ SECTIONS: dict[str, Section] = {
         "The embedded server alone", False,
         lambda p, _: server_bench.run(p.duration),
         lambda p: f"{PY} bench/server_bench.py --duration {p.duration:g}"),
+    "fanout": Section(
+        "WebSocket fan-out: the embedded server beside real Centrifugo", False,
+        lambda p, _: fanout_bench.run(p.fanout_subscribers, p.fanout_rate, p.fanout_seconds),
+        lambda p: f"{PY} bench/fanout_bench.py --subscribers {p.fanout_subscribers} --rate {p.fanout_rate:g} "
+        f"--duration {p.fanout_seconds:g}"),
     "pipeline": Section(
         "Ticker at full speed → relay serve", False,
         lambda p, _: pipeline_bench.run(p.pipeline_count, p.duration),

@@ -19,12 +19,12 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "relay" / "proto"
-FILES = ["centrifugo/api.proto", "centrifugo_v2/api.proto"]
+FILES = ["centrifugo/api.proto", "centrifugo_v2/api.proto", "centrifuge_client/client.proto"]
 IMPORT = re.compile(r"^from (centrifugo(?:_v2)?) import ", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
-    for sub in ("centrifugo", "centrifugo_v2"):
+    for sub in ("centrifugo", "centrifugo_v2", "centrifuge_client"):
         (out / sub).mkdir(parents=True, exist_ok=True)
         (out / sub / "__init__.py").write_text("")
     (out / "__init__.py").write_text('"""Generated from protos/ by `make protos`; do not edit."""\n')

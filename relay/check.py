@@ -81,6 +81,9 @@ def describe(config: Config, path: str) -> str:
                   f"  listening on {server.listen}{' (tls)' if server.tls.enabled else ''}, api key "
                   f"{_secret_ref(server.api_key_env, server.api_key_file)}",
                   f"  namespaces: {namespaces or 'none'}"]
+        if server.http_listen:
+            lines.append(f"  websocket clients and http api on {server.http_listen}, client token secret "
+                         f"{_secret_ref(server.client_token_hmac_secret_env, server.client_token_hmac_secret_file)}")
     relay = config.relay
     lines += ["", f"state in {relay.state_dir}; metrics at "
                   f"{relay.metrics_listen or 'off'}; shutdown timeout {format_duration(relay.shutdown_timeout)}"]

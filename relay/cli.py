@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run only the embedded Centrifugo-compatible server")
     serve.add_argument("--listen", default=None, help="host:port (default 127.0.0.1:10000)")
+    serve.add_argument("--http-listen", default=None,
+                       help='host:port of WebSocket clients and the HTTP API ("" = off)')
     serve.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
     serve.add_argument("--namespace", action="append", default=None,
                        help="a namespace with history on (repeatable); default: chat")

@@ -52,10 +52,38 @@ class RelaySection(Model):
         return value
 
 
-class NamespaceConfig(Model):
-    name: str = Field(description="Namespace name, the part of a channel before the first ':'.")
+class ChannelOptions(Model):
+    """What clients may do in a channel, named as Centrifugo v6 names its channel options."""
+
     history_size: int = Field(1000, ge=0, description="Publications kept per channel; 0 turns history off.")
     history_ttl: Duration = Field(600.0, description="How long publications are kept; 0s turns history off.")
+    allow_subscribe_for_client: bool = Field(
+        True, description="Clients may subscribe without a subscription token (Centrifugo's default is false).")
+    allow_subscribe_for_anonymous: bool = Field(
+        True, description="Anonymous clients may subscribe too (Centrifugo's default is false).")
+    allow_publish_for_client: bool = Field(False, description="Clients may publish.")
+    allow_publish_for_subscriber: bool = Field(False, description="Subscribers of the channel may publish.")
+    allow_publish_for_anonymous: bool = Field(False, description="Anonymous clients may publish too.")
+    allow_history_for_client: bool = Field(False, description="Clients may read history.")
+    allow_history_for_subscriber: bool = Field(False, description="Subscribers may read history.")
+    allow_history_for_anonymous: bool = Field(False, description="Anonymous clients may read history too.")
+    allow_presence_for_client: bool = Field(False, description="Clients may ask presence.")
+    allow_presence_for_subscriber: bool = Field(False, description="Subscribers may ask presence.")
+    allow_presence_for_anonymous: bool = Field(False, description="Anonymous clients may ask presence too.")
+    presence: bool = Field(False, description="Keep presence (who is subscribed).")
+    join_leave: bool = Field(False, description="Send join and leave messages.")
+    force_push_join_leave: bool = Field(False, description="Push join/leave to every subscriber.")
+    allow_recovery: bool = Field(False, description="Subscribers that ask may recover missed publications.")
+    force_recovery: bool = Field(False, description="Every subscription is recoverable.")
+    allow_positioning: bool = Field(False, description="Subscribers that ask are told the stream position.")
+    force_positioning: bool = Field(False, description="Every subscription is positioned.")
+    allowed_delta_types: list[Literal["fossil"]] = Field(
+        default_factory=list, description='Delta compressions subscribers may ask for: ["fossil"].')
+    delta_publish: bool = Field(False, description="Every publication is a delta publication.")
+
+
+class NamespaceConfig(ChannelOptions):
+    name: str = Field(description="Namespace name, the part of a channel before the first ':'.")
 
     @field_validator("name")
     @classmethod
@@ -78,6 +106,12 @@ class ServerTls(Model):
         if not self.enabled and (self.cert_file or self.key_file or self.client_ca_file):
             raise ValueError("tls files are set but tls.enabled is false")
         return self
+
+
+class PersonalChannel(Model):
+    enabled: bool = Field(False, description="Subscribe every user (not anonymous) to a personal channel on connect.")
+    personal_channel_namespace: str = Field(
+        "", description='Its namespace: the channel is "NS:#USER" ("#USER" when empty).')
 
 
 class ServerSection(Model):
@@ -106,10 +140,33 @@ class ServerSection(Model):
                                       "call may make the server answer with (16 MiB), all commands of a "
                                       "Batch together; past it a command gets error 107.")
 
-    @field_validator("listen")
+    http_listen: str = Field(
+        "", description='host:port of the HTTP side: WebSocket clients at /connection/websocket, the HTTP '
+                        'server API at /api; "" = off.')
+    without_namespace: ChannelOptions = Field(
+        default_factory=lambda: ChannelOptions.model_validate({"history_size": 0}),
+        description="Options of channels without a namespace (Centrifugo's channel.without_namespace).")
+    client_token_hmac_secret_env: str = Field(
+        "", description="Environment variable holding the HS256 secret of connection and subscription JWTs.")
+    client_token_hmac_secret_file: str = Field("", description="File holding that secret.")
+    subscribe_to_user_personal_channel: PersonalChannel = Field(
+        default_factory=lambda: PersonalChannel.model_validate({}),
+        description="Centrifugo's client.subscribe_to_user_personal_channel.")
+    allow_anonymous_connect_without_token: bool = Field(
+        True, description="Clients may connect without a token (as anonymous users).")
+    max_connections: int = Field(10000, ge=1, description="WebSocket connections at most; more are refused.")
+    max_subscriptions_per_connection: int = Field(
+        128, ge=1, description="Channels one connection may subscribe to (Centrifugo's client.channel_limit).")
+    max_client_message_bytes: Annotated[Size, Field(ge=1024)] = Field(
+        65536, description="Largest WebSocket message a client may send (a larger one closes it).")
+    client_queue_max_bytes: Annotated[Size, Field(ge=1024)] = Field(
+        1024 * 1024, description="Bytes queued for a slow client before it is disconnected (3008 slow).")
+
+    @field_validator("listen", "http_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        parse_host_port(value, any_port=True)
+    def _listen(cls, value: str, info: ValidationInfo) -> str:
+        if value or info.field_name == "listen":
+            parse_host_port(value, any_port=True)
         return value
 
     @field_validator("namespaces", mode="before")

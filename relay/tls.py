@@ -49,6 +49,21 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
+def server_ssl_context(tls: ServerTls) -> ssl.SSLContext | None:
+    """The same server TLS for the embedded server's HTTP side (aiohttp): None without TLS; with a
+    client CA, clients must present a certificate it signed. Raises TlsError."""
+    if not tls.enabled:
+        return None
+    check_pair(tls.cert_file, tls.key_file, "server.tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file, password=no_password)
+    if tls.client_ca_file:
+        check_ca(tls.client_ca_file, "server.tls.client_ca_file")
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def channel_credentials(tls: SinkTls) -> grpc.ChannelCredentials:
     """The sink's credentials: a CA file (or the system's trust store) and, for mTLS, a client
     certificate and key. Raises TlsError."""

@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.harness.kafka",
     "tests.harness.centrifugo",
     "tests.harness.subscriber",
+    "tests.harness.client_targets",
+    "tests.harness.node_client",
 ]

@@ -52,3 +52,13 @@ def test_the_kafka_benchmarks_run(kafka_broker: KafkaBroker, centrifugo_bin: Pat
     assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 3000
     latency = latency_bench.run((1000,), 0.5, ("kafka",), broker=kafka_broker)
     assert latency["kafka 1000/s"]["messages"] == 500
+
+
+@pytest.mark.centrifugo
+def test_the_fanout_benchmark_runs(tmp_path: Path, centrifugo_bin: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    assert run.main(["--quick", "--only", "fanout", "--out", str(out)]) == 0
+    figures = json.loads((tmp_path / "results.json").read_text())["results"]["fanout"]["figures"]
+    for server in ("embedded", "centrifugo"):
+        assert figures[server]["deliveries"] == figures[server]["expected_deliveries"] == 100 * 200
+    assert "WebSocket fan-out" in out.read_text()

@@ -52,7 +52,7 @@ def _as_run_here(command: str) -> list[str]:
 
 
 def test_make_run_then_relay_tail_shows_ticks(tmp_path: Path) -> None:
-    for port in (10000, 9108):
+    for port in (10000, 9108, 8000):
         if not _port_free(port):
             pytest.fail(f"port {port} (config.toml's default) is taken on this machine", pytrace=False)
     clone = tmp_path / "clone"

@@ -169,6 +169,9 @@ class ServerState:
         self._tie = itertools.count()
         # Idempotency keys in the order they expire (the window is the same for all).
         self._results_fifo: deque[tuple[float, str, str]] = deque()
+        # Called with (channel, data, tags, position) for every new publication (not for repeats):
+        # how WebSocket subscribers hear of them (relay/server/hub.py).
+        self.on_publication: Callable[[str, bytes, Mapping[str, str] | None, Position], None] | None = None
 
     # -- per call ------------------------------------------------------------------------------
 
@@ -246,6 +249,8 @@ class ServerState:
                 # An out-of-order version: skipped, answered with the current top.
                 return ch.top, ch.epoch
             position = position_or_none
+        if self.on_publication is not None:
+            self.on_publication(channel, data, tags or None, position)
         if idempotency_key:
             if ch is None:
                 ch = self._add_channel(channel, policy)
@@ -356,6 +361,14 @@ class ServerState:
             return list(backwards) if limit < 0 else list(itertools.islice(backwards, limit))
         stop = None if limit < 0 else index + limit
         return list(itertools.islice(pubs, index, stop))
+
+    def publication_data(self, channel: str, offset: int) -> bytes | None:
+        """The data of a retained publication of a channel, None when it is not retained."""
+        ch = self.channels.get(channel)
+        if ch is None or not ch.publications:
+            return None
+        index = offset - ch.publications[0].offset  # offsets in the deque are consecutive
+        return ch.publications[index].data if 0 <= index < len(ch.publications) else None
 
     def remove_history(self, channel: str) -> None:
         """Forget a channel's publications; its epoch and top offset stay (Centrifugo's Clear)."""

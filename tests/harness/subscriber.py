@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from centrifuge import (
     Client,
+    DeltaType,
     PublicationContext,
     SubscribedContext,
     SubscriptionEventHandler,
@@ -72,8 +73,10 @@ class ChannelSubscriber:
     """Subscribes to one channel over WebSocket and keeps every publication, in arrival order."""
 
     def __init__(self, ws_url: str, channel: str, recoverable: bool = False,
-                 max_reconnect_delay: float = 0.5) -> None:
+                 max_reconnect_delay: float = 0.5, use_protobuf: bool = False, delta: str = "") -> None:
         self.ws_url = ws_url
+        self.delta = delta
+        self.use_protobuf = use_protobuf
         self.channel = channel
         self.recoverable = recoverable
         self.max_reconnect_delay = max_reconnect_delay
@@ -98,10 +101,11 @@ class ChannelSubscriber:
 
     async def _open(self) -> None:
         # proxy=None: never route a loopback test connection through an environment proxy.
-        self._client = Client(self.ws_url, proxy=None, min_reconnect_delay=0.05,
+        self._client = Client(self.ws_url, proxy=None, min_reconnect_delay=0.05, use_protobuf=self.use_protobuf,
                               max_reconnect_delay=self.max_reconnect_delay)
         sub = self._client.new_subscription(self.channel, events=_Events(self),
-                                            recoverable=self.recoverable, positioned=self.recoverable)
+                                            recoverable=self.recoverable, positioned=self.recoverable,
+                                            delta=DeltaType(self.delta) if self.delta else None)
         await self._client.connect()
         await sub.subscribe()
 

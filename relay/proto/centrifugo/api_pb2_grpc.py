@@ -79,6 +79,21 @@ class CentrifugoApiStub:
                 request_serializer=centrifugo_dot_api__pb2.ChannelsRequest.SerializeToString,
                 response_deserializer=centrifugo_dot_api__pb2.ChannelsResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_unary(
+                '/centrifugal.centrifugo.api.CentrifugoApi/Subscribe',
+                request_serializer=centrifugo_dot_api__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=centrifugo_dot_api__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.Unsubscribe = channel.unary_unary(
+                '/centrifugal.centrifugo.api.CentrifugoApi/Unsubscribe',
+                request_serializer=centrifugo_dot_api__pb2.UnsubscribeRequest.SerializeToString,
+                response_deserializer=centrifugo_dot_api__pb2.UnsubscribeResponse.FromString,
+                _registered_method=True)
+        self.Disconnect = channel.unary_unary(
+                '/centrifugal.centrifugo.api.CentrifugoApi/Disconnect',
+                request_serializer=centrifugo_dot_api__pb2.DisconnectRequest.SerializeToString,
+                response_deserializer=centrifugo_dot_api__pb2.DisconnectResponse.FromString,
+                _registered_method=True)
 
 
 class CentrifugoApiServicer:
@@ -138,6 +153,25 @@ class CentrifugoApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """These act on the embedded server's WebSocket clients (server.http_listen).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unsubscribe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Disconnect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CentrifugoApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +219,21 @@ def add_CentrifugoApiServicer_to_server(servicer, server):
                     servicer.Channels,
                     request_deserializer=centrifugo_dot_api__pb2.ChannelsRequest.FromString,
                     response_serializer=centrifugo_dot_api__pb2.ChannelsResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=centrifugo_dot_api__pb2.SubscribeRequest.FromString,
+                    response_serializer=centrifugo_dot_api__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'Unsubscribe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unsubscribe,
+                    request_deserializer=centrifugo_dot_api__pb2.UnsubscribeRequest.FromString,
+                    response_serializer=centrifugo_dot_api__pb2.UnsubscribeResponse.SerializeToString,
+            ),
+            'Disconnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Disconnect,
+                    request_deserializer=centrifugo_dot_api__pb2.DisconnectRequest.FromString,
+                    response_serializer=centrifugo_dot_api__pb2.DisconnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +479,87 @@ class CentrifugoApi:
             '/centrifugal.centrifugo.api.CentrifugoApi/Channels',
             centrifugo_dot_api__pb2.ChannelsRequest.SerializeToString,
             centrifugo_dot_api__pb2.ChannelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/centrifugal.centrifugo.api.CentrifugoApi/Subscribe',
+            centrifugo_dot_api__pb2.SubscribeRequest.SerializeToString,
+            centrifugo_dot_api__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unsubscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/centrifugal.centrifugo.api.CentrifugoApi/Unsubscribe',
+            centrifugo_dot_api__pb2.UnsubscribeRequest.SerializeToString,
+            centrifugo_dot_api__pb2.UnsubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Disconnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/centrifugal.centrifugo.api.CentrifugoApi/Disconnect',
+            centrifugo_dot_api__pb2.DisconnectRequest.SerializeToString,
+            centrifugo_dot_api__pb2.DisconnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,6 @@ import logging
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-
 LOGGER = "relay.http"
 
 

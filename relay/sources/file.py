@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import stat
 import time
 from collections.abc import Iterable
@@ -66,6 +67,54 @@ WATCH_DEBOUNCE_MS = 50
 WATCH_STEP_MS = 2
 RESCAN_MIN_GAP = 0.05
 _MAGIC = re.compile(r"[*?[]")
+# File descriptors left to the rest of the process (sockets, the checkpoint and dead letter files,
+# the glob's directory listings): the tail holds at most the soft limit minus this many files open.
+FD_RESERVE = 128
+_HEX16 = r"^[0-9a-f]{16}$"
+_STREAM_KEY = re.compile(r"[^.:/]+\.[0-9a-f]+\.[0-9a-f]+\.[0-9a-f]{12}(\.[0-9]+)?")
+
+
+class _Ident(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    dev: int = Field(ge=0, lt=2**64)
+    ino: int = Field(ge=0, lt=2**64)
+
+
+class FileEntry(_Ident):
+    """A file identity and the offset up to which every line of it was settled."""
+
+    path: str
+    window: int = Field(ge=1, le=65536)
+    digest: str = Field(pattern=_HEX16)
+    gen: int = Field(ge=0, lt=2**31)
+    offset: int = Field(ge=0, lt=2**62)
+    tail: str = Field(pattern=_HEX16)  # checksum of the bytes just before `offset`
+
+
+class PendingEntry(_Ident):
+    """A file found empty: known by device and inode until it has bytes."""
+
+    path: str
+
+
+class RetiredEntry(_Ident):
+    """A forgotten file's last generation, so a new file on its inode never repeats its keys."""
+
+    gen: int = Field(ge=0, lt=2**31)
+    at: float = Field(ge=0)
+
+
+CheckpointEntry = FileEntry | PendingEntry | RetiredEntry
+
+
+def entry_model(key: str) -> type[CheckpointEntry] | None:
+    """The model of a checkpoint entry by the form of its key; None for a key the tail never writes."""
+    if key.startswith(RETIRED):
+        return RetiredEntry
+    if key.startswith(PENDING):
+        return PendingEntry
+    return FileEntry if _STREAM_KEY.fullmatch(key) else None
 
 
 class Config(BaseModel):
@@ -145,6 +194,8 @@ class _File:
     skip: _Skip | None = None
     committed: int = 0
     eof_since: float | None = None
+    at_eof: bool = False  # read to its end: a candidate to close while descriptors are short
+    start_at_end: bool = False  # read_from = "end" applies when it is identified
     done: bool = False
 
     @property
@@ -208,6 +259,43 @@ def _open(path: str) -> tuple[int, os.stat_result] | None:
     return fd, os.fstat(fd)
 
 
+def _find_inode(directory: str, key: tuple[int, int]) -> str | None:
+    """The path of the file with this device and inode in `directory` (a file renamed beside itself)."""
+    with contextlib.suppress(OSError):
+        for item in os.scandir(directory):
+            if item.inode() == key[1] and item.stat(follow_symlinks=False).st_dev == key[0]:
+                return item.path
+    return None
+
+
+def _listable(directory: str) -> bool:
+    """Can the directory be listed? (A directory that does not exist is listed: it holds nothing.)"""
+    try:
+        with os.scandir(directory):
+            return True
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+
+
+def _fd_budget() -> int:
+    """How many files the tail may hold open: the soft limit (raised to the hard one, as Go programs
+    do at start) minus what the rest of the process needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(8, soft - max(FD_RESERVE, soft // 8))
+
+
+def _cut_in_place(fd: int, size: int, window: int, digest: str) -> bool:
+    """Does a file that is now shorter still begin with its first bytes (`truncate -s`, not new content)?"""
+    return size >= window and _digest(os.pread(fd, window, 0)) == digest
+
+
 class FileTail:
     """Tails every file the globs match; positions are (file identity, byte offset past the line)."""
 
@@ -217,7 +305,8 @@ class FileTail:
         self._patterns = [os.path.abspath(os.path.expanduser(p)) for p in config.paths]
         # fnmatch lets "*" cross "/", so it over-matches glob: good enough to tell which events matter.
         self._event_patterns = sorted({q for p in self._patterns for q in (p, p.replace("**" + os.sep, ""))})
-        self._checkpoints = Checkpoints(state_dir / f"file-{name}.json")
+        self._checkpoints: Checkpoints[CheckpointEntry] = Checkpoints(state_dir / f"file-{name}.json",
+                                                                       entry_model)
         self._instance_path = state_dir / f"file-{name}.instance"
         self._instance = ""
         self._tracker = ContiguousTracker()
@@ -238,17 +327,25 @@ class FileTail:
         self._force_polling = False
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
+        self._unlisted: set[str] = set()  # paths kept while their directory cannot be listed
+        self._unresolved: list[tuple[str, FileEntry]] = []  # saved files whose directory could not be read
         self._watched = 0
         self._resume_below = max(1, config.max_in_flight // 2)
+        self._fd_budget = 0
+        self._held = 0  # files holding an open descriptor
+        self._no_room = False
+        self.started = asyncio.Event()  # set once the first scan is done
 
     # -- the Source protocol -------------------------------------------------------------------
 
     async def run(self, emit: Emit) -> None:
         self._instance = instance_id(self._instance_path)
+        self._fd_budget = self._fd_budget or _fd_budget()
         self._checkpoints.load()
         await self._scan(initial=True)
         self._tasks = [asyncio.create_task(self._watch(), name=f"file-{self.name}-watch"),
                        asyncio.create_task(self._checkpoint_loop(), name=f"file-{self.name}-checkpoints")]
+        self.started.set()
         try:
             await self._loop(emit)
         finally:
@@ -294,6 +391,7 @@ class FileTail:
                 for f in self._files.values():
                     self._due[f] = None
                 self._retire_finished()
+                self._no_room = False
                 next_poll = now + cfg.poll_interval
             await self._read_due(emit)
             if self._due:
@@ -314,7 +412,7 @@ class FileTail:
         for f in files:
             if self._stopped:
                 break
-            if f.done:
+            if f.done or (f.fd < 0 and not await self._unpark(f)):
                 continue
             for _ in range(CHUNKS_PER_TURN):
                 if f.stream and self._tracker.in_flight(f.stream) >= self.config.max_in_flight:
@@ -346,7 +444,7 @@ class FileTail:
                 size = os.fstat(f.fd).st_size
                 if size == 0:
                     return self._at_end(f, out)
-                await self._identify(f, size, at_end=False)
+                await self._identify(f, size, at_end=f.start_at_end)
             tl = len(f.tail)
             data = os.pread(f.fd, CHUNK + tl, f.read_pos - tl)
         except OSError as err:
@@ -358,7 +456,7 @@ class FileTail:
             return True
         if len(data) == tl:
             return self._at_end(f, out)
-        f.eof_since = None
+        f.eof_since, f.at_eof = None, False
         budget = self.config.max_in_flight - self._tracker.in_flight(f.stream)
         self._lines(f, data[tl:] if tl else data, out, budget)
         return True
@@ -431,6 +529,7 @@ class FileTail:
             "error": error}, on_settled=self._on_settled)
 
     def _at_end(self, f: _File, out: list[Message]) -> bool:
+        f.at_eof = True
         if not f.live:
             now = time.monotonic()
             if f.eof_since is None:
@@ -454,11 +553,14 @@ class FileTail:
         """Fix a file's identity from its first bytes; it is saved before any of its lines is emitted."""
         head = os.pread(f.fd, min(self.config.fingerprint_bytes, size), 0)
         f.window, f.digest = len(head), _digest(head)
+        await self._new_generation(f, _last_line_end(f.fd, size) if at_end else 0)
+
+    async def _new_generation(self, f: _File, start: int) -> None:
+        """Give a file (window and digest known) the next generation of its identity, read from `start`."""
         key = f.key
         f.gen = self._gen_floor[key] + 1 if key in self._gen_floor else 0
         self._gen_floor[key] = f.gen
         f.stream = _stream_id(self._instance, f.dev, f.ino, f.digest, f.gen)
-        start = _last_line_end(f.fd, size) if at_end else 0
         await self._position(f, start)
         self._by_stream[f.stream] = f
         self._checkpoints.remove(_pending_key(f))
@@ -485,17 +587,76 @@ class FileTail:
             if os.pread(f.fd, n, f.read_pos - n) != f.tail:
                 return  # truncated since the last read: those bytes are new content; the next read sees it
         f.committed = offset
-        self._checkpoints.put(f.stream, {
-            "path": f.path, "dev": f.dev, "ino": f.ino, "window": f.window, "digest": f.digest,
-            "gen": f.gen, "offset": offset, "tail": _digest(tail)})
+        self._checkpoints.put(f.stream, FileEntry(
+            path=f.path, dev=f.dev, ino=f.ino, window=f.window, digest=f.digest, gen=f.gen, offset=offset,
+            tail=_digest(tail)))
 
     def _register(self, f: _File) -> None:
         self._files[f.key] = f
+        if f.fd >= 0:
+            self._held += 1
         if f.live:
             self._by_path[f.path] = f
         if f.stream:
             self._by_stream[f.stream] = f
         self._due[f] = None
+
+    # -- open descriptors ----------------------------------------------------------------------
+
+    def _room(self) -> bool:
+        """Make room for one more open file, closing idle ones (read to their end, all settled)."""
+        if self._held < self._fd_budget:
+            return True
+        if self._no_room:
+            return False  # looked already and found none idle: look again at the next poll
+        want = max(1, self._fd_budget // 16)
+        idle = [f for f in self._files.values() if self._parkable(f)]
+        idle.sort(key=lambda f: not f.at_eof)  # those read to their end first
+        for f in idle[:want]:
+            self._close_fd(f)
+        self._no_room = self._held >= self._fd_budget
+        return not self._no_room
+
+    def _parkable(self, f: _File) -> bool:
+        if f.fd < 0 or not f.live or f.done or f.skip is not None or f in self._due:
+            return False
+        if not f.stream:
+            return f.at_eof
+        return self._tracker.in_flight(f.stream) == 0 and self._tracker.committable(f.stream) in (None, f.committed)
+
+    async def _unpark(self, f: _File) -> bool:
+        """Open a file closed to save descriptors again, if it has anything to read; True if open."""
+        path: str | None = f.path
+        if f.live:
+            try:
+                st = os.stat(f.path)
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == f.key:
+                if st.st_size == f.read_pos:
+                    return False  # nothing new: it stays closed
+            else:
+                path = None
+        if path is None or not f.live:
+            path = _find_inode(os.path.dirname(f.path), f.key)
+            if path is None:
+                log.info("%s: %s went away while closed to save descriptors; lines written to it after "
+                         "offset %d, if any, were not read", self.name, f.path, f.read_pos)
+                self._finish(f, [])
+                return False
+        if not self._room():
+            return False  # every open file is busy: tried again at the next poll
+        opened = _open(path)
+        if opened is None or (opened[1].st_dev, opened[1].st_ino) != f.key:
+            if opened is not None:
+                os.close(opened[0])
+            return False
+        f.fd = opened[0]
+        self._held += 1
+        if path != f.path:  # renamed away while closed: it left the glob
+            self._leave(f)
+            f.path = path
+        return True
 
     # -- finding files -------------------------------------------------------------------------
 
@@ -518,14 +679,48 @@ class FileTail:
                     found.setdefault((st.st_dev, st.st_ino), path)
         return found
 
+    def _gone(self, f: _File) -> bool:
+        """Did a file the glob did not list really leave its path? A failed listing (a directory that
+        cannot be read, no file descriptors left) is not an empty one: the file is kept."""
+        try:
+            st = os.stat(f.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError as err:
+            if f.path not in self._unlisted:
+                self._unlisted.add(f.path)
+                log.warning("%s: cannot list %s (%s); keeping it and trying again", self.name, f.path,
+                            err.strerror)
+            return False
+        if (st.st_dev, st.st_ino) != f.key:
+            return True
+        if f.path not in self._unlisted:
+            self._unlisted.add(f.path)
+            log.warning("%s: the glob did not list %s, which is still there (a directory listing failed); "
+                        "keeping it and trying again", self.name, f.path)
+        return False
+
+    def _leave(self, f: _File) -> None:
+        f.live = False
+        if self._by_path.get(f.path) is f:
+            del self._by_path[f.path]
+        self._due[f] = None
+        log.info("%s: %s left the glob (renamed or deleted); reading it to its end", self.name, f.path)
+
     async def _scan(self, initial: bool = False) -> None:
         self._rescan_wanted = False
         self._last_scan = time.monotonic()
         found = self._glob()
         if initial:
             await self._resume_from_checkpoints(found)
+        elif self._unresolved:
+            saved, self._unresolved = self._unresolved, []
+            await self._resume_saved(saved, found)
         at_end = initial and not self._checkpoints.existed and self.config.read_from == "end"
         for key, path in found.items():
+            if self._unlisted and path in self._unlisted:
+                self._unlisted.discard(path)
+                log.info("%s: %s is listed again", self.name, path)
             f = self._files.get(key)
             if f is not None:
                 if f.path != path or not f.live:
@@ -534,33 +729,10 @@ class FileTail:
                     f.path, f.live, f.eof_since = path, True, None
                     self._by_path[path] = f
                 continue
-            opened = _open(path)
-            if opened is None:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning("%s: cannot open %s; trying again at the next scan", self.name, path)
-                continue
-            fd, st = opened
-            if (st.st_dev, st.st_ino) != key or key in self._files:
-                os.close(fd)  # replaced between glob and open: the next scan sees the new one
-                continue
-            f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino)
-            if st.st_size > 0:
-                await self._identify(f, st.st_size, at_end=at_end)
-            else:
-                self._checkpoints.put(_pending_key(f), {"path": path, "dev": f.dev, "ino": f.ino})
-                self._unsaved = True
-            self._register(f)
-            if not initial:
-                log.info("%s: new file %s", self.name, path)
-        for key, f in self._files.items():
-            if f.live and key not in found:
-                f.live = False
-                if self._by_path.get(f.path) is f:
-                    del self._by_path[f.path]
-                self._due[f] = None
-                log.info("%s: %s left the glob (renamed or deleted); reading it to its end",
-                         self.name, f.path)
+            await self._discover(key, path, at_end, initial)
+        for key, f in list(self._files.items()):
+            if f.live and key not in found and self._gone(f):
+                self._leave(f)
         self._set_watched(len(self._files))
         if self._unsaved:
             self._unsaved = False
@@ -568,58 +740,94 @@ class FileTail:
         if self._watch_stop is not None and self._roots() != self._watch_roots:
             self._watch_stop.set()  # directories appeared or went: the watcher starts again on the new set
 
+    async def _discover(self, key: tuple[int, int], path: str, at_end: bool, initial: bool) -> None:
+        """A file the glob lists for the first time: opened and identified now, or, while every
+        descriptor the tail may use is busy, remembered closed and opened at its turn."""
+        if not self._room():
+            f = _File(path=path, fd=-1, dev=key[0], ino=key[1], start_at_end=at_end)
+            self._checkpoints.put(_pending_key(f), PendingEntry(path=path, dev=f.dev, ino=f.ino))
+            self._unsaved = True
+            self._register(f)
+            return
+        opened = _open(path)
+        if opened is None:
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("%s: cannot open %s; trying again at the next scan", self.name, path)
+            return
+        fd, st = opened
+        if (st.st_dev, st.st_ino) != key or key in self._files:
+            os.close(fd)  # replaced between glob and open: the next scan sees the new one
+            return
+        f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino)
+        if st.st_size > 0:
+            await self._identify(f, st.st_size, at_end=at_end)
+        else:
+            self._checkpoints.put(_pending_key(f), PendingEntry(path=path, dev=f.dev, ino=f.ino))
+            self._unsaved = True
+        self._register(f)
+        if not initial:
+            log.info("%s: new file %s", self.name, path)
+
     async def _resume_from_checkpoints(self, found: dict[tuple[int, int], str]) -> None:
         """Match saved identities to files: by device and inode, or in their directory if renamed."""
         now = time.time()
         saved = []
         for key, entry in list(self._checkpoints.entries.items()):
-            ident = (int(entry["dev"]), int(entry["ino"]))
-            if key.startswith(PENDING):
+            ident = (entry.dev, entry.ino)
+            if isinstance(entry, PendingEntry):
                 self._resume_pending(key, entry, found)
                 continue
-            self._gen_floor[ident] = max(self._gen_floor.get(ident, -1), int(entry["gen"]))
-            if key.startswith(RETIRED):
-                if now - float(entry.get("at", 0)) > RETIRED_KEEP:
+            self._gen_floor[ident] = max(self._gen_floor.get(ident, -1), entry.gen)
+            if isinstance(entry, RetiredEntry):
+                if now - entry.at > RETIRED_KEEP:
                     self._checkpoints.remove(key)
             else:
                 saved.append((key, entry))
+        await self._resume_saved(saved, found)
+
+    async def _resume_saved(self, saved: list[tuple[str, FileEntry]], found: dict[tuple[int, int], str]) -> None:
         lost = []
         for stream, entry in saved:
-            ident = (int(entry["dev"]), int(entry["ino"]))
+            ident = (entry.dev, entry.ino)
             path = found.get(ident)
             opened = _open(path) if path is not None and ident not in self._files else None
             if opened is not None:
                 fd, st = opened
-                if (st.st_dev, st.st_ino) == ident and _matches(
-                        fd, st.st_size, entry["window"], entry["digest"], entry["offset"], entry["tail"]):
-                    await self._resume(stream, entry, path or "", fd, st, live=True)
-                    continue
+                if (st.st_dev, st.st_ino) == ident:
+                    if _matches(fd, st.st_size, entry.window, entry.digest, entry.offset, entry.tail):
+                        await self._resume(stream, entry, path or "", fd, st, live=True)
+                        continue
+                    if st.st_size < entry.offset and _cut_in_place(fd, st.st_size, entry.window, entry.digest):
+                        await self._resume_cut(stream, entry, path or "", fd, st)
+                        continue
                 os.close(fd)
             lost.append((stream, entry))
         for stream, entry in lost:
-            match = self._find_match(os.path.dirname(entry["path"]), entry["window"], entry["digest"],
-                                     entry["offset"], entry["tail"], prefer=(entry["dev"], entry["ino"]))
+            directory = os.path.dirname(entry.path)
+            match = self._find_match(directory, entry.window, entry.digest, entry.offset, entry.tail,
+                                     prefer=(entry.dev, entry.ino))
+            if match is None and not _listable(directory):
+                # Not knowing is not gone: the entry stays, and is matched again at every scan.
+                log.warning("%s: cannot list %s to find %s; keeping its checkpoint and trying again",
+                            self.name, directory, entry.path)
+                self._unresolved.append((stream, entry))
+                continue
             if match is None:
                 log.warning("%s: %s (%s) is gone or changed; forgetting its checkpoint at offset %d",
-                            self.name, entry["path"], stream, entry["offset"])
+                            self.name, entry.path, stream, entry.offset)
                 self._checkpoints.remove(stream)
-                self._retire_mark(int(entry["dev"]), int(entry["ino"]), int(entry["gen"]))
+                self._retire_mark(entry.dev, entry.ino, entry.gen)
                 continue
             path, fd, st = match
             log.info("%s: %s was rotated while stopped; resuming it as %s at offset %d",
-                     self.name, entry["path"], path, entry["offset"])
+                     self.name, entry.path, path, entry.offset)
             await self._resume(stream, entry, path, fd, st, live=(st.st_dev, st.st_ino) in found)
 
-    def _resume_pending(self, key: str, entry: dict[str, Any], found: dict[tuple[int, int], str]) -> None:
+    def _resume_pending(self, key: str, entry: PendingEntry, found: dict[tuple[int, int], str]) -> None:
         """A file that was empty when last seen: the same inode, in the glob or renamed in its directory."""
-        ident = (int(entry["dev"]), int(entry["ino"]))
-        path = found.get(ident)
-        if path is None:
-            with contextlib.suppress(OSError):
-                for item in os.scandir(os.path.dirname(str(entry["path"]))):
-                    if item.inode() == ident[1] and item.stat().st_dev == ident[0]:
-                        path = item.path
-                        break
+        ident = (entry.dev, entry.ino)
+        path = found.get(ident) or _find_inode(os.path.dirname(entry.path), ident)
         opened = _open(path) if path is not None else None
         if opened is None or (opened[1].st_dev, opened[1].st_ino) != ident or ident in self._files:
             if opened is not None:
@@ -629,14 +837,25 @@ class FileTail:
         fd, st = opened
         self._register(_File(path=path or "", fd=fd, dev=st.st_dev, ino=st.st_ino, live=ident in found))
 
-    async def _resume(self, stream: str, entry: dict[str, Any], path: str, fd: int, st: os.stat_result,
+    async def _resume(self, stream: str, entry: FileEntry, path: str, fd: int, st: os.stat_result,
                       live: bool) -> None:
         f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino, live=live, stream=stream,
-                  window=int(entry["window"]), digest=str(entry["digest"]), gen=int(entry["gen"]))
-        await self._position(f, int(entry["offset"]))
+                  window=entry.window, digest=entry.digest, gen=entry.gen)
+        await self._position(f, entry.offset)
         self._gen_floor[f.key] = max(self._gen_floor.get(f.key, -1), f.gen)
         self._register(f)
         self._save_entry(f, f.read_pos)
+
+    async def _resume_cut(self, stream: str, entry: FileEntry, path: str, fd: int, st: os.stat_result) -> None:
+        """Cut shorter in place while stopped (`truncate -s`, or a checkpoint ahead of the file): what
+        is left was read; new lines go on after it under a new generation, nothing is read again."""
+        log.warning("%s: %s is shorter (%d bytes) than its checkpoint (offset %d) but begins with the same "
+                    "bytes: cut in place; reading on at its end", self.name, path, st.st_size, entry.offset)
+        self._checkpoints.remove(stream)
+        self._retire_mark(entry.dev, entry.ino, entry.gen)
+        f = _File(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino, window=entry.window, digest=entry.digest)
+        await self._new_generation(f, _last_line_end(fd, st.st_size))
+        self._register(f)
 
     def _find_match(self, directory: str, window: int, digest: str, offset: int, tail_digest: str,
                     prefer: tuple[int, int] | None = None) -> tuple[str, int, os.stat_result] | None:
@@ -672,7 +891,8 @@ class FileTail:
         return None if best is None else (best[2], best[3], best[4])
 
     async def _truncated(self, f: _File) -> None:
-        """The bytes before the read position changed: copytruncate. Finish from the copy, restart at 0."""
+        """The bytes before the read position changed: copytruncate. Finish from the copy, restart at 0;
+        or, with no copy and the same first bytes, cut in place (`truncate -s`): go on at the new end."""
         fresh = _File(path=f.path, fd=f.fd, dev=f.dev, ino=f.ino, live=f.live)
         self._files[f.key] = fresh
         if self._by_path.get(f.path) is f:
@@ -683,8 +903,15 @@ class FileTail:
             return
         match = self._find_match(os.path.dirname(f.path), f.window, f.digest, f.read_pos, _digest(f.tail))
         if match is None:
-            log.warning("%s: %s was truncated and no copy holding its rest was found; lines after offset %d "
-                        "that were not read yet are lost", self.name, f.path, f.read_pos)
+            size = os.fstat(fresh.fd).st_size
+            if size < f.read_pos and _cut_in_place(fresh.fd, size, f.window, f.digest):
+                log.warning("%s: %s was cut to %d bytes in place; reading on at its new end", self.name,
+                            f.path, size)
+                fresh.window, fresh.digest = f.window, f.digest
+                await self._new_generation(fresh, _last_line_end(fresh.fd, size))
+            else:
+                log.warning("%s: %s was truncated and no copy holding its rest was found; lines after offset "
+                            "%d that were not read yet are lost", self.name, f.path, f.read_pos)
             f.fd = -1
             f.pending, f.skip = b"", None
             self._finish(f, [])
@@ -692,6 +919,7 @@ class FileTail:
         path, fd, st = match
         log.info("%s: %s was truncated; reading the rest from its copy %s", self.name, f.path, path)
         f.path, f.fd, f.dev, f.ino, f.live, f.eof_since = path, fd, st.st_dev, st.st_ino, False, None
+        self._held += 1
         self._files[f.key] = f
         self._gen_floor[f.key] = max(self._gen_floor.get(f.key, -1), f.gen)
         self._save_entry(f, f.committed)
@@ -744,15 +972,15 @@ class FileTail:
     def _retire_mark(self, dev: int, ino: int, gen: int) -> None:
         key = f"{RETIRED}{dev:x}.{ino:x}"
         previous = self._checkpoints.get(key)
-        gen = max(gen, int(previous["gen"])) if previous else gen
-        self._checkpoints.put(key, {"dev": dev, "ino": ino, "gen": gen, "at": round(time.time(), 3)})
+        gen = max(gen, previous.gen) if isinstance(previous, RetiredEntry) else gen
+        self._checkpoints.put(key, RetiredEntry(dev=dev, ino=ino, gen=gen, at=round(time.time(), 3)))
 
-    @staticmethod
-    def _close_fd(f: _File) -> None:
+    def _close_fd(self, f: _File) -> None:
         if f.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(f.fd)
             f.fd = -1
+            self._held -= 1
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -770,9 +998,9 @@ class FileTail:
                 log.error("%s: checkpoint of %s: %s", self.name, f.path, err)
         now = time.time()
         for key, entry in list(self._checkpoints.entries.items()):
-            if key.startswith(RETIRED) and now - float(entry.get("at", 0)) > RETIRED_KEEP:
+            if isinstance(entry, RetiredEntry) and now - entry.at > RETIRED_KEEP:
                 self._checkpoints.remove(key)
-                ident = (int(entry["dev"]), int(entry["ino"]))
+                ident = (entry.dev, entry.ino)
                 if ident not in self._files:
                     self._gen_floor.pop(ident, None)
 

@@ -769,7 +769,7 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
     state = tmp_path / "state"
     collector = Collector()
     source = FileTail("logs", make_config(str(folder / "*.log")), state)
-    source._fd_budget = 8
+    source._fds.budget = 8
     task = asyncio.create_task(source.run(collector))
     await started(source, task)
     try:
@@ -783,7 +783,7 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
         append(folder / "empty.log", b"e 1\n")
         await collector.wait_for(80 + 16)
         await wait_until(lambda: all(f.path != str(folder / "f01.log") for f in source._files.values()))
-        assert source._held == len([f for f in source._files.values() if f.fd >= 0]) + len(
+        assert source._fds.held == len([f for f in source._files.values() if f.fd >= 0]) + len(
             [f for f in source._finishing if f.fd >= 0])
     finally:
         await source.stop()

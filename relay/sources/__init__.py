@@ -1,6 +1,6 @@
 """Source plugins, one module per `type`, and the contract they share.
 
-Each module `relay/sources/<type>.py` defines:
+Each module `relay/sources/<type>.py` (or package, like `relay/sources/file/`) defines:
 - `Config`: a pydantic model of its `[sources.NAME]` table (with `type: Literal["<type>"]`);
 - a class implementing `Source`, built by `build(name, config, state_dir)`.
 

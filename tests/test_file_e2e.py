@@ -358,6 +358,42 @@ def test_a_directory_that_cannot_be_listed_is_not_an_empty_one(
         relay.stop()
 
 
+def test_a_restart_while_the_directory_cannot_be_listed_keeps_the_checkpoint(
+        tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
+    """The relay restarts while the tailed directory is chmod 000: the checkpoint is kept (not taken
+    for a file that is gone), and once the directory can be read the file goes on where it was."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is not installed")
+    server = embedded_server_factory(namespaces=[{"name": "logs", "history_size": 1000, "history_ttl": "600s"}])
+    logs, work = tmp_path / "logs", tmp_path / "relay"
+    logs.mkdir()
+    work.mkdir()
+    app = logs / "app.log"
+    app.write_bytes(json_lines(0, 3))
+    relay = Relay(work, file_config(work, server, logs, "logs:app", **FAST),
+                  {**os.environ, KEY_ENV: server.api_key}, wrapper=NO_DAC)
+    relay.start()
+    try:
+        wait_for_count(server.address, "logs:app", 3, server.api_key)
+        assert relay.stop() == 0
+        logs.chmod(0)
+        try:
+            relay.start()
+            relay.wait_for_log("cannot list", "gone or changed")
+            # Several scans with the directory unreadable (the fault's duration, not a synchronisation).
+            time.sleep(1.0)
+        finally:
+            logs.chmod(0o755)
+        with open(app, "ab") as out:
+            out.write(json_lines(3, 4))
+        wait_for_count(server.address, "logs:app", 4, server.api_key)
+        assert relay.stop() == 0
+        assert delivered(server, "logs:app") == [(n,) for n in range(4)], relay.logs()[-3000:]
+        assert relay.logs().count("keeping its checkpoint") == 1
+    finally:
+        relay.stop()
+
+
 def test_two_thousand_files_under_ulimit_n_1024_each_line_arrives_once(
         tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
     """2,000 files, 1,024 file descriptors (prlimit on the relay process, soft and hard): idle files

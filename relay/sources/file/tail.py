@@ -420,8 +420,10 @@ class FileTail:
                                prefer=(entry.dev, entry.ino))
             if match is None and not listable(directory):
                 # Not knowing is not gone: the entry stays, and is matched again at every scan.
-                log.warning("%s: cannot list %s to find %s; keeping its checkpoint and trying again",
-                            self.name, directory, entry.path)
+                if stream not in self._warned:
+                    self._warned.add(stream)
+                    log.warning("%s: cannot list %s to find %s; keeping its checkpoint and trying again",
+                                self.name, directory, entry.path)
                 self._unresolved.append((stream, entry))
                 continue
             if match is None:

@@ -13,8 +13,62 @@ import contextlib
 import os
 import stat
 from collections.abc import Container
+from dataclasses import dataclass
+from typing import Literal
 
-from relay.sources.file.identity import Key, matches, open_file
+from relay.sources.file.checkpoints import FileEntry
+from relay.sources.file.discovery import listable
+from relay.sources.file.identity import Key, cut_in_place, matches, open_file
+
+
+@dataclass(slots=True)
+class Located:
+    """Where a checkpointed file is now. With a path, `fd` is an open descriptor of it.
+
+    `same`: at its saved offset, as saved; `cut`: shorter than its offset, same first bytes (cut in
+    place); `moved`: renamed, or its rest in copytruncate's copy; `unknown`: its directory cannot be
+    listed; `gone`: none of these."""
+
+    how: Literal["same", "cut", "moved", "unknown", "gone"]
+    path: str = ""
+    fd: int = -1
+    dev: int = 0
+    ino: int = 0
+    size: int = 0
+
+    @property
+    def key(self) -> Key:
+        return (self.dev, self.ino)
+
+
+def _located(how: Literal["same", "cut", "moved"], path: str, fd: int, st: os.stat_result) -> Located:
+    return Located(how, path, fd, st.st_dev, st.st_ino, st.st_size)
+
+
+def at_path(entry: FileEntry, path: str | None, followed: Container[Key]) -> Located | None:
+    """The saved file still under a globbed path (same device and inode): as saved, or cut in place."""
+    ident = (entry.dev, entry.ino)
+    opened = open_file(path) if path is not None and ident not in followed else None
+    if opened is None or path is None:
+        return None
+    fd, st = opened
+    if (st.st_dev, st.st_ino) == ident:
+        if matches(fd, st.st_size, entry.window, entry.digest, entry.offset, entry.tail):
+            return _located("same", path, fd, st)
+        if st.st_size < entry.offset and cut_in_place(fd, st.st_size, entry.window, entry.digest):
+            return _located("cut", path, fd, st)
+    os.close(fd)
+    return None
+
+
+def elsewhere(entry: FileEntry, followed: Container[Key]) -> Located:
+    """The saved file, or its rest, in its directory under another name; or why not."""
+    directory = os.path.dirname(entry.path)
+    match = find_match(directory, entry.window, entry.digest, entry.offset, entry.tail, followed,
+                       prefer=(entry.dev, entry.ino))
+    if match is not None:
+        return _located("moved", *match)
+    return Located("gone" if listable(directory) else "unknown")
 
 
 def find_match(directory: str, window: int, checksum: str, offset: int, tail_digest: str,

@@ -25,7 +25,7 @@ from relay.sources import Emit
 from relay.sources.file.checkpoints import FileCheckpoints, FileEntry, PendingEntry
 from relay.sources.file.config import Config
 from relay.sources.file.descriptors import Descriptors, fd_budget
-from relay.sources.file.discovery import Paths, Watcher, listable
+from relay.sources.file.discovery import Paths, Watcher
 from relay.sources.file.identity import (
     CHUNK,
     TAIL,
@@ -35,13 +35,12 @@ from relay.sources.file.identity import (
     cut_in_place,
     digest,
     last_line_end,
-    matches,
     open_file,
     pending_key,
     stream_id,
 )
 from relay.sources.file.reader import LineSplitter, TailedFile, read_next
-from relay.sources.file.rotation import find_inode, find_match
+from relay.sources.file.rotation import Located, at_path, elsewhere, find_inode, find_match
 
 log = logging.getLogger("relay.sources.file")
 
@@ -399,43 +398,32 @@ class FileTail:
 
     async def _resume_saved(self, saved: list[tuple[str, FileEntry]], found: dict[Key, str]) -> None:
         lost = []
-        for stream, entry in saved:
-            ident = (entry.dev, entry.ino)
-            path = found.get(ident)
-            opened = open_file(path) if path is not None and ident not in self._files else None
-            if opened is not None:
-                fd, st = opened
-                if (st.st_dev, st.st_ino) == ident:
-                    if matches(fd, st.st_size, entry.window, entry.digest, entry.offset, entry.tail):
-                        await self._resume(stream, entry, path or "", fd, st, live=True)
-                        continue
-                    if st.st_size < entry.offset and cut_in_place(fd, st.st_size, entry.window, entry.digest):
-                        await self._resume_cut(stream, entry, path or "", fd, st)
-                        continue
-                os.close(fd)
-            lost.append((stream, entry))
+        for stream, entry in saved:  # first those still in place, so a search never takes their file
+            where = at_path(entry, found.get((entry.dev, entry.ino)), self._files)
+            if where is None:
+                lost.append((stream, entry))
+            elif where.how == "same":
+                await self._resume(stream, entry, where, live=True)
+            else:
+                await self._resume_cut(stream, entry, where)
         for stream, entry in lost:
-            directory = os.path.dirname(entry.path)
-            match = find_match(directory, entry.window, entry.digest, entry.offset, entry.tail, self._files,
-                               prefer=(entry.dev, entry.ino))
-            if match is None and not listable(directory):
+            where = elsewhere(entry, self._files)
+            if where.how == "moved":
+                log.info("%s: %s was rotated while stopped; resuming it as %s at offset %d",
+                         self.name, entry.path, where.path, entry.offset)
+                await self._resume(stream, entry, where, live=where.key in found)
+            elif where.how == "unknown":
                 # Not knowing is not gone: the entry stays, and is matched again at every scan.
                 if stream not in self._warned:
                     self._warned.add(stream)
-                    log.warning("%s: cannot list %s to find %s; keeping its checkpoint and trying again",
-                                self.name, directory, entry.path)
+                    log.warning("%s: cannot list the directory of %s; keeping its checkpoint and trying again",
+                                self.name, entry.path)
                 self._unresolved.append((stream, entry))
-                continue
-            if match is None:
+            else:
                 log.warning("%s: %s (%s) is gone or changed; forgetting its checkpoint at offset %d",
                             self.name, entry.path, stream, entry.offset)
                 self._checkpoints.remove(stream)
                 self._checkpoints.retire((entry.dev, entry.ino), entry.gen)
-                continue
-            path, fd, st = match
-            log.info("%s: %s was rotated while stopped; resuming it as %s at offset %d",
-                     self.name, entry.path, path, entry.offset)
-            await self._resume(stream, entry, path, fd, st, live=(st.st_dev, st.st_ino) in found)
 
     def _resume_pending(self, key: str, entry: PendingEntry, found: dict[Key, str]) -> None:
         """A file that was empty when last seen: the same inode, in the glob or renamed in its directory."""
@@ -450,24 +438,24 @@ class FileTail:
         fd, st = opened
         self._register(TailedFile(path=path or "", fd=fd, dev=st.st_dev, ino=st.st_ino, live=ident in found))
 
-    async def _resume(self, stream: str, entry: FileEntry, path: str, fd: int, st: os.stat_result,
-                      live: bool) -> None:
-        f = TailedFile(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino, live=live, stream=stream,
-                       window=entry.window, digest=entry.digest, gen=entry.gen)
+    async def _resume(self, stream: str, entry: FileEntry, where: Located, live: bool) -> None:
+        f = TailedFile(path=where.path, fd=where.fd, dev=where.dev, ino=where.ino, live=live,
+                       stream=stream, window=entry.window, digest=entry.digest, gen=entry.gen)
         await self._position(f, entry.offset)
         self._generations.seen(f.key, f.gen)
         self._register(f)
         self._checkpoints.save(f, f.read_pos)
 
-    async def _resume_cut(self, stream: str, entry: FileEntry, path: str, fd: int, st: os.stat_result) -> None:
+    async def _resume_cut(self, stream: str, entry: FileEntry, where: Located) -> None:
         """Cut shorter in place while stopped (`truncate -s`, or a checkpoint ahead of the file): what
         is left was read; new lines go on after it under a new generation, nothing is read again."""
         log.warning("%s: %s is shorter (%d bytes) than its checkpoint (offset %d) but begins with the same "
-                    "bytes: cut in place; reading on at its end", self.name, path, st.st_size, entry.offset)
+                    "bytes: cut in place; reading on at its end", self.name, where.path, where.size, entry.offset)
         self._checkpoints.remove(stream)
         self._checkpoints.retire((entry.dev, entry.ino), entry.gen)
-        f = TailedFile(path=path, fd=fd, dev=st.st_dev, ino=st.st_ino, window=entry.window, digest=entry.digest)
-        await self._new_generation(f, last_line_end(fd, st.st_size))
+        f = TailedFile(path=where.path, fd=where.fd, dev=where.dev, ino=where.ino, window=entry.window,
+                       digest=entry.digest)
+        await self._new_generation(f, last_line_end(where.fd, where.size))
         self._register(f)
 
     # -- rotation ------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ opened again when they grow.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 from collections.abc import Callable, Iterable
 
 from relay.sources.file.reader import TailedFile
+from relay.sources.file.rotation import find_inode
 
 FD_RESERVE = 128
 
@@ -28,6 +30,20 @@ def fd_budget() -> int:
     return max(8, soft - max(FD_RESERVE, soft // 8))
 
 
+def reopen_path(f: TailedFile) -> str | None:
+    """For a file closed to save descriptors: the path to open it by again; "" when it has nothing new
+    (it stays closed); None when it is gone (deleted while closed)."""
+    if f.live:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            pass
+        else:
+            if (st.st_dev, st.st_ino) == f.key:
+                return "" if st.st_size == f.read_pos else f.path
+    return find_inode(os.path.dirname(f.path), f.key)  # renamed beside itself while closed
+
+
 class Descriptors:
     """Counts the files holding a descriptor, and makes room by closing idle ones."""
 
@@ -39,8 +55,12 @@ class Descriptors:
     def opened(self) -> None:
         self.held += 1
 
-    def closed(self) -> None:
-        self.held -= 1
+    def close(self, f: TailedFile) -> None:
+        if f.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+            f.fd = -1
+            self.held -= 1
 
     def retry(self) -> None:
         self._exhausted = False

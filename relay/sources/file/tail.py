@@ -24,7 +24,7 @@ from relay.message import Message
 from relay.sources import Emit
 from relay.sources.file.checkpoints import FileCheckpoints, FileEntry, PendingEntry
 from relay.sources.file.config import Config
-from relay.sources.file.descriptors import Descriptors, fd_budget
+from relay.sources.file.descriptors import Descriptors, fd_budget, reopen_path
 from relay.sources.file.discovery import Paths, Watcher
 from relay.sources.file.identity import (
     CHUNK,
@@ -275,24 +275,14 @@ class FileTail:
 
     async def _unpark(self, f: TailedFile) -> bool:
         """Open a file closed to save descriptors again, if it has anything to read; True if open."""
-        path: str | None = f.path
-        if f.live:
-            try:
-                st: os.stat_result | None = os.stat(f.path)
-            except OSError:
-                st = None
-            if st is not None and (st.st_dev, st.st_ino) == f.key:
-                if st.st_size == f.read_pos:
-                    return False  # nothing new: it stays closed
-            else:
-                path = None
-        if path is None or not f.live:
-            path = find_inode(os.path.dirname(f.path), f.key)
-            if path is None:
-                log.info("%s: %s went away while closed to save descriptors; lines written to it after "
-                         "offset %d, if any, were not read", self.name, f.path, f.read_pos)
-                self._finish(f, [])
-                return False
+        path = reopen_path(f)
+        if path == "":
+            return False
+        if path is None:
+            log.info("%s: %s went away while closed to save descriptors; lines written to it after "
+                     "offset %d, if any, were not read", self.name, f.path, f.read_pos)
+            self._finish(f, [])
+            return False
         if not self._room():
             return False  # every open file is busy: tried again at the next poll
         opened = open_file(path)
@@ -308,11 +298,7 @@ class FileTail:
         return True
 
     def _close_fd(self, f: TailedFile) -> None:
-        if f.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(f.fd)
-            f.fd = -1
-            self._fds.closed()
+        self._fds.close(f)
 
     # -- finding files -------------------------------------------------------------------------
 

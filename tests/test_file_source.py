@@ -209,7 +209,7 @@ async def test_5mb_line_becomes_one_oversized_message_and_the_next_line_is_fine(
         append(log, b"\nlast\n")
         await collector.wait_for(5)
         stream = collector.messages[0].stream
-        await wait_until(lambda: source._tracker.committable(stream) == log.stat().st_size)
+        await wait_until(lambda: source._flow.tracker.committable(stream) == log.stat().st_size)
     before, oversized, after, oversized2, last = collector.messages
     assert before.data == b"before" and after.data == b"after" and last.data == b"last"
     assert oversized.attributes["error"].startswith(

@@ -1,9 +1,8 @@
 """The file source itself: finds files (discovery), reads each (reader), follows rotation, keeps
-checkpoints, and hands lines to the pipeline with a cap of unsettled lines per file.
+checkpoints, and hands lines to the pipeline through `Flow` (a cap of unsettled lines per file).
 
-The cap (pause at `max_in_flight`, resume at half), the commit loop and the chunking into batches
-are the plumbing a source engine would own (issue 13); they are kept together in the sections
-"emitting" and "checkpoints" below so they can move there whole.
+What a source engine would own (issue 13) is kept apart so it can move there whole: the cap and the
+batches in flow.py, the commit loop in the section "checkpoints: the commit loop" below.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from relay import metrics
-from relay.acks import ContiguousTracker
 from relay.checkpoints import instance_id
 from relay.message import Message
 from relay.sources import Emit
@@ -26,6 +24,7 @@ from relay.sources.file.checkpoints import FileCheckpoints, FileEntry, PendingEn
 from relay.sources.file.config import Config
 from relay.sources.file.descriptors import Descriptors, fd_budget, reopen_path
 from relay.sources.file.discovery import Paths, Watcher
+from relay.sources.file.flow import Flow
 from relay.sources.file.identity import (
     CHUNK,
     TAIL,
@@ -59,8 +58,8 @@ class FileTail:
         self._checkpoints = FileCheckpoints(state_dir / f"file-{name}.json")
         self._instance_path = state_dir / f"file-{name}.instance"
         self._instance = ""
-        self._tracker = ContiguousTracker()
-        self._splitter = LineSplitter(name, config.max_line_bytes, self._on_settled, self._tracker.emitted)
+        self._flow = Flow(config.max_in_flight, config.batch_size, self._resume_stream)
+        self._splitter = LineSplitter(name, config.max_line_bytes, self._flow.settled, self._flow.tracker.emitted)
         self._generations = Generations()
         self._fds = Descriptors()
         self._watcher = Watcher(name, self._paths, self._on_changes, config.glob_interval, config.poll_interval)
@@ -69,7 +68,6 @@ class FileTail:
         self._by_stream: dict[str, TailedFile] = {}
         self._finishing: list[TailedFile] = []
         self._due: dict[TailedFile, None] = {}  # an ordered set: files to read on the next turn
-        self._blocked: dict[str, TailedFile] = {}
         self._unresolved: list[tuple[str, FileEntry]] = []  # saved files whose directory could not be read
         self._wake = asyncio.Event()
         self._stopped = False
@@ -79,7 +77,6 @@ class FileTail:
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
         self._watched = 0
-        self._resume_below = max(1, config.max_in_flight // 2)
         self.started = asyncio.Event()  # set once the first scan is done
 
     # -- the Source protocol -------------------------------------------------------------------
@@ -157,8 +154,7 @@ class FileTail:
             if f.done or (f.fd < 0 and not await self._unpark(f)):
                 continue
             for _ in range(CHUNKS_PER_TURN):
-                if f.stream and self._tracker.in_flight(f.stream) >= self.config.max_in_flight:
-                    self._blocked[f.stream] = f
+                if f.stream and self._flow.pause_if_full(f.stream):
                     break
                 more = await self._read_chunk(f, out)
                 if len(out) >= self.config.batch_size:
@@ -190,7 +186,7 @@ class FileTail:
         if not data:
             return self._at_end(f, out)
         f.eof_since, f.at_eof = None, False
-        self._splitter.split(f, data, out, self.config.max_in_flight - self._tracker.in_flight(f.stream))
+        self._splitter.split(f, data, out, self._flow.room(f.stream))
         return True
 
     def _at_end(self, f: TailedFile, out: list[Message]) -> bool:
@@ -203,24 +199,19 @@ class FileTail:
                 self._finish(f, out)
         return False
 
-    # -- emitting: batches and the cap of unsettled lines per file -------------------------------
+    # -- emitting (the cap per file and the batches are flow.py's) -------------------------------
 
     async def _emit(self, emit: Emit, out: list[Message]) -> None:
-        if self._unsaved:
+        if self._unsaved:  # identities are saved before any of their lines goes out
             self._unsaved = False
             await self._save()
-        size = self.config.batch_size
-        for i in range(0, len(out), size):
-            await emit(out[i:i + size])
+        await self._flow.emit(emit, out)
 
-    def _on_settled(self, msg: Message) -> None:
-        self._tracker.settled(msg.stream, msg.offset)
-        if self._blocked:
-            f = self._blocked.get(msg.stream)
-            if f is not None and self._tracker.in_flight(msg.stream) <= self._resume_below:
-                del self._blocked[msg.stream]
-                self._due[f] = None
-                self._wake.set()
+    def _resume_stream(self, stream: str) -> None:
+        f = self._by_stream.get(stream)
+        if f is not None and not f.done:
+            self._due[f] = None
+            self._wake.set()
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -271,7 +262,7 @@ class FileTail:
             return False
         if not f.stream:
             return f.at_eof
-        return self._tracker.in_flight(f.stream) == 0 and self._tracker.committable(f.stream) in (None, f.committed)
+        return self._flow.idle(f.stream, f.committed)
 
     async def _unpark(self, f: TailedFile) -> bool:
         """Open a file closed to save descriptors again, if it has anything to read; True if open."""
@@ -492,7 +483,6 @@ class FileTail:
         if self._by_path.get(f.path) is f:
             del self._by_path[f.path]
         self._due.pop(f, None)
-        self._blocked.pop(f.stream, None)
         self._finishing.append(f)
         self._set_watched(len(self._files))
         log.info("%s: done with %s", self.name, f.path)
@@ -501,14 +491,14 @@ class FileTail:
         """Forget finished files once all their lines settled; their generation is remembered."""
         keep = []
         for f in self._finishing:
-            if f.stream and self._tracker.in_flight(f.stream):
+            if f.stream and self._flow.tracker.in_flight(f.stream):
                 keep.append(f)
                 continue
             self._close_fd(f)
             if not f.stream:
                 self._checkpoints.remove(pending_key(f.key))
             else:
-                self._tracker.forget(f.stream)
+                self._flow.forget(f.stream)
                 self._by_stream.pop(f.stream, None)
                 self._checkpoints.remove(f.stream)
                 self._checkpoints.retire(f.key, f.gen)
@@ -521,7 +511,7 @@ class FileTail:
         for f in self._by_stream.values():
             if f.done or f.fd < 0:
                 continue
-            offset = self._tracker.committable(f.stream)
+            offset = self._flow.tracker.committable(f.stream)
             if offset is None or offset == f.committed:
                 continue
             try:

@@ -23,7 +23,10 @@ from pathlib import Path
 from relay.sources.file.config import Config
 from relay.sources.file.tail import FileTail
 
-__all__ = ["Config", "FileTail", "build"]
+__all__ = ["FIELDS", "Config", "FileTail", "build"]
+
+# The template fields and `when` keys a line carries (its data is the line: json.* when it is JSON).
+FIELDS = ("file.path", "file.name", "file.line", "file.offset", "json.*")
 
 
 def build(name: str, config: Config, state_dir: Path) -> FileTail:

@@ -4,6 +4,10 @@ The file is written to a temporary file in the same directory, fsynced, renamed 
 and the directory fsynced, so after a crash (kill -9, power loss) it holds either the old or the
 new state, never a torn one. A source stores only positions that were settled, so the file is
 never ahead of delivery.
+
+A file is validated as strictly as the config: the document by `Document`, each entry by the
+model the source names for its key. One that is not valid JSON or not of that shape is moved aside
+(`.corrupt-TIME`) with one WARNING naming the first problem, and the source starts without it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from relay import metrics
 
@@ -25,43 +32,93 @@ log = logging.getLogger("relay.checkpoints")
 
 VERSION = 1
 
+Entry = TypeVar("Entry", bound=BaseModel)
 
-class Checkpoints:
-    """Entries (JSON objects) by key, loaded once and saved whole when something changed."""
 
-    def __init__(self, path: Path) -> None:
+class Document(BaseModel):
+    """The file as a whole; the entries are checked one by one with the source's own models."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: Literal[1] = 1
+    written_at: float = Field(0.0, ge=0)
+    entries: dict[str, dict[str, Any]]
+
+
+class BadCheckpoint(ValueError):
+    """A checkpoint file that is not what the source wrote: where and what, in one line."""
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    where = f"{prefix}.{where}" if prefix and where else (prefix or where)
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
+
+
+def parse(text: str, model_for: Callable[[str], type[Entry] | None]) -> dict[str, Entry]:
+    """The entries of a checkpoint file, each validated by `model_for(key)` (None: not a valid key).
+
+    Raises BadCheckpoint naming the first problem, as a config error names its key."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise BadCheckpoint(f"not JSON: {err}") from None
+    try:
+        document = Document.model_validate(raw)
+    except ValidationError as err:
+        raise BadCheckpoint(_first_error(err)) from None
+    entries: dict[str, Entry] = {}
+    for key, value in document.entries.items():
+        model = model_for(key)
+        if model is None:
+            raise BadCheckpoint(f"entries.{key}: not a key this source writes")
+        try:
+            entries[key] = model.model_validate(value)
+        except ValidationError as err:
+            raise BadCheckpoint(_first_error(err, f"entries.{key}")) from None
+    return entries
+
+
+class Checkpoints(Generic[Entry]):
+    """Entries (pydantic models) by key, loaded once and saved whole when something changed."""
+
+    def __init__(self, path: Path, model_for: Callable[[str], type[Entry] | None]) -> None:
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.entries: dict[str, Entry] = {}
+        self._model_for = model_for
         # False until `load` found a file: a first start, where a source may apply its start policy.
         self.existed = False
-        self.writes = 0
         self._dirty = False
         self._lock = asyncio.Lock()
 
     def load(self) -> None:
-        """Read the file if there is one. An unreadable file is moved aside, never silently reused."""
+        """Read the file if there is one. A bad file is moved aside, never silently reused."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = self.path.read_text(encoding="utf-8", errors="strict")
         except FileNotFoundError:
+            return
+        except (UnicodeDecodeError, OSError) as err:
+            self.existed = True
+            self._move_aside(f"cannot read it: {err}")
             return
         self.existed = True
         try:
-            document = json.loads(text)
-            entries = document["entries"]
-            if not isinstance(entries, dict):
-                raise ValueError("entries is not an object")
-            self.entries = {str(k): dict(v) for k, v in entries.items()}
-        except (ValueError, KeyError, TypeError) as err:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            os.replace(self.path, aside)
-            # existed stays True: positions are unknown, so files are read from the beginning.
-            log.error("checkpoint file %s is unreadable (%s); moved to %s, starting without it",
-                      self.path, err, aside)
+            self.entries = parse(text, self._model_for)
+        except BadCheckpoint as err:
+            self._move_aside(str(err))
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def _move_aside(self, problem: str) -> None:
+        # existed stays True: positions are unknown, so files are read from the beginning.
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        os.replace(self.path, aside)
+        log.warning("checkpoint file %s: %s; moved to %s, starting without it", self.path, problem, aside)
+        self.entries = {}
+
+    def get(self, key: str) -> Entry | None:
         return self.entries.get(key)
 
-    def put(self, key: str, entry: dict[str, Any]) -> None:
+    def put(self, key: str, entry: Entry) -> None:
         if self.entries.get(key) != entry:
             self.entries[key] = entry
             self._dirty = True
@@ -70,12 +127,9 @@ class Checkpoints:
         if self.entries.pop(key, None) is not None:
             self._dirty = True
 
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
     def _document(self) -> str:
-        return json.dumps({"version": VERSION, "written_at": time.time(), "entries": self.entries},
+        entries = {key: entry.model_dump(mode="json") for key, entry in self.entries.items()}
+        return json.dumps({"version": VERSION, "written_at": time.time(), "entries": entries},
                           separators=(",", ":"), sort_keys=True)
 
     def write(self) -> bool:
@@ -106,8 +160,8 @@ class Checkpoints:
             self._written()
             return True
 
-    def _written(self) -> None:
-        self.writes += 1
+    @staticmethod
+    def _written() -> None:
         metrics.FILE_CHECKPOINTS.inc()
 
 
@@ -129,7 +183,6 @@ def _replace_atomically(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
 
 
 def instance_id(path: Path) -> str:

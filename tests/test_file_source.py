@@ -74,7 +74,7 @@ async def tailing(config: Config, state: Path, collector: Collector, name: str =
     """Runs a FileTail; on exit stops and closes it, or with `crash` abandons it as kill -9 would."""
     source = FileTail(name, config, state)
     task = asyncio.create_task(source.run(collector))
-    await asyncio.sleep(0.05)
+    await started(source, task)
     try:
         yield source
     finally:
@@ -83,11 +83,22 @@ async def tailing(config: Config, state: Path, collector: Collector, name: str =
                 t.cancel()
             await asyncio.gather(task, *source._tasks, return_exceptions=True)
             for f in list(source._files.values()):
-                os.close(f.fd)
+                if f.fd >= 0:
+                    os.close(f.fd)
         else:
             await source.stop()
             await asyncio.wait_for(task, 10)
             await source.close()
+
+
+async def started(source: FileTail, task: asyncio.Task[None]) -> None:
+    """Until the source's first scan is done (or its run failed, which is raised)."""
+    ready = asyncio.create_task(source.started.wait())
+    await asyncio.wait([ready, task], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        task.result()
+    assert source.started.is_set(), "the file tail did not start in 10 s"
 
 
 def checkpoint(state: Path, name: str = "logs") -> dict[str, Any]:
@@ -158,7 +169,10 @@ async def test_append_latency_is_tens_of_milliseconds(tmp_path: Path) -> None:
     latencies = []
     config = make_config(str(tmp_path / "*.log"), poll_interval="5s")
     async with tailing(config, tmp_path / "state", collector):
-        await asyncio.sleep(0.1)
+        # Once a line appended now arrives well before the 5 s poll, change events are flowing.
+        append(log, b"probe\n")
+        await collector.wait_for(1, timeout=4)
+        collector.messages.clear()
         for i in range(20):
             started = time.monotonic()
             append(log, b"event %d\n" % i)
@@ -195,7 +209,7 @@ async def test_5mb_line_becomes_one_oversized_message_and_the_next_line_is_fine(
         append(log, b"\nlast\n")
         await collector.wait_for(5)
         stream = collector.messages[0].stream
-        await wait_until(lambda: source._tracker.committable(stream) == log.stat().st_size)
+        await wait_until(lambda: source._flow.tracker.committable(stream) == log.stat().st_size)
     before, oversized, after, oversized2, last = collector.messages
     assert before.data == b"before" and after.data == b"after" and last.data == b"last"
     assert oversized.attributes["error"].startswith(
@@ -222,7 +236,7 @@ async def test_read_from_beginning_and_end(tmp_path: Path) -> None:
         log.write_bytes(b"old 1\nold 2\npar")
         collector = Collector()
         async with tailing(make_config(str(folder / "*.log"), read_from=mode), folder / "state", collector):
-            await asyncio.sleep(0.2)
+            # tailing() returned after the first scan: where "end" is was fixed before this append.
             append(log, b"tial\nnew\n")
             await collector.wait_for(len(expected))
             await asyncio.sleep(0.1)
@@ -234,7 +248,6 @@ async def test_file_created_after_start_is_read_from_the_beginning(tmp_path: Pat
     (tmp_path / "old.log").write_bytes(b"old\n")
     collector = Collector()
     async with tailing(make_config(str(tmp_path / "*.log"), read_from="end"), tmp_path / "state", collector):
-        await asyncio.sleep(0.2)
         (tmp_path / "new.log").write_bytes(b"first\nsecond\n")
         await collector.wait_for(2)
         await asyncio.sleep(0.1)
@@ -600,8 +613,13 @@ async def test_a_blocked_emit_stops_reading(tmp_path: Path) -> None:
 
     source = FileTail("logs", make_config(str(tmp_path / "*.log")), tmp_path / "state")
     task = asyncio.create_task(source.run(slow_emit))
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: bool(calls))
+    (f,) = source._files.values()
+    read_pos = f.read_pos
+    for _ in range(200):  # the loop gets every chance to read on; it must not
+        await asyncio.sleep(0)
     assert calls == [500]  # one batch handed over, then nothing more is read
+    assert f.read_pos == read_pos
     gate.set()
     await wait_until(lambda: sum(calls) == 5_000)
     await source.stop()
@@ -626,3 +644,152 @@ def test_config_defaults_and_errors() -> None:
     for key in ("sources.applog.paths", "sources.applog.read_from", "sources.applog.max_line_bytes",
                 "sources.applog.glob_interval"):
         assert f"config.toml: {key}:" in text
+
+
+# -- faults: bad checkpoints, truncation in place, too few file descriptors ----------------------
+
+
+# Lines of about 130 bytes: a few of them fill the 256-byte fingerprint window, so a file's identity
+# can be worked out again without its checkpoint.
+LONG = "a line longer than a third of the 256-byte fingerprint window, " * 2
+
+
+def _one_entry(state: Path, name: str = "logs") -> tuple[str, dict[str, Any]]:
+    document = json.loads((state / f"file-{name}.json").read_text())
+    ((key, entry),) = [(k, v) for k, v in document["entries"].items() if ":" not in k]
+    return key, entry
+
+
+WRONG_SHAPES: dict[str, Callable[[str, dict[str, Any]], Any]] = {
+    "an entry of the wrong shape": lambda key, entry: {"entries": {"abc": {}}},
+    "dev not a number": lambda key, entry: {"entries": {key: {**entry, "dev": "zz"}}},
+    "a negative offset": lambda key, entry: {"entries": {key: {**entry, "offset": -5}}},
+    "window 0": lambda key, entry: {"entries": {key: {**entry, "window": 0}}},
+    "an offset past any file": lambda key, entry: {"entries": {key: {**entry, "offset": 2**70}}},
+    "an offset as a string": lambda key, entry: {"entries": {key: {**entry, "offset": "12"}}},
+    "entries a list": lambda key, entry: {"entries": [entry]},
+    "a document that is a list": lambda key, entry: [key, entry],
+    "an unknown field": lambda key, entry: {"entries": {key: {**entry, "extra": 1}}},
+    "a digest that is not hex": lambda key, entry: {"entries": {key: {**entry, "digest": "x" * 16}}},
+}
+
+
+@pytest.mark.parametrize("shape", list(WRONG_SHAPES))
+async def test_a_checkpoint_of_the_wrong_shape_is_moved_aside_and_keys_are_kept(
+        tmp_path: Path, shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Valid JSON of the wrong shape: one WARNING, the file moved aside, the lines read again under
+    the idempotency keys they were delivered with (so Centrifugo drops them), never a crash."""
+    log = tmp_path / "a.log"
+    log.write_bytes(numbered(0, 3, LONG))  # past the window: its identity does not hang on the checkpoint
+    state = tmp_path / "state"
+    first = Collector()
+    async with tailing(make_config(str(log)), state, first):
+        await first.wait_for(3)
+    key, entry = _one_entry(state)
+    (state / "file-logs.json").write_text(json.dumps(WRONG_SHAPES[shape](key, entry)))
+    append(log, numbered(3, 4, LONG))
+    again = Collector()
+    caplog.clear()
+    async with tailing(make_config(str(log)), state, again):
+        await again.wait_for(4)
+        await wait_until(lambda: len(checkpoint(state)) == 1)
+    assert again.lines() == numbered(0, 4, LONG).splitlines()
+    assert [m.position for m in again.messages[:3]] == [m.position for m in first.messages]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "checkpoint file" in r.message]
+    assert len(warnings) == 1, [r.message for r in caplog.records]
+    assert [p.name.split(".corrupt-")[0] for p in state.glob("*.corrupt-*")] == ["file-logs.json"]
+
+
+@pytest.mark.parametrize("how", ["an offset far past the end", "truncate -s while stopped"])
+async def test_a_checkpoint_past_the_end_of_its_file_reads_nothing_again(tmp_path: Path, how: str) -> None:
+    """The same file (inode, first bytes), shorter than its checkpoint: what it holds was read; new
+    lines go on under a new generation, so no key of a delivered line is ever used for another."""
+    log = tmp_path / "a.log"
+    log.write_bytes(numbered(0, 10, LONG))  # a cut below the fingerprint window is not told from new content
+    state = tmp_path / "state"
+    first = Collector()
+    async with tailing(make_config(str(log)), state, first):
+        await first.wait_for(10)
+        await wait_until(lambda: _one_entry(state)[1]["offset"] == log.stat().st_size)
+    if how == "truncate -s while stopped":
+        os.truncate(log, first.messages[4].offset)
+    else:
+        key, entry = _one_entry(state)
+        (state / "file-logs.json").write_text(json.dumps(
+            {"version": 1, "entries": {key: {**entry, "offset": 10**12}}}))
+    again = Collector()
+    async with tailing(make_config(str(log)), state, again):
+        append(log, b"new 1\nnew 2\n")
+        await again.wait_for(2)
+        await wait_until(lambda: _one_entry(state)[1]["offset"] == log.stat().st_size)
+    assert again.lines() == [b"new 1", b"new 2"]
+    assert not {m.position for m in again.messages} & {m.position for m in first.messages}
+    assert not list(state.glob("*.corrupt-*"))
+
+
+async def test_truncate_to_a_shorter_length_publishes_only_what_comes_after(tmp_path: Path) -> None:
+    """`truncate -s N` without rotation: the lines left before N were delivered; only new lines go
+    out, under keys no delivered line had."""
+    log = tmp_path / "a.log"
+    log.write_bytes(numbered(0, 10, LONG))
+    state = tmp_path / "state"
+    collector = Collector()
+    async with tailing(make_config(str(log)), state, collector):
+        await collector.wait_for(10)
+        key, _ = _one_entry(state)
+        os.truncate(log, collector.messages[4].offset)  # keeps lines 0-4, more than the 256-byte window
+        # Lines appended before the cut is seen cannot be told from the old ones: wait until it is.
+        await wait_until(lambda: _one_entry(state)[0] != key)
+        append(log, b"after 1\nafter 2\n")
+        await collector.wait_for(12)
+        await wait_until(lambda: _one_entry(state)[1]["offset"] == log.stat().st_size)
+        append(log, b"after 3\n")
+        await collector.wait_for(13)
+    assert collector.lines() == [*numbered(0, 10, LONG).splitlines(), b"after 1", b"after 2", b"after 3"]
+    positions = [m.position for m in collector.messages]
+    assert len(set(positions)) == len(positions)
+    assert collector.messages[10].attributes["file.line"] == 6
+    # And a restart goes on from there: nothing is read again.
+    again = Collector()
+    append(log, b"after restart\n")
+    async with tailing(make_config(str(log)), state, again):
+        await again.wait_for(1)
+    assert again.lines() == [b"after restart"]
+    assert again.messages[0].stream == collector.messages[-1].stream
+
+
+async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> None:
+    """40 files, 8 descriptors: idle files are closed and opened again when they grow; every line once,
+    a file renamed away while closed is still finished, nothing read twice."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"f{i:02d}.log").write_bytes(b"%d a\n%d b\n" % (i, i))
+    (folder / "empty.log").write_bytes(b"")
+    state = tmp_path / "state"
+    collector = Collector()
+    source = FileTail("logs", make_config(str(folder / "*.log")), state)
+    source._fds.budget = 8
+    task = asyncio.create_task(source.run(collector))
+    await started(source, task)
+    try:
+        await collector.wait_for(80)
+        assert len([f for f in source._files.values() if f.fd >= 0]) <= 8
+        for i in range(0, 40, 3):
+            append(folder / f"f{i:02d}.log", b"%d c\n" % i)
+        await collector.wait_for(80 + 14)
+        os.rename(folder / "f01.log", folder / "f01.log.1")  # closed by now: found again by its inode
+        append(folder / "f01.log.1", b"1 late\n")
+        append(folder / "empty.log", b"e 1\n")
+        await collector.wait_for(80 + 16)
+        await wait_until(lambda: all(f.path != str(folder / "f01.log") for f in source._files.values()))
+        assert source._fds.held == len([f for f in source._files.values() if f.fd >= 0]) + len(
+            [f for f in source._finishing if f.fd >= 0])
+    finally:
+        await source.stop()
+        await asyncio.wait_for(task, 10)
+        await source.close()
+    expected = [b"%d %s" % (i, s) for i in range(40) for s in (b"a", b"b")]
+    expected += [b"%d c" % i for i in range(0, 40, 3)] + [b"1 late", b"e 1"]
+    assert sorted(collector.lines()) == sorted(expected)
+    assert len({m.position for m in collector.messages}) == len(expected)

@@ -1,0 +1,167 @@
+"""The reader of one file: where it is, and its bytes cut into line messages.
+
+A line ends at `\n` (a `\r` before it is dropped); the unfinished last line waits in `pending` for its
+newline. A line over `max_line_bytes` is never held whole: its first bytes are kept as a preview and
+the rest skipped as it arrives; it becomes one message with an `error` attribute (the dead letter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.message import Message
+from relay.sources.file.identity import CHUNK, TAIL, Key
+
+log = logging.getLogger("relay.sources.file")
+
+# What an oversized line keeps as data for the dead letter file.
+PREVIEW = 1024
+
+
+@dataclass(slots=True)
+class Skip:
+    """An oversized line being skipped: where it started, how long it is so far, its first bytes."""
+
+    start: int
+    length: int
+    preview: bytes
+
+
+@dataclass(slots=True, eq=False)
+class TailedFile:
+    """One file being followed: its descriptor, identity and read position."""
+
+    path: str
+    fd: int            # -1 while closed to save descriptors (or once done)
+    dev: int
+    ino: int
+    live: bool = True  # matched by the globs; False once renamed away or deleted
+    stream: str = ""   # "" until identified (the file had no bytes yet)
+    window: int = 0
+    digest: str = ""
+    gen: int = 0
+    read_pos: int = 0  # every byte before it was read; `pending` holds the unfinished last line
+    line_no: int = 0
+    pending: bytes = b""
+    tail: bytes = b""  # the bytes just before read_pos
+    skip: Skip | None = None
+    committed: int = 0
+    eof_since: float | None = None
+    at_eof: bool = False  # read to its end: a candidate to close while descriptors are short
+    start_at_end: bool = False  # read_from = "end" applies when it is identified
+    done: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.dev, self.ino)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def read_next(f: TailedFile) -> bytes | None:
+    """The next chunk after the read position (b"" at the end), or None when the bytes before the
+    read position changed: the file was truncated."""
+    tl = len(f.tail)
+    data = os.pread(f.fd, CHUNK + tl, f.read_pos - tl)
+    if data[:tl] != f.tail:
+        return None
+    return data[tl:] if tl else data
+
+
+class LineSplitter:
+    """Cuts chunks of one source's files into messages, and tells the tracker what was emitted."""
+
+    def __init__(self, source: str, max_line_bytes: int, on_settled: Callable[[Message], None],
+                 emitted: Callable[[str, int], None]) -> None:
+        self.source = source
+        self.max_line_bytes = max_line_bytes
+        self.on_settled = on_settled
+        self.emitted = emitted
+
+    def split(self, f: TailedFile, data: bytes, out: list[Message], budget: int) -> None:
+        """Split a chunk into lines, at most `budget` of them; the unfinished last line waits in
+        `pending` for its newline."""
+        start = f.read_pos - len(f.pending)
+        f.read_pos += len(data)
+        f.tail = data[-TAIL:] if len(data) >= TAIL else (f.tail + data)[-TAIL:]
+        buf = f.pending + data if f.pending else data
+        stream = f.stream
+        emitted = self.emitted
+        if f.skip is not None:
+            i = buf.find(b"\n")
+            if i < 0:
+                f.skip.length += len(buf)
+                return
+            skip, f.skip = f.skip, None
+            end = start + i + 1
+            f.line_no += 1
+            out.append(self.oversized(f, skip.start, end, skip.length + i, skip.preview))
+            emitted(stream, end)
+            buf, start = buf[i + 1:], end
+        last = buf.rfind(b"\n")
+        rest, rest_start = buf, start
+        if last >= 0:
+            rest, rest_start = buf[last + 1:], start + last + 1
+            name, path, file_name, ack = self.source, f.path, f.name, self.on_settled
+            limit = self.max_line_bytes
+            append = out.append
+            n, pos = f.line_no, start
+            lines = buf[:last].split(b"\n")
+            if len(lines) > budget:
+                del lines[max(budget, 1):]
+                last = -1  # the rest is read again once lines settle
+            for line in lines:
+                n += 1
+                length = len(line)
+                end = pos + length + 1
+                if length > limit:
+                    f.line_no = n
+                    append(self.oversized(f, pos, end, length, line[:PREVIEW]))
+                else:
+                    if line[-1:] == b"\r":
+                        line = line[:-1]
+                    append(Message(name, line, stream, end, None, {}, {
+                        "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, ack))
+                emitted(stream, end)
+                pos = end
+            f.line_no = n
+            if last < 0:
+                f.read_pos, f.pending = pos, b""
+                t = min(TAIL, pos)
+                f.tail = os.pread(f.fd, t, pos - t)
+                return
+        if len(rest) > self.max_line_bytes:
+            f.skip = Skip(start=rest_start, length=len(rest), preview=rest[:PREVIEW])
+            f.pending = b""
+        else:
+            f.pending = rest
+
+    def last_line(self, f: TailedFile, out: list[Message]) -> None:
+        """A file that is finished for good: its unfinished last line is complete as it is."""
+        if not (f.stream and f.fd >= 0 and (f.pending or f.skip is not None)):
+            return
+        end = f.read_pos
+        f.line_no += 1
+        if f.skip is not None:
+            out.append(self.oversized(f, f.skip.start, end, f.skip.length, f.skip.preview))
+        else:
+            line = f.pending[:-1] if f.pending.endswith(b"\r") else f.pending
+            out.append(Message(self.source, line, f.stream, end, attributes={
+                "file.path": f.path, "file.name": f.name, "file.line": f.line_no,
+                "file.offset": end - len(f.pending)}, on_settled=self.on_settled))
+        self.emitted(f.stream, end)
+        f.pending, f.skip = b"", None
+
+    def oversized(self, f: TailedFile, start: int, end: int, length: int, preview: bytes) -> Message:
+        text = preview[:80].decode("utf-8", "replace")
+        error = (f"line over max_line_bytes ({length} bytes, limit {self.max_line_bytes}) "
+                 f"at {f.path}:{f.line_no}: {text!r}...")
+        log.warning("%s: %s", self.source, error)
+        return Message(self.source, preview[:PREVIEW], f.stream, end, attributes={
+            "file.path": f.path, "file.name": f.name, "file.line": f.line_no, "file.offset": start,
+            "error": error}, on_settled=self.on_settled)

@@ -19,9 +19,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("relay.sources.", "relay.sinks"),  # relay.sources itself is the registry, in the base
 ]
 BASE = len(LAYERS)
+# The source engine is the registry's other half: every source imports it, it imports no source.
+SHARED = ("relay.sources.engine",)
 
 
 def layer(module: str) -> int:
+    if module in SHARED:
+        return BASE
     for depth, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
             if module.startswith(prefix) if prefix.endswith(".") else (

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.harness.kafka",
     "tests.harness.centrifugo",
     "tests.harness.subscriber",
+    "tests.harness.redis",
 ]

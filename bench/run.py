@@ -35,6 +35,7 @@ from bench import (  # noqa: E402
     kafka_bench,
     latency_bench,
     pipeline_bench,
+    redis_bench,
     report,
     rig,
     server_bench,
@@ -60,12 +61,13 @@ class Params:
     sizes: tuple[int, ...] = size_bench.SIZES
     size_budget: int = size_bench.BUDGET
     size_min_lines: int = 2000
+    redis_count: int = 100_000
 
 
 FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
                compare_count=20_000, compare_repeats=1, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
-               size_min_lines=200)
+               size_min_lines=200, redis_count=10_000)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ SECTIONS: dict[str, Section] = {
         lambda p, broker: centrifugo_bench.run(p.compare_count, p.partitions, broker, p.compare_repeats),
         lambda p: f"{PY} bench/centrifugo_bench.py --count {p.compare_count} --repeats {p.compare_repeats} "
         + " ".join(f"--partitions {n}" for n in p.partitions)),
+    "redis": Section(
+        "Redis Streams → real Centrifugo: relay vs Centrifugo's own redis_stream consumer", False,
+        lambda p, _: redis_bench.run(p.redis_count, p.compare_repeats),
+        lambda p: f"{PY} bench/redis_bench.py --count {p.redis_count} --repeats {p.compare_repeats}"),
 }
 
 

@@ -14,6 +14,11 @@ or a lost reply), then new ones (`>`). Entries that another consumer of the grou
 entries it still holds so that nobody claims those. A stream with `max_in_flight_per_stream`
 unsettled entries is not read until half of them settled.
 
+`exclusive = true`: a relay reads a stream only while it holds the key `<stream>:relay-owner:<group>`
+(SET NX with a TTL of `visibility_timeout`, renewed every third of it, deleted at close). A relay
+that takes over a stream first claims every entry still pending in the group (the last owner's) and
+reads them in id order, then new ones: strict order per stream even with several relays.
+
 `format = "centrifugo"` reads what Centrifugo's `redis_stream` consumer reads: field `payload`
 holding `{"method": ..., "payload": {...}}`; or field `method` beside a bare request in `payload`;
 or publication data mode: `payload` is the data and the fields `centrifugo-channels`, ... carry the
@@ -60,6 +65,9 @@ FIELD_PREFIX = "centrifugo-"
 UNAVAILABLE = (ConnectionError, TimeoutError, OSError)
 FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
 MAX_BACKOFF = 2.0
+# Compare-and-renew and compare-and-delete of a stream's owner key (exclusive = true).
+RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class Config(BaseModel):
@@ -93,6 +101,9 @@ class Config(BaseModel):
     max_in_flight_per_stream: int = Field(
         5000, ge=1, description="Unsettled entries per stream before it is not read (resumed at half).")
     commit_interval: Duration = Field(0.2, description="How often settled entries are XACKed.")
+    exclusive: bool = Field(
+        False, description="One relay of the group at a time reads each stream (a lock key with a TTL of "
+                            "visibility_timeout): strict order per stream with several relays.")
 
     @field_validator("address")
     @classmethod
@@ -128,10 +139,11 @@ def entry_offset(entry_id: str) -> int:
 class _Stream:
     """One stream: entries read and not yet XACKed, in read order, each marked once settled."""
 
-    __slots__ = ("held", "name", "next_id", "settled")
+    __slots__ = ("held", "name", "next_id", "owned", "settled")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, owned: bool) -> None:
         self.name = name
+        self.owned = owned  # always True unless `exclusive`: then while this relay holds the lock
         self.held: OrderedDict[str, bool] = OrderedDict()  # entry id -> settled
         self.settled = 0
         self.next_id = "0"  # "0..." while re-reading our own pending entries, then ">"
@@ -156,7 +168,7 @@ class RedisSource:
         self.name = name
         self.config = config
         self.consumer = config.consumer or socket.gethostname()
-        self._streams = {s: _Stream(s) for s in config.streams}
+        self._streams = {s: _Stream(s, not config.exclusive) for s in config.streams}
         self._client: aioredis.Redis | None = None
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set when a stream went below its resume mark
@@ -205,6 +217,7 @@ class RedisSource:
             log.warning("redis source %s: final XACK failed (%s); those entries are read again",
                         self.name, _describe(err))
         finally:
+            await self._release_streams()
             await self._drop_client()
 
     def in_flight(self) -> dict[str, int]:
@@ -248,6 +261,8 @@ class RedisSource:
             for stream in self._streams.values():
                 await self._ensure_group(client, stream.name)
                 stream.next_id = "0"
+            if self.config.exclusive:
+                await self._own_streams(client)
         except FATAL as err:
             raise RedisSourceError(f"redis source {self.name!r}: {self._where()} refused us "
                                    f"({_describe(err)}); check username and the password") from None
@@ -279,10 +294,11 @@ class RedisSource:
         assert client is not None
         while not self._stopping.is_set():
             ids = {s.name: s.next_id for s in self._streams.values()
-                   if len(s.held) < self._cap}
+                   if s.owned and len(s.held) < self._cap}
             if not ids:
                 self._room.clear()
-                await self._room.wait()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), self.config.block)
                 continue
             # Re-reading pending entries answers at once; only new reads block.
             block = None if all(i == ">" for i in ids.values()) else 0
@@ -392,8 +408,10 @@ class RedisSource:
                 continue
             try:
                 await self._refresh_held(client)
+                if self.config.exclusive:
+                    await self._own_streams(client)
                 for stream in self._streams.values():
-                    if len(stream.held) < self._cap:
+                    if not self.config.exclusive and len(stream.held) < self._cap:
                         batch = await self._claim(client, stream)
                         if batch:
                             await emit(batch)
@@ -427,6 +445,52 @@ class RedisSource:
             for at in range(0, len(ids), 1000):
                 await client.xclaim(stream.name, self.config.group, self.consumer, 0, ids[at:at + 1000],
                                     justid=True)
+
+    # -- one owner per stream (exclusive) ---------------------------------------------------------
+
+    def _lock_key(self, stream: str) -> str:
+        return f"{stream}:relay-owner:{self.config.group}"
+
+    async def _own_streams(self, client: aioredis.Redis) -> None:
+        """Renew the locks held; take the free ones, claiming what the last owner left pending."""
+        ttl = int(self.config.visibility_timeout * 1000)
+        for stream in self._streams.values():
+            key = self._lock_key(stream.name)
+            if stream.owned:
+                if await client.eval(RENEW, 1, key, self.consumer, ttl):  # type: ignore[misc]
+                    continue
+                stream.owned = False
+                log.warning("redis source %s: lost stream %s to another relay (lock expired)", self.name,
+                            stream.name)
+            # Ours from before a restart (same consumer name), or free.
+            mine = await client.eval(RENEW, 1, key, self.consumer, ttl)  # type: ignore[misc]
+            if mine or await client.set(key, self.consumer, nx=True, px=ttl):
+                await self._take_over(client, stream)
+
+    async def _take_over(self, client: aioredis.Redis, stream: _Stream) -> None:
+        start, claimed = "0-0", 0
+        while True:
+            # (redis-py drops the cursor from a JUSTID reply, so the entries come along.)
+            reply = await client.xautoclaim(stream.name, self.config.group, self.consumer, 0, start_id=start,
+                                            count=1000)
+            start = _text(reply[0])
+            claimed += len(reply[1])
+            if start == "0-0":
+                break
+        stream.owned, stream.next_id = True, "0"  # read our pending entries, now in id order, first
+        self._room.set()
+        log.info("redis source %s: now the only reader of %s (claimed %d pending entries)", self.name,
+                 stream.name, claimed)
+
+    async def _release_streams(self) -> None:
+        client = self._client
+        if client is None or not self.config.exclusive:
+            return
+        for stream in self._streams.values():
+            if stream.owned:
+                with contextlib.suppress(*UNAVAILABLE):
+                    await client.eval(RELEASE, 1, self._lock_key(stream.name), self.consumer)  # type: ignore[misc]
+                stream.owned = False
 
     async def _measure(self, client: aioredis.Redis) -> None:
         pending: dict[str, int] = {}

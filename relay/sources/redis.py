@@ -130,6 +130,10 @@ class RedisSourceError(RuntimeError):
     """The source cannot run: credentials refused, a secret missing, a key that is not a stream."""
 
 
+class GroupGone(RuntimeError):
+    """The stream or its group was deleted while the relay read it; reconnecting creates them again."""
+
+
 def entry_offset(entry_id: str) -> int:
     """The integer offset of an entry id "MS-SEQ" (ordered like the ids)."""
     ms, _, seq = entry_id.partition("-")
@@ -189,7 +193,7 @@ class RedisSource:
                     await self._connect()
                     delay = 0.1
                     await self._read_loop(emit)
-                except UNAVAILABLE as err:
+                except (*UNAVAILABLE, GroupGone) as err:
                     if self._stopping.is_set():
                         break
                     log.warning("redis source %s: %s unreachable (%s); reconnecting in %.1fs", self.name,
@@ -302,10 +306,15 @@ class RedisSource:
                 continue
             # Re-reading pending entries answers at once; only new reads block.
             block = None if all(i == ">" for i in ids.values()) else 0
-            reply = await client.xreadgroup(
-                self.config.group, self.consumer, ids,  # type: ignore[arg-type]
-                count=self.config.read_count,
-                block=int(self.config.block * 1000) if block is None else None)
+            try:
+                reply = await client.xreadgroup(
+                    self.config.group, self.consumer, ids,  # type: ignore[arg-type]
+                    count=self.config.read_count,
+                    block=int(self.config.block * 1000) if block is None else None)
+            except ResponseError as err:
+                if "NOGROUP" in str(err):  # stream or group deleted under us: create them again
+                    raise GroupGone(str(err)) from None
+                raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
             batch = self._accept(reply or [], ids)
             if batch:
                 await emit(batch)

@@ -297,32 +297,49 @@ def test_identical_histories_with_centrifugos_own_redis_stream_consumer(
         {"payload": command("publish", {"channel": "chat:cmp", "data": {"n": 7}})},
         {"payload": command("publish", {"channel": "chat:cmp-done", "data": {}})},
     ]
+    pubdata = unique("pd")
+    dup = {"centrifugo-idempotency-key": "k"}
+    pubdata_entries: list[dict[str, str]] = [
+        {"payload": '{"n": 10}', "centrifugo-channels": "chat:hdr", "centrifugo-tag-region": "eu"},
+        {"payload": '{"n": 11}', "centrifugo-channels": "chat:hdr,chat:hdr2", **dup},
+        {"payload": '{"n": 11}', "centrifugo-channels": "chat:hdr,chat:hdr2", **dup},
+        {"payload": '{"n": 12}', "centrifugo-channels": "chat:hdr", "centrifugo-delta": "false"},
+        {"payload": "{}", "centrifugo-channels": "chat:hdr-done"},
+    ]
     add(redis_server, stream, entries)
+    add(redis_server, pubdata, pubdata_entries)
     with redis.Redis(port=redis_server.port) as client:
-        client.xgroup_create(stream, "centrifugo", id="0")  # Centrifugo would start at $
+        for name in (stream, pubdata):
+            client.xgroup_create(name, "centrifugo", id="0")  # Centrifugo would start at $
+
+    def consumer(name: str, streams: list[str], **options: Any) -> dict[str, Any]:
+        return {"name": name, "enabled": True, "type": "redis_stream",
+                "redis_stream": {"address": [redis_server.url.rsplit("/", 1)[0]], "streams": streams,
+                                 "consumer_group": "centrifugo", **options}}
+
     native = centrifugo_factory(config_overrides={"consumers": [
-        {"name": "redis_native", "enabled": True, "type": "redis_stream",
-         "redis_stream": {"address": [redis_server.url.rsplit("/", 1)[0]], "streams": [stream],
-                          "consumer_group": "centrifugo"}}]})
+        consumer("redis_commands", [stream]),
+        consumer("redis_pubdata", [pubdata], publication_data_mode={"enabled": True})]})
     target = centrifugo_factory()
     config = "\n".join([
         "[relay]", f'state_dir = "{tmp_path}/state"',
         "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
         f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
         "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{redis_server.url}"',
-        f'streams = ["{stream}"]', 'group = "relay"',
+        f'streams = ["{stream}", "{pubdata}"]', 'group = "relay"',
     ]) + "\n"
     proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
     proc.start()
     try:
         deadline = time.monotonic() + 60
         for server in (native, target):
-            while not history(server.grpc_address, "chat:cmp-done", server.api_key):
-                assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
-                time.sleep(0.1)
+            for done in ("chat:cmp-done", "chat:hdr-done"):
+                while not history(server.grpc_address, done, server.api_key):
+                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
+                    time.sleep(0.1)
     finally:
         proc.stop()
-    channels = ["chat:cmp", "chat:cmp2", *(f"chat:many{i}" for i in range(5))]
+    channels = ["chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2", *(f"chat:many{i}" for i in range(5))]
     for channel in channels:
         theirs = [(json.loads(p.data), dict(p.tags))
                   for p in history(native.grpc_address, channel, native.api_key)]

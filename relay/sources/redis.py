@@ -58,6 +58,8 @@ from relay.units import Duration
 
 log = logging.getLogger("relay.sources.redis")
 
+FIELDS = ("stream", "offset", "field.*", "json.*")
+
 # Entry id "MS-SEQ" → MS * ID_BASE + SEQ: SEQ is a 64-bit counter, under 10**20.
 ID_BASE = 10**20
 FIELD_PREFIX = "centrifugo-"

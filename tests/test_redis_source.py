@@ -19,8 +19,13 @@ from relay import metrics
 from relay.config import ConfigError, parse_config
 from relay.message import Message
 from relay.routing import RoutingTable
-from relay.sources.redis import Config, RedisSource, RedisSourceError, entry_offset
+from relay.sources.engine import SourceEngine
+from relay.sources.redis import Config, RedisReader, RedisSourceError, entry_offset
 from tests.harness.redis import RedisServer
+
+
+def RedisSource(name: str, cfg: Config) -> SourceEngine:
+    return SourceEngine(name, RedisReader(name, cfg))
 
 
 def unique(prefix: str) -> str:
@@ -53,7 +58,7 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def running(source: RedisSource) -> AsyncIterator[Collector]:
+async def running(source: SourceEngine) -> AsyncIterator[Collector]:
     collect = Collector()
     task = asyncio.create_task(source.run(collect))
     try:
@@ -93,19 +98,44 @@ async def test_entries_arrive_in_id_order_with_their_fields(redis_server: RedisS
 
 
 async def test_only_the_settled_prefix_is_xacked(redis_server: RedisServer) -> None:
+    """Through the engine: nothing is XACKed while an earlier entry of the stream is unsettled."""
     stream = unique("s")
     ids = xadd(redis_server, stream, [{"payload": "{}"} for _ in range(5)])
-    source = RedisSource("events", config(redis_server, [stream]))
-    async with running(source) as got:
+    async with running(RedisSource("events", config(redis_server, [stream]))) as got:
         messages = await got.wait_for(5)
-        for i in (0, 1, 3):
+        for i in (1, 3, 4):
             messages[i].settle()
-        await wait_until(lambda: pending_ids(redis_server, stream) == ids[2:])
-        await asyncio.sleep(0.2)  # a few more commit rounds: entry 3 must stay pending behind 2
-        assert pending_ids(redis_server, stream) == ids[2:]
+        await asyncio.sleep(0.3)  # several commit rounds
+        assert pending_ids(redis_server, stream) == ids
+        messages[0].settle()
         messages[2].settle()
-        messages[4].settle()
         await wait_until(lambda: pending_ids(redis_server, stream) == [])
+
+
+async def test_a_commit_xacks_what_was_read_before_its_position_in_read_order(
+        redis_server: RedisServer) -> None:
+    """Claimed entries are older than what was read before them: positions follow the read order."""
+    stream = unique("s")
+    ids = xadd(redis_server, stream, [{"payload": "{}"} for _ in range(6)])
+    with redis.Redis(port=redis_server.port) as client:
+        client.xgroup_create(stream, "g", id="0")
+        client.xreadgroup("g", "dead", {stream: ">"}, count=2)  # ids 0, 1: left by a dead consumer
+    reader = RedisReader("events", config(redis_server, [stream], consumer="alive", visibility_timeout="200ms"))
+    await reader.connect()
+    try:
+        read: list[Message] = []
+        async with asyncio.timeout(10):
+            while len(read) < 6:
+                for batch in await reader.read():
+                    read += batch.messages
+        order = [m.attributes["offset"] for m in read]
+        assert order == ids[2:] + ids[:2]  # the new ones, then the claimed ones
+        await reader.commit({stream: read[4].offset})  # everything before the first claimed entry
+        assert pending_ids(redis_server, stream) == ids[:2]
+        await reader.commit({stream: read[5].offset + 1})
+        assert pending_ids(redis_server, stream) == []
+    finally:
+        await reader.close()
 
 
 async def test_a_restart_with_the_same_consumer_reads_its_own_pending_entries_first(

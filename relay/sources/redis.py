@@ -6,13 +6,15 @@ so idempotency keys from (stream, entry id) match whoever reads the entry again)
 routes: `stream`, `offset` (the entry id as Redis prints it), `field.NAME` for every field, and
 `json.PATH` on the data.
 
-Delivery: XREADGROUP reads each stream in id order. An entry is XACKed only when it and every entry
-this relay read before it from that stream were settled (published or dead-lettered). After every
-(re)connect the relay first reads its own pending entries again (id `0`: what it read before a crash
-or a lost reply), then new ones (`>`). Entries that another consumer of the group left pending for
-`visibility_timeout` are claimed with XAUTOCLAIM and delivered; the relay refreshes the idle time of
-entries it still holds so that nobody claims those. A stream with `max_in_flight_per_stream`
-unsettled entries is not read until half of them settled.
+Delivery (the source engine, relay/sources/engine.py, runs this reader: caps, commits, reconnects):
+XREADGROUP reads each stream in id order. The engine commits a position when every message read
+before it was settled (published or dead-lettered); the reader then XACKs the entries it read
+before that position, in the order it read them (entry ids alone cannot say it: claimed entries are
+older than what was read before them). After every (re)connect the reader first reads its own
+pending entries again (id `0`: what it read before a crash or a lost reply), then new ones (`>`).
+Entries that another consumer of the group left pending for `visibility_timeout` are claimed with
+XAUTOCLAIM and delivered; the reader refreshes the idle time of entries it still holds so that
+nobody claims those.
 
 `exclusive = true`: a relay reads a stream only while it holds the key `<stream>:relay-owner:<group>`
 (SET NX with a TTL of `visibility_timeout`, renewed every third of it, deleted at close). A relay
@@ -33,7 +35,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import OrderedDict
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -52,7 +55,7 @@ from redis.exceptions import (
 from relay import events
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources import Emit
+from relay.sources.engine import READ_MAX, Batch, SourceUnavailable
 from relay.sources.kafka import parse_centrifugo
 from relay.units import Duration
 
@@ -66,7 +69,6 @@ FIELD_PREFIX = "centrifugo-"
 # Errors after which the connection is made again (with backoff); the entries keep their places.
 UNAVAILABLE = (ConnectionError, TimeoutError, OSError)
 FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
-MAX_BACKOFF = 2.0
 # Compare-and-renew and compare-and-delete of a stream's owner key (exclusive = true).
 RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -132,10 +134,6 @@ class RedisSourceError(RuntimeError):
     """The source cannot run: credentials refused, a secret missing, a key that is not a stream."""
 
 
-class GroupGone(RuntimeError):
-    """The stream or its group was deleted while the relay read it; reconnecting creates them again."""
-
-
 def entry_offset(entry_id: str) -> int:
     """The integer offset of an entry id "MS-SEQ" (ordered like the ids)."""
     ms, _, seq = entry_id.partition("-")
@@ -143,92 +141,134 @@ def entry_offset(entry_id: str) -> int:
 
 
 class _Stream:
-    """One stream: entries read and not yet XACKed, in read order, each marked once settled."""
+    """One stream: entries handed to the engine and not yet XACKed, in the order they were read."""
 
-    __slots__ = ("held", "name", "next_id", "owned", "settled")
+    __slots__ = ("name", "next_id", "owned", "paused", "read", "seen")
 
     def __init__(self, name: str, owned: bool) -> None:
         self.name = name
         self.owned = owned  # always True unless `exclusive`: then while this relay holds the lock
-        self.held: OrderedDict[str, bool] = OrderedDict()  # entry id -> settled
-        self.settled = 0
+        self.paused = False  # by the engine: at its cap
         self.next_id = "0"  # "0..." while re-reading our own pending entries, then ">"
+        self.read: deque[tuple[str, int]] = deque()  # (entry id, offset), read order
+        self.seen: set[str] = set()
 
-    def ackable(self) -> list[str]:
-        """Pop the settled prefix: the ids that may be XACKed now."""
-        out: list[str] = []
-        while self.held:
-            entry_id, done = next(iter(self.held.items()))
-            if not done:
-                break
-            self.held.popitem(last=False)
-            out.append(entry_id)
-        self.settled -= len(out)
-        return out
+    def reset(self) -> None:
+        """After a (re)connect everything not XACKed is read again, in id order."""
+        self.read.clear()
+        self.seen.clear()
+        self.next_id = "0"
+
+    def ackable(self, position: int) -> list[str]:
+        """The ids read before `position` (a message's offset, or one past the last one's)."""
+        for index, (_, offset) in enumerate(self.read):
+            if offset == position or offset + 1 == position:
+                count = index + (offset + 1 == position)
+                ids = [self.read.popleft()[0] for _ in range(count)]
+                self.seen.difference_update(ids)
+                return ids
+        return []  # a position from before a reconnect: the re-read copies are XACKed later
 
 
-class RedisSource:
-    """Reads streams in a consumer group; see the module docstring for the delivery rules."""
+class RedisReader:
+    """Reads streams in a consumer group for the source engine; see the module docstring."""
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config = config
         self.consumer = config.consumer or socket.gethostname()
+        self.max_in_flight = config.max_in_flight_per_stream
+        self.commit_interval = config.commit_interval
         self._streams = {s: _Stream(s, not config.exclusive) for s in config.streams}
         self._client: aioredis.Redis | None = None
-        self._stopping = asyncio.Event()
-        self._room = asyncio.Event()  # set when a stream went below its resume mark
-        self._unacked: dict[str, list[str]] = {}  # settled and popped, XACK not yet confirmed
-        self._commit_lock = asyncio.Lock()
-        self._cap = config.max_in_flight_per_stream
-        self._resume_low = max(1, self._cap // 2)
+        self._unacked: dict[str, list[str]] = {}  # XACKs that failed: sent again at the next commit
+        self._chores_every = max(0.1, min(config.visibility_timeout / 3, 5.0))
+        self._chores_at = 0.0
 
-    # -- public ------------------------------------------------------------------------------
+    # -- the reader contract -------------------------------------------------------------------
 
-    async def run(self, emit: Emit) -> None:
-        helpers = [asyncio.create_task(self._commit_loop(), name=f"redis-{self.name}-commit"),
-                   asyncio.create_task(self._claim_loop(emit), name=f"redis-{self.name}-claim")]
-        delay = 0.1
+    async def connect(self) -> None:
+        """A client that answered, with the group on every stream; our pending entries are read first."""
+        await self._drop_client()
+        client = self._new_client()
+        self._client = client
         try:
-            while not self._stopping.is_set():
-                try:
-                    await self._connect()
-                    delay = 0.1
-                    await self._read_loop(emit)
-                except (*UNAVAILABLE, GroupGone) as err:
-                    if self._stopping.is_set():
-                        break
-                    log.warning("redis source %s: %s unreachable (%s); reconnecting in %.1fs", self.name,
-                                self._where(), _describe(err), delay)
-                    await self._drop_client()
-                    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), delay)
-                    delay = min(delay * 2, MAX_BACKOFF)
-                for task in helpers:
-                    if task.done():
-                        task.result()
-        finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await client.execute_command("PING")  # type: ignore[no-untyped-call]
+            for stream in self._streams.values():
+                await self._ensure_group(client, stream.name)
+                stream.reset()
+            if self.config.exclusive:
+                await self._own_streams(client)
+        except FATAL as err:  # (subclasses of ConnectionError: caught first)
+            raise RedisSourceError(f"redis source {self.name!r}: {self._where()} refused us "
+                                   f"({_describe(err)}); check username and the password") from None
+        except UNAVAILABLE as err:
+            await self._drop_client()
+            raise SourceUnavailable(f"{self._where()}: {_describe(err)}") from None
+        except ResponseError as err:
+            raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
+        self._chores_at = 0.0
+        log.info("redis source %s: connected to %s, group %s, consumer %s", self.name, self._where(),
+                 self.config.group, self.consumer)
 
-    async def stop(self) -> None:
-        self._stopping.set()
-        self._room.set()
+    async def read(self) -> list[Batch]:
+        client = self._client
+        if client is None:
+            raise SourceUnavailable("not connected")
+        try:
+            batches: list[Batch] = []
+            if time.monotonic() >= self._chores_at:
+                self._chores_at = time.monotonic() + self._chores_every
+                batches += await self._chores(client)
+            ids = {s.name: s.next_id for s in self._streams.values() if s.owned and not s.paused}
+            if not ids:
+                await asyncio.sleep(min(self.config.block, self._chores_every))
+                return batches
+            # Re-reading pending entries answers at once; only new reads block.
+            blocking = all(i == ">" for i in ids.values())
+            reply = await client.xreadgroup(
+                self.config.group, self.consumer, ids,  # type: ignore[arg-type]
+                count=min(self.config.read_count, READ_MAX),
+                block=int(self.config.block * 1000) if blocking else None)
+            return batches + await self._accept(client, reply or [], ids)
+        except FATAL as err:
+            raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
+        except UNAVAILABLE as err:
+            raise SourceUnavailable(f"{self._where()}: {_describe(err)}") from None
+        except ResponseError as err:
+            if "NOGROUP" in str(err):  # stream or group deleted under us: connect() creates them again
+                raise SourceUnavailable(_describe(err)) from None
+            raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
+
+    def pause(self, stream: str) -> None:
+        if stream in self._streams:
+            self._streams[stream].paused = True
+
+    def resume(self, stream: str) -> None:
+        if stream in self._streams:
+            self._streams[stream].paused = False
+
+    async def commit(self, positions: dict[str, int]) -> None:
+        """XACK every entry read before each position (and what an earlier XACK failed to send)."""
+        for name, position in positions.items():
+            stream = self._streams.get(name)
+            ids = stream.ackable(position) if stream is not None else []
+            if ids:
+                self._unacked.setdefault(name, []).extend(ids)
+        client = self._client
+        if client is None:
+            return
+        try:
+            for name in list(self._unacked):
+                await client.xack(name, self.config.group, *self._unacked[name])
+                del self._unacked[name]
+        except UNAVAILABLE as err:
+            log.warning("redis source %s: XACK failed (%s); sent again after reconnecting", self.name,
+                        _describe(err))
 
     async def close(self) -> None:
-        try:
-            await self._commit()
-        except UNAVAILABLE as err:
-            log.warning("redis source %s: final XACK failed (%s); those entries are read again",
-                        self.name, _describe(err))
-        finally:
-            await self._release_streams()
-            await self._drop_client()
-
-    def in_flight(self) -> dict[str, int]:
-        """Entries read and not yet XACKed, per stream."""
-        return {name: len(s.held) for name, s in self._streams.items()}
+        await self._release_streams()
+        await self._drop_client()
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -239,7 +279,7 @@ class RedisSource:
     def _new_client(self) -> aioredis.Redis:
         cfg = self.config
         options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5,
-                                   "socket_keepalive": True, "health_check_interval": 0}
+                                   "socket_keepalive": True}
         if cfg.username:
             options["username"] = cfg.username
         if cfg.password_env or cfg.password_file:
@@ -256,26 +296,6 @@ class RedisSource:
             options["ssl_ca_certs"] = cfg.ca_file
         client: aioredis.Redis = aioredis.Redis.from_url(cfg.address, **options)
         return client
-
-    async def _connect(self) -> None:
-        """A client that answered, with the group on every stream; our pending entries are read first."""
-        await self._drop_client()
-        client = self._new_client()
-        self._client = client
-        try:
-            await client.execute_command("PING")  # type: ignore[no-untyped-call]
-            for stream in self._streams.values():
-                await self._ensure_group(client, stream.name)
-                stream.next_id = "0"
-            if self.config.exclusive:
-                await self._own_streams(client)
-        except FATAL as err:
-            raise RedisSourceError(f"redis source {self.name!r}: {self._where()} refused us "
-                                   f"({_describe(err)}); check username and the password") from None
-        except ResponseError as err:
-            raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
-        log.info("redis source %s: connected to %s, group %s, consumer %s", self.name, self._where(),
-                 self.config.group, self.consumer)
 
     async def _ensure_group(self, client: aioredis.Redis, stream: str) -> None:
         start = "0" if self.config.start_from == "earliest" else "$"
@@ -295,61 +315,43 @@ class RedisSource:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read_loop(self, emit: Emit) -> None:
-        client = self._client
-        assert client is not None
-        while not self._stopping.is_set():
-            ids = {s.name: s.next_id for s in self._streams.values()
-                   if s.owned and len(s.held) < self._cap}
-            if not ids:
-                self._room.clear()
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._room.wait(), self.config.block)
-                continue
-            # Re-reading pending entries answers at once; only new reads block.
-            block = None if all(i == ">" for i in ids.values()) else 0
-            try:
-                reply = await client.xreadgroup(
-                    self.config.group, self.consumer, ids,  # type: ignore[arg-type]
-                    count=self.config.read_count,
-                    block=int(self.config.block * 1000) if block is None else None)
-            except ResponseError as err:
-                if "NOGROUP" in str(err):  # stream or group deleted under us: create them again
-                    raise GroupGone(str(err)) from None
-                raise RedisSourceError(f"redis source {self.name!r}: {_describe(err)}") from None
-            batch = self._accept(reply or [], ids)
-            if batch:
-                await emit(batch)
-
-    def _accept(self, reply: Any, asked: dict[str, str]) -> list[Message]:
-        batch: list[Message] = []
+    async def _accept(self, client: aioredis.Redis, reply: Any, asked: dict[str, str]) -> list[Batch]:
+        batches: list[Batch] = []
         answered: set[str] = set()
         for raw_name, entries in reply:
             stream = self._streams[_text(raw_name)]
             answered.add(stream.name)
             rereading = stream.next_id != ">"
-            for raw_id, fields in entries:
-                entry_id = _text(raw_id)
-                if rereading:
-                    stream.next_id = entry_id
-                batch.extend(self._take(stream, entry_id, fields))
-            if rereading and not entries:
+            if rereading and entries:
+                stream.next_id = _text(entries[-1][0])
+            elif rereading:
                 stream.next_id = ">"  # our pending entries are all read: new ones now
+            batches += await self._batch(client, stream, entries)
         for name, next_id in asked.items():
             if next_id != ">" and name not in answered:
                 self._streams[name].next_id = ">"
-        return batch
+        return batches
 
-    def _take(self, stream: _Stream, entry_id: str, fields: Any) -> list[Message]:
-        """The message of an entry not held yet (a deleted entry is settled at once)."""
-        if entry_id in stream.held:
-            return []  # already in flight here (read again after a reconnect, or claimed back)
-        stream.held[entry_id] = False
-        if not fields:  # deleted (XDEL/XTRIM) while pending: nothing to deliver
-            stream.held[entry_id] = True
-            stream.settled += 1
+    async def _batch(self, client: aioredis.Redis, stream: _Stream, entries: Any) -> list[Batch]:
+        """A batch of the entries not read yet; deleted ones (XDEL/XTRIM while pending) are XACKed."""
+        messages: list[Message] = []
+        deleted: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if entry_id in stream.seen:
+                continue  # claimed back or read again in this connection
+            if not fields:
+                deleted.append(entry_id)
+                continue
+            message = self._message(stream, entry_id, fields)
+            stream.seen.add(entry_id)
+            stream.read.append((entry_id, message.offset))
+            messages.append(message)
+        if deleted:
+            await client.xack(stream.name, self.config.group, *deleted)
+        if not messages:
             return []
-        return [self._message(stream, entry_id, fields)]
+        return [Batch(stream.name, messages, messages[-1].offset + 1)]
 
     def _message(self, stream: _Stream, entry_id: str, raw: dict[bytes, bytes]) -> Message:
         fields = {_text(k): v for k, v in raw.items()}
@@ -366,7 +368,7 @@ class RedisSource:
             except ValueError as err:
                 attributes["error"] = str(err)
         return Message(source=self.name, data=data, stream=stream.name, offset=entry_offset(entry_id),
-                       attributes=attributes, on_settled=self._on_settled(stream, entry_id))
+                       attributes=attributes)
 
     def _headers(self, fields: dict[str, bytes]) -> dict[str, str]:
         """The entry's fields in the shape parse_centrifugo reads (centrifugo-* and the method)."""
@@ -376,86 +378,49 @@ class RedisSource:
             headers["centrifugo-method"] = method.decode("utf-8", "replace")
         return headers
 
-    def _on_settled(self, stream: _Stream, entry_id: str) -> Any:
-        def settle(_: Message) -> None:
-            if stream.held.get(entry_id) is False:
-                stream.held[entry_id] = True
-                stream.settled += 1
-        return settle
+    # -- chores: every third of visibility_timeout ----------------------------------------------
 
-    # -- acknowledging -------------------------------------------------------------------------
+    async def _chores(self, client: aioredis.Redis) -> list[Batch]:
+        """Keep our entries from being claimed, hold the stream locks, claim what dead consumers
+        left, measure the group."""
+        await self._refresh_held(client)
+        if self.config.exclusive:
+            await self._own_streams(client)
+        batches: list[Batch] = []
+        for stream in self._streams.values():
+            if not self.config.exclusive and not stream.paused:
+                batches += await self._claim(client, stream)
+        await self._measure(client)
+        return batches
 
-    async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.commit_interval)
-            with contextlib.suppress(*UNAVAILABLE):  # the read loop reconnects; ids wait in _unacked
-                await self._commit()
-
-    async def _commit(self) -> None:
-        """XACK the settled prefix of every stream (and what an earlier XACK failed to send)."""
-        async with self._commit_lock:
-            for stream in self._streams.values():
-                ids = stream.ackable()
-                if ids:
-                    self._unacked.setdefault(stream.name, []).extend(ids)
-                if len(stream.held) <= self._resume_low:
-                    self._room.set()
-            client = self._client
-            if client is None:
-                return
-            for name in list(self._unacked):
-                ids = self._unacked[name]
-                await client.xack(name, self.config.group, *ids)
-                del self._unacked[name]
-
-    # -- claiming what dead consumers left -------------------------------------------------------
-
-    async def _claim_loop(self, emit: Emit) -> None:
-        interval = max(0.1, min(self.config.visibility_timeout / 3, 5.0))
-        while True:
-            await asyncio.sleep(interval)
-            client = self._client
-            if client is None or self._stopping.is_set():
-                continue
-            try:
-                await self._refresh_held(client)
-                if self.config.exclusive:
-                    await self._own_streams(client)
-                for stream in self._streams.values():
-                    if not self.config.exclusive and len(stream.held) < self._cap:
-                        batch = await self._claim(client, stream)
-                        if batch:
-                            await emit(batch)
-                await self._measure(client)
-            except UNAVAILABLE:
-                continue  # the read loop reconnects
-            except ResponseError as err:
-                log.warning("redis source %s: claiming failed: %s", self.name, _describe(err))
-
-    async def _claim(self, client: aioredis.Redis, stream: _Stream) -> list[Message]:
+    async def _claim(self, client: aioredis.Redis, stream: _Stream) -> list[Batch]:
         idle_ms = int(self.config.visibility_timeout * 1000)
-        batch: list[Message] = []
-        start = "0-0"
-        while True:
-            reply = await client.xautoclaim(stream.name, self.config.group, self.consumer, idle_ms,
-                                            start_id=start, count=self.config.read_count)
-            start, entries = _text(reply[0]), reply[1]
-            for raw_id, fields in entries:
-                batch.extend(self._take(stream, _text(raw_id), fields))
-            if start == "0-0" or len(stream.held) >= self._cap:
-                break
-        if batch:
-            log.info("redis source %s: claimed %d entries of %s left pending by another consumer",
-                     self.name, len(batch), stream.name)
-        return batch
+        reply = await client.xautoclaim(stream.name, self.config.group, self.consumer, idle_ms,
+                                        start_id="0-0", count=min(self.config.read_count, READ_MAX))
+        batches = await self._batch(client, stream, reply[1])
+        if batches:
+            log.info("redis source %s: claimed %d entries of %s pending longer than visibility_timeout",
+                     self.name, len(batches[0].messages), stream.name)
+        return batches
 
     async def _refresh_held(self, client: aioredis.Redis) -> None:
         """Reset the idle time of entries still in flight here, so no other relay claims them."""
         for stream in self._streams.values():
-            ids: list[Any] = [i for i, done in stream.held.items() if not done]
+            ids: list[Any] = [entry_id for entry_id, _ in stream.read]
             for at in range(0, len(ids), 1000):
                 await client.xclaim(stream.name, self.config.group, self.consumer, 0, ids[at:at + 1000],
                                     justid=True)
+
+    async def _measure(self, client: aioredis.Redis) -> None:
+        pending: dict[str, int] = {}
+        lag: dict[str, int] = {}
+        for name in self._streams:
+            for group in await client.xinfo_groups(name):
+                if _text(group.get("name", b"")) == self.config.group:
+                    pending[name] = int(group.get("pending") or 0)
+                    if group.get("lag") is not None:
+                        lag[name] = int(group["lag"])
+        events.RedisGroupMeasured(pending, lag).emit()
 
     # -- one owner per stream (exclusive) ---------------------------------------------------------
 
@@ -467,15 +432,15 @@ class RedisSource:
         ttl = int(self.config.visibility_timeout * 1000)
         for stream in self._streams.values():
             key = self._lock_key(stream.name)
+            renewed = await client.eval(RENEW, 1, key, self.consumer, ttl)  # type: ignore[misc]
+            if stream.owned and renewed:
+                continue
             if stream.owned:
-                if await client.eval(RENEW, 1, key, self.consumer, ttl):  # type: ignore[misc]
-                    continue
                 stream.owned = False
                 log.warning("redis source %s: lost stream %s to another relay (lock expired)", self.name,
                             stream.name)
             # Ours from before a restart (same consumer name), or free.
-            mine = await client.eval(RENEW, 1, key, self.consumer, ttl)  # type: ignore[misc]
-            if mine or await client.set(key, self.consumer, nx=True, px=ttl):
+            if renewed or await client.set(key, self.consumer, nx=True, px=ttl):
                 await self._take_over(client, stream)
 
     async def _take_over(self, client: aioredis.Redis, stream: _Stream) -> None:
@@ -488,8 +453,8 @@ class RedisSource:
             claimed += len(reply[1])
             if start == "0-0":
                 break
-        stream.owned, stream.next_id = True, "0"  # read our pending entries, now in id order, first
-        self._room.set()
+        stream.owned = True
+        stream.reset()  # read our pending entries, now in id order, first
         log.info("redis source %s: now the only reader of %s (claimed %d pending entries)", self.name,
                  stream.name, claimed)
 
@@ -503,17 +468,6 @@ class RedisSource:
                     await client.eval(RELEASE, 1, self._lock_key(stream.name), self.consumer)  # type: ignore[misc]
                 stream.owned = False
 
-    async def _measure(self, client: aioredis.Redis) -> None:
-        pending: dict[str, int] = {}
-        lag: dict[str, int] = {}
-        for name in self._streams:
-            for group in await client.xinfo_groups(name):
-                if _text(group.get("name", b"")) == self.config.group:
-                    pending[name] = int(group.get("pending") or 0)
-                    if group.get("lag") is not None:
-                        lag[name] = int(group["lag"])
-        events.RedisGroupMeasured(pending, lag).emit()
-
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -524,5 +478,5 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def build(name: str, config: Config, state_dir: Path) -> RedisSource:
-    return RedisSource(name, config)
+def build(name: str, config: Config, state_dir: Path) -> RedisReader:
+    return RedisReader(name, config)

@@ -208,6 +208,12 @@ HOW = {
         counts. After each drain, the total (exactly the backlog: nothing lost, nothing twice) and
         every channel's last publication are checked. CPU seconds are read from /proc over the
         drain."""),
+    "redis": _text("""
+        One Redis stream (Debian's redis-server, appendonly) holds the records of (3) in Centrifugo's
+        command form, field `payload`. Centrifugo's own `redis_stream` consumer (its defaults: one
+        worker; its group created at 0 first) and the relay (`format = "centrifugo"`, its defaults)
+        each drain it into a fresh real Centrifugo with a group of their own, measured as in (3);
+        after each drain the total and every channel's last publication are checked."""),
     "latency": _text("""
         The bench process writes at a fixed rate, each message carrying the CLOCK_MONOTONIC time of
         its write (file: an unbuffered append; Kafka: just before the aiokafka producer's `send`,
@@ -238,6 +244,14 @@ HOW = {
         A ticker with `interval = "0s"` through the relay into `relay serve`: the relay's own cost
         without any source I/O."""),
 }
+
+
+def _redis_table(figures: dict[str, Any]) -> str:
+    return _table(["backlog", "entries", "relay/s", "Centrifugo/s", "relay ÷ Centrifugo", "CPU s relay (+C)",
+                   "CPU s Centrifugo"], [
+        [name, f"{r['entries']:,}", f"{r['relay']['per_second']:,}", f"{r['centrifugo']['per_second']:,}",
+         "?" if r["relay_over_centrifugo"] is None else f"**{r['relay_over_centrifugo']:.2f}**",
+         r["relay"]["cpu_seconds"], r["centrifugo"]["cpu_seconds"]] for name, r in figures.items()])
 
 
 def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str]) -> str:
@@ -301,6 +315,8 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
             if "latency" in plots:
                 out += ["", f"![latency]({plots['latency']})"]
         out += ["", f"How: {HOW['latency']}"]
+    section("7. ", "redis", "Redis Streams → real Centrifugo: the relay beside Centrifugo's own consumer",
+            _redis_table, "redis")
     section("6. ", "sizes", "Throughput against message size", _size_table, "sizes", "sizes")
     section("7. ", "fanout", "WebSocket fan-out: the embedded server beside real Centrifugo", _fanout_table,
             "fanout")

@@ -312,10 +312,10 @@ class RouteConfig(Model):
     def _when_keys(cls, value: dict[str, str]) -> dict[str, str]:
         from relay.templates import check_field
         for key in value:
-            if key not in ("key", "topic", "partition", "source") and not key.startswith(
-                    ("header.", "json.", "file.")):
-                raise ValueError(
-                    f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
+            if key not in ("key", "topic", "partition", "source", "stream") and not key.startswith(
+                    ("header.", "json.", "file.", "field.")):
+                raise ValueError(f"cannot match on {key!r} (use key, topic, stream, header.NAME, "
+                                 "field.NAME, json.PATH, file.path)")
             check_field(key)
         for key, pattern in value.items():
             if not pattern:

@@ -150,6 +150,20 @@ class BatchSent:
 
 
 @dataclass(slots=True, frozen=True)
+class RedisGroupMeasured:
+    """Pending entries and lag of a Redis source's consumer group, per stream."""
+
+    pending: Mapping[str, int]
+    lag: Mapping[str, int]
+
+    def emit(self) -> None:
+        for stream, count in self.pending.items():
+            metrics.REDIS_PENDING.labels(stream=stream).set(count)
+        for stream, count in self.lag.items():
+            metrics.REDIS_LAG.labels(stream=stream).set(count)
+
+
+@dataclass(slots=True, frozen=True)
 class KafkaLagMeasured:
     """Consumer lag of the partitions a Kafka source owns; partitions it gave up stop being reported."""
 

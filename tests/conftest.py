@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.harness.subscriber",
     "tests.harness.client_targets",
     "tests.harness.node_client",
+    "tests.harness.redis",
 ]

@@ -1,9 +1,10 @@
 """Fetch and build the real components before the suite starts: `make test` runs this first.
 
-A first run on a new machine resolves Kafka's jars with Maven and builds Centrifugo and the seed
-Go client with `go`: minutes of work that should not count against one test's timeout. Everything
-lands in the cache (RELAY_CACHE), so later runs find it at once. In CI a component that cannot be
-had fails here, loudly; locally the affected tests skip later and say why.
+A first run on a new machine resolves Kafka's jars with Maven, builds Centrifugo and the seed Go
+client with `go` and installs Debian's redis-server when missing (as root): minutes of work that
+should not count against one test's timeout. Everything lands in the cache (RELAY_CACHE), so later
+runs find it at once. In CI a component that cannot be had fails here, loudly; locally the affected
+tests skip later and say why.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 def _steps() -> list[tuple[str, Callable[[], Any]]]:
     from tests.harness.centrifugo import centrifugo_binary
     from tests.harness.kafka import kafka_jars
+    from tests.harness.redis import redis_binary
     from tests.test_seed_client_go import seed_client_binary
     return [("Kafka broker jars (Maven)", kafka_jars),
             ("Centrifugo (go install)", centrifugo_binary),
-            ("the seed document's Go client (go build)", seed_client_binary)]
+            ("the seed document's Go client (go build)", seed_client_binary),
+            ("redis-server (Debian's package)", redis_binary)]
 
 
 def main() -> int:

@@ -1,0 +1,149 @@
+"""Redis Streams → real Centrifugo v6: the relay beside Centrifugo's own `redis_stream` consumer.
+
+One stream gets `--count` entries in the command form Centrifugo's consumer reads, field `payload` =
+`{"method": "publish", "payload": {"channel": "chat:cmp-<c>", "data": {"seq": i, "pad": ...}}}`
+for 12 channels (the records of bench/centrifugo_bench.py). Then, each with a fresh Centrifugo
+(memory engine, namespace `chat` with history) and a consumer group of its own on the same stream:
+
+- centrifugo: Centrifugo started with `consumers: [{type: "redis_stream", redis_stream: {address,
+  streams, consumer_group}}]` at its defaults (one worker); its group is created at 0 first
+  (Centrifugo would create it at `$` and read nothing of the backlog);
+- relay: `relay run`, Redis source with `format = "centrifugo"` (group created at earliest),
+  publishing to that Centrifugo's GRPC API with its defaults.
+
+Rates are measured on Centrifugo the same way for both (bench/rig.py StreamCounter: the 12 channels'
+stream tops, from the first publication seen to the last); after each drain the last publication
+of every channel and the total are checked. `--repeats` drains per side, taking turns; the median counts.
+
+    .venv/bin/python bench/redis_bench.py [--count 100000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from bench import rig  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, check_delivery, cpu_seconds, median_run, records  # noqa: E402
+from tests.harness.redis import RedisServer  # noqa: E402
+
+
+def fill(server: RedisServer, stream: str, count: int) -> None:
+    with redis.Redis(port=server.port) as client:
+        pipe = client.pipeline(transaction=False)
+        for n, record in enumerate(records(count, 1)):
+            pipe.xadd(stream, {"payload": record.value or b""})
+            if n % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+
+
+def centrifugo_rate(server: RedisServer, stream: str, count: int, workdir: Path, turn: int) -> dict[str, Any]:
+    group = f"centrifugo_{turn}"
+    with redis.Redis(port=server.port) as client:
+        client.xgroup_create(stream, group, id="0")
+    consumer = {"name": "bench", "enabled": True, "type": "redis_stream",
+                "redis_stream": {"address": [f"redis://127.0.0.1:{server.port}"], "streams": [stream],
+                                 "consumer_group": group}}
+    target = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
+    try:
+        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key, base=0) as counter:
+            rate = rig.in_thread(lambda: counter.wait_for(
+                count, alive=lambda: target.process is None or target.running(), timeout=900))
+            target.start()
+            cpu_before = cpu_seconds(target.process.pid)
+            result: rig.Rate = rate()
+            cpu = cpu_seconds(target.process.pid) - cpu_before
+            checked = check_delivery(target, count, counter)
+    except BaseException:
+        print(target.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        target.stop()
+    return {**result.as_dict(), "cpu_seconds": round(cpu, 2), **checked}
+
+
+def relay_rate(server: RedisServer, stream: str, count: int, workdir: Path, turn: int) -> dict[str, Any]:
+    target = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
+    body = "\n".join([
+        "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{server.url}"',
+        f'streams = ["{stream}"]', f'group = "relay-{turn}"'])
+    try:
+        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key) as counter:
+            cpu_server = cpu_seconds(target.process.pid)
+            relay = rig.start_relay(workdir / "relay", target.grpc_address, body, api_key=target.api_key)
+            try:
+                result = counter.wait_for(count, alive=relay.alive, timeout=900)
+                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
+            except BaseException:
+                print(relay.logs()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                relay.stop()
+            cpu_server = cpu_seconds(target.process.pid) - cpu_server
+            checked = check_delivery(target, count, counter)
+    finally:
+        target.stop()
+    return {**result.as_dict(), "cpu_seconds": round(cpu_relay + cpu_server, 2),
+            "cpu_seconds_relay": round(cpu_relay, 2), **checked}
+
+
+def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
+    """Fill one stream, drain it both ways `repeats` times (taking turns); the median run counts."""
+    directory = Path(tempfile.mkdtemp(prefix="relay-redis-bench-"))
+    server = RedisServer(directory)
+    server.start()
+    try:
+        stream = f"cmp-{time.monotonic_ns()}"
+        began = time.perf_counter()
+        fill(server, stream, count)
+        produced = time.perf_counter() - began
+        natives, relays = [], []
+        for n in range(repeats):
+            natives.append(centrifugo_rate(server, stream, count, directory / f"native-{n}", n))
+            relays.append(relay_rate(server, stream, count, directory / f"relay-{n}", n))
+        native, relay = median_run(natives), median_run(relays)
+        return {"1 stream": {
+            "entries": count, "fill_seconds": round(produced, 2), "repeats": repeats,
+            "centrifugo": native, "relay": relay,
+            "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
+            if native["per_second"] else None}}
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'stream':<10} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
+             f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<10} {r['relay']['per_second']:>9,} {r['centrifugo']['per_second']:>13,} "
+                     f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
+                     f"{r['centrifugo']['cpu_seconds']:>8}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run(args.count, args.repeats)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+
+
+if __name__ == "__main__":
+    main()

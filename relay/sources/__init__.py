@@ -22,7 +22,8 @@ _NOT_SOURCES = frozenset({"engine"})
 # Fields every message has, whatever its source.
 COMMON_FIELDS = ("source",)
 # Until relay/sources/file.py declares FIELDS itself (it moves onto the engine next).
-_UNDECLARED_FIELDS = {"file": ("file.path", "file.name", "file.line", "file.offset", "json.*")}
+_UNDECLARED_FIELDS: dict[str, tuple[str, ...]] = {
+    "file": ("file.path", "file.name", "file.line", "file.offset", "json.*")}
 
 
 def _discover() -> tuple[str, ...]:
@@ -61,8 +62,8 @@ def config_model(type_name: str) -> type[BaseModel]:
 def fields(type_name: str) -> tuple[str, ...]:
     """Template fields and `when` keys that messages of this source type carry ("json.*": any
     name after the dot)."""
-    declared = getattr(_module(type_name), "FIELDS", None) or _UNDECLARED_FIELDS.get(type_name, ())
-    return COMMON_FIELDS + tuple(declared)
+    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ()) or _UNDECLARED_FIELDS.get(type_name, ())
+    return COMMON_FIELDS + declared
 
 
 def all_fields() -> tuple[str, ...]:

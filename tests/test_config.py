@@ -102,7 +102,8 @@ def test_fields_a_source_provides_are_accepted() -> None:
             '[sources.hb]\ntype = "ticker"\n'
             '[[routes]]\nsource = "k"\nchannel = "chat:{{ key }}:{{ header.trace }}:{{ json.a.b }}"\n'
             'when = { topic = "t", "header.x" = "y" }\n'
-            '[[routes]]\nsource = "hb"\nchannel = "tick:{{ seq }}"\ndata = \'{"at": "{{ now }}", "s": "{{ source }}"}\'\n')
+            '[[routes]]\nsource = "hb"\nchannel = "tick:{{ seq }}"\n'
+            'data = \'{"at": "{{ now }}", "s": "{{ source }}"}\'\n')
     assert len(parse_config(text).routes) == 2
 
 

@@ -33,7 +33,9 @@ class Config(BaseModel):
     @field_validator("data")
     @classmethod
     def _data(cls, value: str) -> str:
-        Template.compile(value)
+        for name in Template.compile(value).fields:
+            if name not in ("seq", "now", "source"):
+                raise ValueError(f"the ticker's data has no {{{{ {name} }}}} (it has seq, now, source)")
         return value
 
     @field_validator("cron")

@@ -65,7 +65,7 @@ class Chunk:
 
     `end` is where reading resumes after the chunk. `on_done` runs once all of it settled."""
 
-    __slots__ = ("end", "left", "messages", "nbytes", "on_done", "size")
+    __slots__ = ("end", "left", "messages", "nbytes", "on_done", "size", "watch")
 
     def __init__(self, messages: list[Message], end: int, nbytes: int, on_done: Callable[[Chunk], None]) -> None:
         self.messages = messages
@@ -73,12 +73,16 @@ class Chunk:
         self.end = end
         self.nbytes = nbytes
         self.on_done = on_done
+        # Told of every ack, not only the last, while someone needs to know (a paused stream).
+        self.watch: Callable[[Chunk], None] | None = None
 
     def ack(self, message: Message) -> None:
         message.pending = SETTLED
         self.left -= 1
         if self.left == 0:
             self.on_done(self)
+        elif self.watch is not None:
+            self.watch(self)
 
 
 class StreamAcks:
@@ -92,6 +96,11 @@ class StreamAcks:
 
     def emitted(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
+
+    @property
+    def chunks(self) -> deque[Chunk]:
+        """The chunks not yet settled at the head, in order (complete ones may follow)."""
+        return self._chunks
 
     def chunk_done(self) -> None:
         """A chunk settled completely: move past every complete chunk at the head."""

@@ -118,11 +118,10 @@ async def test_a_stream_pauses_at_the_cap_exactly_and_resumes_at_half() -> None:
     await asyncio.sleep(0.05)  # nothing more is emitted while paused
     assert len(emit.got) == 100
     a = [m for m in emit.got if m.stream == "a"]
-    # Acks count per read batch (7 here): 21 settled leaves 29 unsettled, above half the cap.
-    for msg in a[:27]:
+    for msg in a[:24]:
         msg.settle()
-    assert "a" in reader.paused and engine.in_flight()["a"] == 29
-    a[27].settle()
+    assert "a" in reader.paused and engine.in_flight()["a"] == 26
+    a[24].settle()
     assert "a" not in reader.paused and "b" in reader.paused
     await until(lambda: engine.in_flight()["a"] == 50)
     offsets = [m.offset for m in emit.got if m.stream == "a"]
@@ -130,7 +129,7 @@ async def test_a_stream_pauses_at_the_cap_exactly_and_resumes_at_half() -> None:
     await engine.stop()
     await task
     await engine.close()
-    assert last_commit(reader, "a") == 28
+    assert last_commit(reader, "a") == 25
 
 
 async def test_a_reader_without_pause_is_not_read_while_a_stream_is_at_the_cap() -> None:
@@ -142,9 +141,12 @@ async def test_a_reader_without_pause_is_not_read_while_a_stream_is_at_the_cap()
     read_so_far = reader.next["s"]
     await asyncio.sleep(0.05)
     assert reader.next["s"] == read_so_far == 30
-    for msg in emit.got[:20]:
-        msg.settle()  # two read batches: 10 unsettled, under half the cap
-    await until(lambda: len(emit.got) == 50)
+    for msg in emit.got[:14]:
+        msg.settle()
+    await asyncio.sleep(0.05)
+    assert len(emit.got) == 30  # 16 unsettled: above half the cap
+    emit.got[14].settle()
+    await until(lambda: len(emit.got) == 45)
     await engine.stop()
     await task
 

@@ -45,8 +45,10 @@ log = logging.getLogger("relay.sources")
 # Most messages handed to the pipeline in one call: small enough that the lanes get the loop back
 # often, large enough that the call overhead is shared. The one chunk size of the relay.
 EMIT_CHUNK = 50
-# Most messages one read() should return (a hint to readers: enough to share the call's cost).
+# Most messages, and about the most bytes, one read() should return (at least one message): enough
+# to share the call's cost, little enough that what is read beyond a cap or the byte budget is small.
 READ_MAX = 500
+READ_MAX_BYTES = 1024 * 1024
 # Default for `max_in_flight` when a reader does not set it.
 DEFAULT_MAX_IN_FLIGHT = 5000
 # Default byte budget of everything read and not yet settled, across all sources.
@@ -144,12 +146,13 @@ class ByteBudget:
 class _Stream:
     """One stream while the engine knows it: unsettled messages, held batches, pause state."""
 
-    __slots__ = ("acks", "gone", "held", "in_flight", "name", "nbytes", "paused")
+    __slots__ = ("acks", "gone", "held", "in_flight", "name", "nbytes", "partly", "paused")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.acks = StreamAcks()
-        self.in_flight = 0
+        self.in_flight = 0  # messages of chunks not settled completely
+        self.partly = 0  # of those, settled ones (counted only while paused, to resume on time)
         self.nbytes = 0
         self.held: deque[Batch] = deque()  # read beyond the cap, emitted once it has room
         self.paused = False
@@ -202,7 +205,7 @@ class SourceEngine:
 
     def in_flight(self) -> dict[str, int]:
         """Unsettled messages per stream (the cap counts these)."""
-        return {s.name: s.in_flight for s in self._streams.values()}
+        return {s.name: s.in_flight - s.partly for s in self._streams.values()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -328,16 +331,16 @@ class SourceEngine:
             stream = self._streams[batch.stream] = _Stream(batch.stream)
         stream.held.append(batch)
         self._release(stream)
-        if stream.held or stream.in_flight >= self.cap or self.budget.over:
+        if stream.held or stream.in_flight - stream.partly >= self.cap or self.budget.over:
             self._pause(stream)
             if self.budget.over:
                 self._pause_all_for_bytes()
 
     def _release(self, stream: _Stream) -> None:
         """Queue held batches of `stream` up to its cap; the rest stays held for the next acks."""
-        while stream.held and stream.in_flight < self.cap and not self.budget.over:
+        while stream.held and stream.in_flight - stream.partly < self.cap and not self.budget.over:
             batch = stream.held.popleft()
-            room = self.cap - stream.in_flight
+            room = self.cap - (stream.in_flight - stream.partly)
             messages = batch.messages
             if len(messages) > room:  # split at the cap; the tail waits, already read
                 rest = Batch(batch.stream, messages[room:], batch.end)
@@ -360,6 +363,8 @@ class SourceEngine:
             stream.in_flight += chunk.size
             stream.nbytes += nbytes
             self.budget.take(nbytes)
+            if stream.paused:
+                chunk.watch = partial(self._chunk_progress, stream)
             stream.acks.emitted(chunk)
             self._queue.append((stream, piece))
         self._queued.set()
@@ -370,6 +375,12 @@ class SourceEngine:
         if stream.paused:
             return
         stream.paused = True
+        # From now on every ack counts, so the stream resumes as soon as half of it settled.
+        watch = partial(self._chunk_progress, stream)
+        for chunk in stream.acks.chunks:
+            if chunk.left and chunk.watch is None:
+                chunk.watch = watch
+                stream.partly += chunk.size - chunk.left
         if self._can_pause:
             self.reader.pause(stream.name)  # type: ignore[attr-defined]
         else:
@@ -378,7 +389,7 @@ class SourceEngine:
     def _resume(self, stream: _Stream) -> None:
         if not stream.paused or stream.held or self._bytes_paused:
             return
-        stream.paused = False
+        stream.paused = False  # chunks watched so far stay watched: `partly` stays exact
         if self._can_pause:
             self.reader.resume(stream.name)  # type: ignore[attr-defined]
         elif not any(s.paused for s in self._streams.values()):
@@ -398,7 +409,7 @@ class SourceEngine:
         for stream in list(self._streams.values()):
             if not stream.gone:
                 self._release(stream)
-                if stream.in_flight <= self._resume_at:
+                if stream.in_flight - stream.partly <= self._resume_at:
                     self._resume(stream)
 
     # -- emitting ----------------------------------------------------------------------------
@@ -435,9 +446,20 @@ class SourceEngine:
             return  # revoked: the new owner reads it again
         stream.acks.chunk_done()
         stream.in_flight -= chunk.size
+        if chunk.watch is not None:
+            stream.partly -= chunk.size - 1  # its earlier acks were counted one by one
         stream.nbytes -= chunk.nbytes
         self.budget.give(chunk.nbytes)
-        if stream.paused and stream.in_flight <= self._resume_at:
+        self._maybe_resume(stream)
+
+    def _chunk_progress(self, stream: _Stream, chunk: Chunk) -> None:
+        if stream.gone:
+            return
+        stream.partly += 1
+        self._maybe_resume(stream)
+
+    def _maybe_resume(self, stream: _Stream) -> None:
+        if stream.paused and stream.in_flight - stream.partly <= self._resume_at:
             self._release(stream)
             self._resume(stream)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,10 +36,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential
 
+from relay import events
 from relay.acks import Chunk, StreamAcks
 from relay.message import Message
-
-log = logging.getLogger("relay.sources")
 
 # Most messages handed to the pipeline in one call: small enough that the lanes get the loop back
 # often, large enough that the call overhead is shared. The one chunk size of the relay.
@@ -269,9 +267,7 @@ class SourceEngine:
     def _connect_failed(self, state: Any) -> None:
         error = state.outcome.exception() if state.outcome else None
         self.last_error = str(error) if error else ""
-        if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0:
-            log.warning("source %s: not reachable yet (%s); retrying", self.name, self.last_error,
-                        extra={"source": self.name, "attempt": state.attempt_number})
+        events.SourceUnreachable(self.name, self.last_error, state.attempt_number).emit()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -312,9 +308,8 @@ class SourceEngine:
         return False, None
 
     async def _reconnect(self, err: SourceUnavailable) -> None:
-        log.warning("source %s: connection lost (%s); reconnecting", self.name, err,
-                    extra={"source": self.name})
         self.last_error = str(err)
+        events.SourceUnreachable(self.name, self.last_error, lost=True).emit()
         # Every stream starts again from its committed position: what is in flight is forgotten
         # (its acks are ignored) and what was read and not emitted is read again.
         await self.revoke(list(self._streams))
@@ -482,7 +477,7 @@ class SourceEngine:
             try:
                 await self.reader.commit(positions)
             except Exception as err:  # not committed: the next commit tries again
-                log.warning("source %s: %s", self.name, err, extra={"source": self.name})
+                events.SourceCommitFailed(self.name, str(err)).emit()
                 return
             self._committed.update(positions)
 

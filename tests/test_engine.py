@@ -4,12 +4,17 @@ retries, revoke, end of input. Real sources on the engine are tested by their ow
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import pytest
 
 from relay.message import Message
 from relay.sources.engine import EMIT_CHUNK, Batch, ByteBudget, SourceEngine, SourceUnavailable
+from tests.harness.configs import sink_table
+from tests.harness.ports import free_port
+from tests.harness.relay_process import RelayProcess
 
 
 class ListReader:
@@ -247,3 +252,25 @@ async def test_revoke_commits_settled_positions_and_ignores_late_acks() -> None:
     await task
     await engine.close()
     assert all("a" not in c for c in reader.commits[-1:]) or reader.commits[-1] == {"a": 10}
+
+
+def test_readyz_says_connecting_to_the_source_until_its_brokers_answer(tmp_path: Path) -> None:
+    """A real `relay run` whose Kafka brokers do not answer: not ready, and /readyz says why."""
+    config = (sink_table(f"127.0.0.1:{free_port()}")
+              + f'[sources.events]\ntype = "kafka"\nbrokers = ["127.0.0.1:{free_port()}"]\ntopics = ["t"]\n'
+              + 'connect_timeout = "60s"\n[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n')
+    relay = RelayProcess(tmp_path, config, env={"CENTRIFUGO_GRPC_API_KEY": "k"}).start()
+    try:
+        relay.wait_http()
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = relay.get("/readyz")
+            if "bootstrap" in body or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 503
+        assert body.startswith("not ready: connecting to source events: KafkaConnectionError"), body
+        assert "Unable to bootstrap" in body
+        assert relay.metric("relay_ready") == 0
+    finally:
+        relay.stop()

@@ -284,7 +284,8 @@ class SourceEngine:
                 try:
                     done, batches = await self._race(self.reader.read(), stop)
                 except SourceUnavailable as err:
-                    await self._reconnect(err)
+                    await self._lost(err)
+                    await self._race(self._connect(), stop)
                     continue
                 if not done:
                     return
@@ -307,7 +308,7 @@ class SourceEngine:
             await task
         return False, None
 
-    async def _reconnect(self, err: SourceUnavailable) -> None:
+    async def _lost(self, err: SourceUnavailable) -> None:
         self.last_error = str(err)
         events.SourceUnreachable(self.name, self.last_error, lost=True).emit()
         # Every stream starts again from its committed position: what is in flight is forgotten
@@ -316,7 +317,6 @@ class SourceEngine:
         self._connected = False
         with contextlib.suppress(Exception):
             await self.reader.close()
-        await self._connect()
 
     def _accept(self, batch: Batch) -> None:
         if not batch.messages:

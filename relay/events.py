@@ -163,6 +163,22 @@ class BatchSent:
 
 
 @dataclass(slots=True, frozen=True)
+class SourceLagMeasured:
+    """What a source's streams have pending (its reader's `pending()`); streams gone stop being reported."""
+
+    source: str
+    lags: Mapping[str, int]
+    gone: Iterable[str] = ()
+
+    def emit(self) -> None:
+        for stream, lag in self.lags.items():
+            metrics.SOURCE_LAG.labels(source=self.source, stream=stream).set(lag)
+        for stream in self.gone:
+            with contextlib.suppress(KeyError):
+                metrics.SOURCE_LAG.remove(self.source, stream)
+
+
+@dataclass(slots=True, frozen=True)
 class KafkaLagMeasured:
     """Consumer lag of the partitions a Kafka source owns; partitions it gave up stop being reported."""
 

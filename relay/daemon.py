@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay import events, logs, metrics, sources
+from relay import events, logs, sources
 from relay.config import Config, load_config
 from relay.dead_letter import DeadLetterFile
 from relay.errors import ConfigError, FatalError
@@ -102,8 +102,9 @@ class Relay:
         if ready:
             return (f"running: {len(self.sources)} source(s), {len(cfg.routes)} route(s), "
                     f"Centrifugo at {cfg.sink.address} answers")
-        if self.state == "running":
-            return f"waiting for Centrifugo at {cfg.sink.address}: {why}"
+        if self.state == "running" and (self.sink is None or not self.sink.healthy):
+            error = self.sink.last_error if self.sink is not None else ""
+            return f"waiting for Centrifugo at {cfg.sink.address}: sink not connected{': ' + error if error else ''}"
         return why
 
     async def _supervise(self) -> None:
@@ -119,7 +120,7 @@ class Relay:
     # -- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        metrics.READY.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        events.ReadinessProbed(lambda: self.readiness()[0]).emit()
         await self._bring_up(self.config)
         self._supervisor = asyncio.create_task(self._supervise(), name="supervisor")
         self.state = "running"

@@ -156,7 +156,7 @@ DATA_MODES = ("json", "wrap", "raw")
 class RouteConfig(Model):
     source: str = Field(description="Name of the source whose messages this route takes.")
     when: dict[str, WhenValue] = Field(
-        default_factory=dict, description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
+        default_factory=dict, description="Globs on key, topic, subject, header.NAME, json.PATH; all must hold.")
     channel: str = ""
     channels: list[str] = Field(default_factory=list)
     data: str = Field("json", description=(
@@ -210,10 +210,10 @@ class RouteConfig(Model):
     def _when_keys(cls, value: dict[str, str]) -> dict[str, str]:
         from relay.templates import check_field
         for key in value:
-            if key not in ("key", "topic", "partition", "source") and not key.startswith(
+            if key not in ("key", "topic", "partition", "source", "subject") and not key.startswith(
                     ("header.", "json.", "file.")):
                 raise ValueError(
-                    f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
+                    f"cannot match on {key!r} (use key, topic, subject, header.NAME, json.PATH, file.path)")
             check_field(key)
         for key, pattern in value.items():
             if not pattern:

@@ -31,6 +31,10 @@ PUBLISH_LATENCY = Histogram(
 IN_FLIGHT = Gauge("relay_in_flight", "Messages emitted and not yet settled.", ["source"], registry=REGISTRY)
 KAFKA_LAG = Gauge("relay_kafka_lag", "High watermark minus committed offset.", ["topic", "partition"],
                   registry=REGISTRY)
+NATS_PENDING = Gauge("relay_nats_pending", "Messages of the stream not yet delivered to the durable consumer.",
+                     ["source", "consumer"], registry=REGISTRY)
+NATS_ACK_PENDING = Gauge("relay_nats_ack_pending", "Messages delivered to the durable consumer and not yet acked.",
+                         ["source", "consumer"], registry=REGISTRY)
 FILE_CHECKPOINTS = Counter("relay_file_checkpoints", "Checkpoint files written.", registry=REGISTRY)
 FILES_WATCHED = Gauge("relay_files_watched", "Files being tailed.", registry=REGISTRY)
 DEAD_LETTERS = Counter("relay_dead_letters", "Dead letters written, by reason.", ["reason"],

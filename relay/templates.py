@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 SIMPLE_FIELDS = frozenset(
-    {"key", "topic", "partition", "offset", "timestamp", "seq", "now", "source", "line"}
+    {"key", "topic", "partition", "offset", "timestamp", "seq", "now", "source", "line", "subject"}
 )
 PREFIX_FIELDS = ("header.", "json.", "file.")
 FILE_FIELDS = frozenset({"file.path", "file.name", "file.line", "file.offset"})

@@ -1,0 +1,393 @@
+"""`type = "nats"`: a NATS JetStream stream read through a durable pull consumer, acked after delivery.
+
+Every JetStream message becomes a `Message` with `stream` = the JetStream stream name, `offset` = its
+stream sequence (so idempotency keys are (source, stream, sequence), the same across restarts and
+relays), `headers` (first value of each), and the attributes `subject` and `offset` for routes.
+
+Delivery: messages are emitted in stream order. A message is acked only once it and every message
+emitted before it are settled (published or dead-lettered), so the durable consumer's ack floor
+means "delivered up to here". `max_ack_pending` is the cap on unsettled messages: the server sends
+no more until some are acked, so memory stays bounded. Messages that stay in flight longer than
+`ack_wait` (a slow or absent sink) are redelivered by the server; a redelivery of a sequence this
+relay still holds is dropped (the first delivery's ack settles it: the server takes an ack for a
+sequence from any of its deliveries), so a long sink outage neither duplicates nor reorders.
+
+After a crash, the messages the dead relay had in flight come back only once their `ack_wait`
+expired, while newer ones are delivered at once. To keep stream order, a relay that finds the
+durable with messages pending (`num_ack_pending` > 0) at connect holds everything newer than the
+consumer's last delivered sequence until those redeliveries arrived, the ack floor passed them
+(another relay acked them), or twice `ack_wait` went by (logged: order may then break).
+
+`format = "centrifugo"`: records written for Centrifugo's own `nats_jetstream` consumer: a command
+`{"method": ..., "payload": ...}`, a `centrifugo-method` header naming the method of the bare
+payload, or publication data with `centrifugo-channels` and the other `centrifugo-*` headers
+(parsed as the Kafka source does, relay/sources/kafka.py `parse_centrifugo`). A message that
+cannot be understood carries `attributes["error"]` and goes to the dead letter file, then is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Literal
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from relay import events
+from relay.message import Message
+from relay.secrets import SecretError, load_secret
+from relay.sources import Emit
+from relay.sources.kafka import parse_centrifugo
+from relay.units import Duration
+
+log = logging.getLogger("relay.sources.nats")
+
+# How long one fetch waits for messages; also how soon `stop()` is noticed.
+FETCH_WAIT = 0.5
+# How often consumer info is read (pending metric, the start-up order hold).
+INFO_INTERVAL = 1.0
+# Backoff between attempts to reach the server at start.
+RETRY_MIN, RETRY_MAX = 0.1, 2.0
+
+
+class TlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca_file: str = Field("", description="CA bundle (PEM) that signed the server's certificate; "
+                                         "empty = the system's trust store.")
+    cert_file: str = Field("", description="Client certificate (PEM), for servers that verify clients.")
+    key_file: str = Field("", description="Private key (PEM) of the client certificate.")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["nats"]
+    url: str = Field("nats://127.0.0.1:4222", description="Server URL(s), comma-separated; tls:// for TLS.")
+    token_env: str = Field("", description="Environment variable holding an auth token.")
+    username: str = Field("", description="User name (with password_env or password_file).")
+    password_env: str = Field("", description="Environment variable holding the password.")
+    password_file: str = Field("", description="File holding the password.")
+    credentials_file: str = Field("", description="NATS credentials file (JWT and NKey seed).")
+    tls: TlsConfig | None = Field(None, description="TLS files; set (even empty) to connect with TLS.")
+    stream: str = Field(min_length=1, description="The JetStream stream to read.")
+    subjects: list[str] = Field(default_factory=list,
+                                description="Subject filters of the consumer; empty = the whole stream.")
+    durable: str = Field("centrifugo-relay", min_length=1,
+                         description="Durable consumer name; relays with the same durable share its messages.")
+    use_existing: bool = Field(False, description="Use the durable as it is and fail if it is missing, "
+                                                  "instead of creating it.")
+    deliver: Literal["all", "new"] = Field("all", description="Where a newly created durable starts: "
+                                                              "all = the whole stream, new = new messages.")
+    format: Literal["data", "centrifugo"] = Field(
+        "data", description="data: the body is the publication data, routes decide the channels; "
+                            "centrifugo: Centrifugo's own consumer format (method/payload JSON, the "
+                            "centrifugo-method header, or centrifugo-* headers).")
+    max_ack_pending: int = Field(5000, ge=1, description="Unacked messages the server hands this durable "
+                                                         "at most (the in-flight cap), when created.")
+    ack_wait: Duration = Field(30.0, description="Unacked messages are redelivered after this long, "
+                                                 "when created.")
+    fetch_batch: int = Field(500, ge=1, le=10_000, description="Messages asked for per pull request.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if not all(u.strip() for u in self.url.split(",")):
+            raise ValueError("url has an empty entry")
+        ways = [bool(self.token_env), bool(self.username), bool(self.credentials_file)]
+        if sum(ways) > 1:
+            raise ValueError("set at most one of token_env, username, credentials_file")
+        if self.username and not (self.password_env or self.password_file):
+            raise ValueError("username needs password_env or password_file (never a password in the file)")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("password_env/password_file need username")
+        if self.ack_wait <= 0:
+            raise ValueError("ack_wait must be more than 0s")
+        if self.tls is not None and bool(self.tls.cert_file) != bool(self.tls.key_file):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
+
+
+class NatsSourceError(RuntimeError):
+    """The source cannot run: credentials refused, the stream or durable missing, a secret unset."""
+
+
+class _Hold:
+    """The start-up order hold: sequences newer than `last_delivered` wait until the `owed`
+    redeliveries of a previous relay's in-flight messages were emitted."""
+
+    def __init__(self, last_delivered: int, owed: int, ack_wait: float) -> None:
+        self.last_delivered = last_delivered
+        self.owed = owed
+        self.deadline = time.monotonic() + 2 * ack_wait
+        self.held: list[Msg] = []
+
+    @property
+    def active(self) -> bool:
+        return self.owed > 0
+
+
+class NatsSource:
+    """Reads one stream through a durable pull consumer; see the module docstring for the rules."""
+
+    def __init__(self, name: str, config: Config) -> None:
+        self.name = name
+        self.config = config
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._stopping = asyncio.Event()
+        # Emitted, not yet acked, in emission order: sequence -> [message, settled].
+        self._in_flight: OrderedDict[int, list[Any]] = OrderedDict()
+        self._hold = _Hold(0, 0, config.ack_wait)
+        self._to_ack: list[Msg] = []
+        self._ack_ready = asyncio.Event()
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def run(self, emit: Emit) -> None:
+        self._nc, self._js = await self._connect()
+        sub = await self._bind(self._js)
+        tasks = [asyncio.create_task(self._watch(), name=f"nats-{self.name}-info"),
+                 asyncio.create_task(self._ack_loop(), name=f"nats-{self.name}-ack")]
+        try:
+            while not self._stopping.is_set():
+                try:
+                    batch = await sub.fetch(self.config.fetch_batch, timeout=FETCH_WAIT)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    batch = []
+                except nats.errors.Error as err:  # the client reconnects by itself
+                    log.debug("nats source %s: fetch: %s", self.name, err)
+                    await asyncio.sleep(FETCH_WAIT)
+                    continue
+                messages = self._accept(batch)
+                if messages:
+                    await emit(messages)
+                for task in tasks:
+                    if task.done():
+                        task.result()  # a failed helper task fails the source
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        await self._ack_now()
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)  # the acks already sent
+        await nc.close()
+
+    # -- connecting --------------------------------------------------------------------------
+
+    def _options(self) -> dict[str, Any]:
+        cfg = self.config
+        options: dict[str, Any] = {
+            "servers": [u.strip() for u in cfg.url.split(",")], "name": f"centrifugo-relay {self.name}",
+            "allow_reconnect": True, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+            "connect_timeout": 5,
+        }
+        try:
+            if cfg.token_env:
+                token = load_secret(cfg.token_env)
+                if token is None:
+                    raise NatsSourceError(f"nats source {self.name!r}: environment variable "
+                                          f"{cfg.token_env} is empty or unset")
+                options["token"] = token.reveal()
+            if cfg.username:
+                password = load_secret(cfg.password_env, cfg.password_file)
+                if password is None:
+                    where = cfg.password_env or cfg.password_file
+                    raise NatsSourceError(f"nats source {self.name!r}: password {where} is empty or unset")
+                options.update(user=cfg.username, password=password.reveal())
+        except SecretError as err:
+            raise NatsSourceError(f"nats source {self.name!r}: {err}") from None
+        if cfg.credentials_file:
+            if not Path(cfg.credentials_file).is_file():
+                raise NatsSourceError(f"nats source {self.name!r}: credentials_file "
+                                      f"{cfg.credentials_file} does not exist")
+            options["user_credentials"] = cfg.credentials_file
+        if cfg.tls is not None:
+            context = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
+            if cfg.tls.cert_file:
+                context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            options["tls"] = context
+        return options
+
+    async def _connect(self) -> tuple[Client, JetStreamContext]:
+        """A connection, retried with backoff until it works or `stop()`; refused credentials are fatal."""
+        options = self._options()
+        delay = RETRY_MIN
+        while True:
+            try:
+                nc = await nats.connect(**options, error_cb=self._on_error,
+                                        disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
+                log.info("nats source %s: connected to %s", self.name, self.config.url)
+                return nc, nc.jetstream()
+            except nats.errors.Error as err:
+                if "authorization" in str(err).lower():
+                    raise NatsSourceError(f"nats source {self.name!r}: the server refused our credentials "
+                                          f"({err}); check token_env, username/password or "
+                                          "credentials_file") from None
+                why = str(err) or type(err).__name__
+            except (OSError, TimeoutError, ssl.SSLError) as err:
+                if isinstance(err, ssl.SSLCertVerificationError):
+                    raise NatsSourceError(f"nats source {self.name!r}: the server's certificate is not "
+                                          f"trusted ({err.verify_message}); check tls.ca_file") from None
+                why = str(err) or type(err).__name__
+            if self._stopping.is_set():
+                raise NatsSourceError(f"nats source {self.name!r}: stopped before {self.config.url} answered")
+            log.warning("nats source %s: %s not reachable yet (%s); retrying", self.name, self.config.url, why)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _on_error(self, err: Exception) -> None:
+        log.warning("nats source %s: %s", self.name, str(err) or type(err).__name__)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("nats source %s: disconnected; reconnecting", self.name)
+
+    async def _on_reconnect(self) -> None:
+        log.info("nats source %s: reconnected", self.name)
+
+    async def _bind(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The durable consumer (created if missing and allowed) and a pull subscription on it."""
+        cfg = self.config
+        try:
+            info = await js.consumer_info(cfg.stream, cfg.durable)
+        except nats.js.errors.NotFoundError as err:
+            if cfg.use_existing or "stream" in str(err.description or "").lower():
+                what = (f"stream {cfg.stream!r} does not exist" if "stream" in str(err.description or "").lower()
+                        else f"durable {cfg.durable!r} does not exist in stream {cfg.stream!r} "
+                             "(use_existing = true)")
+                raise NatsSourceError(f"nats source {self.name!r}: {what}") from None
+            info = await js.add_consumer(cfg.stream, self._consumer_config())
+            log.info("nats source %s: created durable %s on stream %s", self.name, cfg.durable, cfg.stream)
+        if info.num_ack_pending:
+            self._hold = _Hold(info.delivered.stream_seq, info.num_ack_pending, info.config.ack_wait or 30.0)
+            log.info("nats source %s: %d message(s) in flight by a previous reader; holding newer ones "
+                     "until they are redelivered", self.name, info.num_ack_pending)
+        return await js.pull_subscribe_bind(cfg.durable, cfg.stream)
+
+    def _consumer_config(self) -> ConsumerConfig:
+        cfg = self.config
+        subjects = list(cfg.subjects)
+        return ConsumerConfig(
+            durable_name=cfg.durable, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL if cfg.deliver == "all" else DeliverPolicy.NEW,
+            ack_wait=cfg.ack_wait, max_ack_pending=cfg.max_ack_pending, max_deliver=-1,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _accept(self, batch: list[Msg]) -> list[Message]:
+        """The messages to emit, in stream order: redeliveries of what is in flight dropped, and
+        newer ones held while a previous reader's in-flight messages are owed."""
+        hold = self._hold
+        out: list[Msg] = []
+        for msg in sorted(batch, key=lambda m: m.metadata.sequence.stream):
+            seq = msg.metadata.sequence.stream
+            if seq in self._in_flight:
+                continue  # redelivered after ack_wait while still ours: the first delivery settles it
+            if hold.active and seq > hold.last_delivered:
+                hold.held.append(msg)
+                continue
+            if hold.active and msg.metadata.num_delivered > 1:
+                hold.owed -= 1
+            out.append(msg)
+        if hold.held and (not hold.active or time.monotonic() > hold.deadline):
+            self._release_hold("its redeliveries arrived" if not hold.active else "twice ack_wait passed")
+            out.extend(m for m in hold.held if m.metadata.sequence.stream not in self._in_flight)
+            hold.held = []
+        return [self._message(msg) for msg in out]
+
+    def _release_hold(self, why: str) -> None:
+        if self._hold.deadline and self._hold.held:
+            log.info("nats source %s: releasing %d held message(s): %s", self.name, len(self._hold.held), why)
+        self._hold.owed = 0
+
+    def _message(self, msg: Msg) -> Message:
+        seq = msg.metadata.sequence.stream
+        headers = dict(msg.headers or {})
+        attributes: dict[str, Any] = {"subject": msg.subject, "offset": seq}
+        if self.config.format == "centrifugo":
+            try:
+                attributes["centrifugo"] = parse_centrifugo(msg.data, headers)
+            except ValueError as err:
+                attributes["error"] = str(err)
+        self._in_flight[seq] = [msg, False]
+        return Message(source=self.name, data=msg.data, stream=self.config.stream, offset=seq,
+                       headers=headers, attributes=attributes, on_settled=self._settled)
+
+    # -- acknowledging -----------------------------------------------------------------------
+
+    def _settled(self, message: Message) -> None:
+        """Mark the message settled; the settled front of the in-flight queue goes to the acker."""
+        entry = self._in_flight.get(message.offset)
+        if entry is None:
+            return
+        entry[1] = True
+        while self._in_flight:
+            seq, (msg, done) = next(iter(self._in_flight.items()))
+            if not done:
+                break
+            del self._in_flight[seq]
+            self._to_ack.append(msg)
+        if self._to_ack:
+            self._ack_ready.set()
+
+    async def _ack_loop(self) -> None:
+        """Acks settled messages in stream order. An ack is a publish the client buffers (also while
+        reconnecting); a lost one only means a redelivery that the idempotency keys drop."""
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            batch, self._to_ack = self._to_ack, []
+            for msg in batch:
+                await msg.ack()
+
+    async def _ack_now(self) -> None:
+        self._ack_ready.clear()
+        batch, self._to_ack = self._to_ack, []
+        for msg in batch:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+
+    async def _watch(self) -> None:
+        """Consumer info every second: the pending metric, and the end of a start-up hold."""
+        assert self._js is not None
+        while True:
+            await asyncio.sleep(INFO_INTERVAL)
+            try:
+                info = await self._js.consumer_info(self.config.stream, self.config.durable)
+            except (nats.errors.Error, TimeoutError) as err:
+                log.debug("nats source %s: consumer info failed: %s", self.name, err)
+                continue
+            events.NatsPendingMeasured(self.name, self.config.durable,
+                                       info.num_pending or 0, info.num_ack_pending or 0).emit()
+            if self._hold.active and info.ack_floor.stream_seq >= self._hold.last_delivered:
+                self._release_hold("the ack floor passed them")
+
+    def in_flight(self) -> dict[str, int]:
+        """Unsettled (or not yet acked) messages of the stream."""
+        return {self.config.stream: len(self._in_flight)}
+
+
+def build(name: str, config: Config, state_dir: Path) -> NatsSource:
+    return NatsSource(name, config)

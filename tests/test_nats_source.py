@@ -1,0 +1,131 @@
+"""The NATS JetStream reader against a real nats-server: stream order, acks only of the settled
+prefix, redeliveries dropped, a dead reader's in-flight messages delivered before newer ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from relay.message import Message
+from relay.sources.nats import Config, NatsSource, NatsSourceError
+from tests.harness.nats import NatsServer
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}".upper()
+
+
+def source(server: NatsServer, stream: str, **options: object) -> NatsSource:
+    fields = {"type": "nats", "url": server.url, "stream": stream, "durable": "relay", **options}
+    return NatsSource("jet", Config.model_validate(fields))
+
+
+class Reader:
+    """A source running in the background; `got` is everything it emitted, in order."""
+
+    def __init__(self, src: NatsSource) -> None:
+        self.src = src
+        self.got: list[Message] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def emit(self, batch: list[Message]) -> None:
+        self.got.extend(batch)
+
+    async def wait_for(self, count: int, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.got) < count:
+                assert self.task is not None and not self.task.done(), self.task and self.task.result()
+                await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(src: NatsSource) -> AsyncIterator[Reader]:
+    reader = Reader(src)
+    reader.task = asyncio.create_task(src.run(reader.emit))
+    try:
+        yield reader
+    finally:
+        await src.stop()
+        await reader.task
+        await src.close()
+
+
+@pytest.fixture
+def stream(nats_server: NatsServer) -> str:
+    name = unique("S")
+    nats_server.create_stream(name, [f"{name.lower()}.>"])
+    return name
+
+
+def publish(server: NatsServer, stream: str, n: int, start: int = 0) -> None:
+    server.publish([(f"{stream.lower()}.room-{i % 3}", b'{"i": %d}' % i, {}) for i in range(start, start + n)])
+
+
+async def wait_info(server: NatsServer, stream: str, check: object, timeout: float = 15) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            info = await asyncio.to_thread(server.consumer_info, stream, "relay")
+            if check(info):  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_reads_in_stream_order_and_acks_only_the_settled_prefix(nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 10)
+    async with running(source(nats_server, stream)) as reader:
+        await reader.wait_for(10)
+        got = reader.got
+        assert [m.offset for m in got] == list(range(1, 11))
+        assert [m.attributes["subject"] for m in got[:3]] == [f"{stream.lower()}.room-{i}" for i in range(3)]
+        assert got[4].position == f"jet/{stream}/5"
+        for m in got[:2] + got[3:]:
+            m.settle()  # all but the third
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 2 and i.num_ack_pending == 8)
+        await asyncio.sleep(0.3)  # acks are sent as soon as settled: nothing more may come
+        info = await asyncio.to_thread(nats_server.consumer_info, stream, "relay")
+        assert (info.ack_floor.stream_seq, info.num_ack_pending) == (2, 8)
+        got[2].settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 10 and i.num_ack_pending == 0)
+
+
+async def test_a_redelivery_after_ack_wait_is_not_emitted_again(nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 20)
+    async with running(source(nats_server, stream, ack_wait="500ms")) as reader:
+        await reader.wait_for(20)
+        await wait_info(nats_server, stream, lambda i: i.num_redelivered >= 20)  # the server sent them again
+        await asyncio.sleep(0.5)
+        assert [m.offset for m in reader.got] == list(range(1, 21))
+        for m in reader.got:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 20 and i.num_ack_pending == 0)
+
+
+async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 10)
+    first = source(nats_server, stream, ack_wait="1s")
+    async with running(first) as reader:
+        await reader.wait_for(10)
+        for m in reader.got[:4]:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 4)
+        first._in_flight.clear()  # dies: 5..10 never acked
+    publish(nats_server, stream, 10, start=10)
+    async with running(source(nats_server, stream)) as reader:
+        await reader.wait_for(16)
+        await asyncio.sleep(0.3)
+        assert [m.offset for m in reader.got] == list(range(5, 21))
+        for m in reader.got:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 20 and i.num_ack_pending == 0)
+
+
+async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_server: NatsServer,
+                                                                          stream: str) -> None:
+    with pytest.raises(NatsSourceError, match="durable 'relay' does not exist"):
+        await source(nats_server, stream, use_existing=True).run(Reader(None).emit)  # type: ignore[arg-type]
+    with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):
+        await source(nats_server, "NOPE").run(Reader(None).emit)  # type: ignore[arg-type]

@@ -69,7 +69,7 @@ async def wait_info(server: NatsServer, stream: str, check: object, timeout: flo
     async with asyncio.timeout(timeout):
         while True:
             info = await asyncio.to_thread(server.consumer_info, stream, "relay")
-            if check(info):  # type: ignore[operator]
+            if info is not None and check(info):  # type: ignore[operator]
                 return
             await asyncio.sleep(0.05)
 
@@ -87,6 +87,7 @@ async def test_reads_in_stream_order_and_acks_only_the_settled_prefix(nats_serve
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 2 and i.num_ack_pending == 8)
         await asyncio.sleep(0.3)  # acks are sent as soon as settled: nothing more may come
         info = await asyncio.to_thread(nats_server.consumer_info, stream, "relay")
+        assert info is not None
         assert (info.ack_floor.stream_seq, info.num_ack_pending) == (2, 8)
         got[2].settle()
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 10 and i.num_ack_pending == 0)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import nats
 import pytest
 from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
 
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.require import unavailable
@@ -126,11 +127,14 @@ class NatsServer:
                 await nc.close()
         run(send())
 
-    def consumer_info(self, stream: str, durable: str) -> ConsumerInfo:
-        async def info() -> ConsumerInfo:
+    def consumer_info(self, stream: str, durable: str) -> ConsumerInfo | None:
+        """The durable's state, or None while it does not exist."""
+        async def info() -> ConsumerInfo | None:
             nc = await nats.connect(self.url)
             try:
                 return await nc.jetstream().consumer_info(stream, durable)
+            except NotFoundError:
+                return None
             finally:
                 await nc.close()
         return run(info())

@@ -1,0 +1,216 @@
+"""NATS JetStream → `relay run` → `relay serve` (or real Centrifugo), end to end, with a real
+nats-server, real processes and real SIGKILLs. What arrived is read back from History.
+
+Messages are Centrifugo commands on `chat.room-K` publishing `{"k": K, "s": n}` to `chat:room-K`,
+`n` counting up per room, so a channel's History must be exactly `0, 1, 2, ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.embedded import EmbeddedServerProcess
+from tests.harness.history import history
+from tests.harness.nats import Item, NatsServer
+from tests.harness.relay_process import RelayProcess
+
+ROOMS = 50
+SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}".upper()
+
+
+def command(method: str, payload: Any) -> bytes:
+    return json.dumps({"method": method, "payload": payload}).encode()
+
+
+class Rooms:
+    """Commands for chat:room-0..49 with a per-room sequence number, in publishing order."""
+
+    def __init__(self, rooms: int = ROOMS) -> None:
+        self.rooms = rooms
+        self.next_seq = [0] * rooms
+        self.count = 0
+
+    def items(self, n: int) -> list[Item]:
+        out = []
+        for _ in range(n):
+            k = self.count % self.rooms
+            body = command("publish", {"channel": f"chat:room-{k}", "data": {"k": k, "s": self.next_seq[k]}})
+            out.append((f"chat.room-{k}", body, {}))
+            self.next_seq[k] += 1
+            self.count += 1
+        return out
+
+
+def relay_config(workdir: Path, nats: NatsServer, server: EmbeddedServerProcess, stream: str,
+                 **options: Any) -> str:
+    source = {"type": "nats", "url": nats.url, "stream": stream, "subjects": ["chat.>"],
+              "durable": "relay", "format": "centrifugo", "ack_wait": "3s", **options}
+    lines = [
+        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
+        "[sink]", f'address = "{server.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
+        f'dead_letter = "{workdir}/dead-letter.jsonl"',
+        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        "[sources.jet]", *(f"{k} = {json.dumps(v)}" for k, v in source.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def relay(workdir: Path, config: str, server: EmbeddedServerProcess) -> RelayProcess:
+    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key}, metrics=False)
+
+
+def sequences(server: EmbeddedServerProcess, rooms: int = ROOMS) -> dict[int, list[int]]:
+    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
+            for k in range(rooms)}
+
+
+def delivered(server: EmbeddedServerProcess) -> int:
+    return sum(len(v) for v in sequences(server).values())
+
+
+def wait_settled(nats: NatsServer, stream: str, rooms: Rooms, server: EmbeddedServerProcess,
+                 proc: RelayProcess, timeout: float = 120) -> dict[int, list[int]]:
+    """Until every room holds its last number and the durable has nothing pending or unacked."""
+    deadline = time.monotonic() + timeout
+    seen: dict[int, list[int]] = {}
+    while time.monotonic() < deadline:
+        seen = sequences(server, rooms.rooms)
+        if all(seen[k] and seen[k][-1] >= rooms.next_seq[k] - 1 for k in range(rooms.rooms)):
+            info = nats.consumer_info(stream, "relay")
+            if info is not None and info.num_pending == 0 and info.num_ack_pending == 0:
+                return seen
+        time.sleep(0.25)
+    raise AssertionError(f"{sum(map(len, seen.values()))} of {rooms.count} delivered; durable: "
+                         f"{nats.consumer_info(stream, 'relay')}\n{proc.logs()[-3000:]}")
+
+
+def assert_exactly_once_in_order(seen: dict[int, list[int]], rooms: Rooms) -> None:
+    for k in range(rooms.rooms):
+        assert seen[k] == list(range(rooms.next_seq[k])), f"chat:room-{k}"
+
+
+class Publisher(threading.Thread):
+    """Publishes in chunks while the test kills relays: the stream is live, not a backlog."""
+
+    def __init__(self, nats: NatsServer, rooms: Rooms, total: int, chunk: int, pause: float) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.batches = [rooms.items(min(chunk, total - i)) for i in range(0, total, chunk)]
+        self.nats, self.pause = nats, pause
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for batch in self.batches:
+                self.nats.publish(batch)
+                time.sleep(self.pause)
+        except BaseException as err:
+            self.error = err
+
+
+@pytest.fixture
+def chat_stream(nats_server: NatsServer) -> str:
+    name = unique("CHAT")
+    nats_server.create_stream(name, ["chat.>"])
+    return name
+
+
+@pytest.fixture
+def own_nats(nats_restartable: NatsServer) -> tuple[NatsServer, str]:
+    nats_restartable.create_stream("CHAT", ["chat.>"])
+    return nats_restartable, "CHAT"
+
+
+def test_20000_commands_relay_killed_three_times_each_arrives_once_in_order(
+        own_nats: tuple[NatsServer, str], embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    nats, stream = own_nats
+    rooms = Rooms()
+    publisher = Publisher(nats, rooms, total=20_000, chunk=500, pause=0.05)
+    proc = relay(tmp_path, relay_config(tmp_path, nats, embedded_server, stream), embedded_server)
+    publisher.start()
+    kills = [0]
+    try:
+        for _ in range(3):
+            proc.start()
+            deadline = time.monotonic() + 60
+            while delivered(embedded_server) < kills[-1] + 1500:  # each run makes progress, then dies
+                assert time.monotonic() < deadline, proc.logs()[-3000:]
+                time.sleep(0.05)
+            proc.kill()
+            kills.append(delivered(embedded_server))
+        proc.start()
+        publisher.join(120)
+        assert publisher.error is None, publisher.error
+        seen = wait_settled(nats, stream, rooms, embedded_server, proc)
+    finally:
+        proc.stop()
+    assert kills[-1] < rooms.count, f"the last kill came after the end: {kills}"
+    assert_exactly_once_in_order(seen, rooms)
+
+
+def test_nats_server_restarted_mid_stream_nothing_lost(own_nats: tuple[NatsServer, str],
+                                                     embedded_server: EmbeddedServerProcess,
+                                                     tmp_path: Path) -> None:
+    nats, stream = own_nats
+    rooms = Rooms()
+    nats.publish(rooms.items(6000))
+    proc = relay(tmp_path, relay_config(tmp_path, nats, embedded_server, stream, max_ack_pending=500,
+                                        fetch_batch=100), embedded_server).start()
+    try:
+        deadline = time.monotonic() + 60
+        while delivered(embedded_server) < 1000:
+            assert time.monotonic() < deadline, proc.logs()[-3000:]
+            time.sleep(0.02)
+        nats.restart()
+        before = delivered(embedded_server)
+        assert before < rooms.count, "the restart came after the end"
+        nats.publish(rooms.items(2000))
+        seen = wait_settled(nats, stream, rooms, embedded_server, proc)
+        assert proc.alive()
+    finally:
+        proc.stop()
+    assert_exactly_once_in_order(seen, rooms)
+    assert "reconnected" in proc.logs()
+
+
+def test_poison_messages_go_to_the_dead_letter_file_and_the_rest_flows(
+        nats_server: NatsServer, chat_stream: str, embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    rooms = Rooms(3)
+    items = rooms.items(300)
+    items[50] = ("chat.room-2", b"not json {", {})
+    items[100] = ("chat.room-1", command("disconnect", {"user": "42"}), {})
+    items[150] = ("chat.room-0", command("publish", {"channel": "ghost:room-0", "data": {}}), {})
+    nats_server.publish(items)
+    proc = relay(tmp_path, relay_config(tmp_path, nats_server, embedded_server, chat_stream),
+                 embedded_server).start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            info = nats_server.consumer_info(chat_stream, "relay")
+            if info is not None and info.ack_floor.stream_seq == 300 and info.num_ack_pending == 0:
+                break
+            assert time.monotonic() < deadline, proc.logs()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proc.stop()
+    seen = sequences(embedded_server, 3)
+    expected = {k: [s for s in range(100)] for k in range(3)}
+    expected[2].remove(16)  # item 50 is room 2's 16th
+    expected[1].remove(33)  # item 100
+    expected[0].remove(50)  # item 150
+    assert seen == expected
+    letters = {d["position"]: d for d in map(json.loads, (tmp_path / "dead-letter.jsonl").read_text().splitlines())}
+    assert set(letters) == {f"jet/{chat_stream}/{seq}" for seq in (51, 101, 151)}
+    assert "not JSON" in letters[f"jet/{chat_stream}/51"]["reason"]
+    assert "'disconnect' is not supported" in letters[f"jet/{chat_stream}/101"]["reason"]
+    assert letters[f"jet/{chat_stream}/151"]["error_code"] == 102

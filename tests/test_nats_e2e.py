@@ -214,3 +214,69 @@ def test_poison_messages_go_to_the_dead_letter_file_and_the_rest_flows(
     assert "not JSON" in letters[f"jet/{chat_stream}/51"]["reason"]
     assert "'disconnect' is not supported" in letters[f"jet/{chat_stream}/101"]["reason"]
     assert letters[f"jet/{chat_stream}/151"]["error_code"] == 102
+
+
+@pytest.mark.centrifugo
+def test_centrifugo_format_matches_centrifugos_own_nats_jetstream_consumer(
+        nats_server: NatsServer, centrifugo_factory: Any, tmp_path: Path) -> None:
+    """The same stream, read by real Centrifugo v6.9.1's `nats_jetstream` consumers and by the relay
+    (into a second real Centrifugo): every channel ends up with the same publications, data and tags."""
+    stream = unique("CMP")
+    nats_server.create_stream(stream, ["cmd.>", "hdr.>"])
+    dup = {"centrifugo-idempotency-key": "k"}
+    nats_server.publish([(f"cmd.{i}", body, headers) for i, (body, headers) in enumerate([
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 1}, "tags": {"t": "1"}}), {}),
+        (command("broadcast", {"channels": ["chat:cmp", "chat:cmp2"], "data": {"n": 2}}), {}),
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 3}, "idempotency_key": "dup"}), {}),
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 3}, "idempotency_key": "dup"}), {}),
+        (b'{"channel": "chat:cmp", "data": {"n": 4}}', {"centrifugo-method": "publish"}),
+        (command("publish", {"channel": "chat:cmp", "b64data": "eyJuIjogNX0="}), {}),  # {"n": 5}
+        (b"not json {", {}),
+        (command("disconnect", {"user": "42"}), {}),
+        (command("publish", {"channel": "ghost:cmp", "data": {"n": 0}}), {}),  # unknown namespace: 102
+        (command("publish", {"channel": "chat:cmp", "data": {"n": 6}}), {}),
+        (command("publish", {"channel": "chat:cmp-done", "data": {}}), {}),
+    ])] + [(f"hdr.{i}", body, headers) for i, (body, headers) in enumerate([
+        (b'{"n": 10}', {"centrifugo-channels": "chat:hdr", "centrifugo-tag-region": "eu",
+                        "centrifugo-tag-tier": "gold"}),
+        (b'{"n": 11}', {"centrifugo-channels": "chat:hdr,chat:hdr2", **dup}),
+        (b'{"n": 11}', {"centrifugo-channels": "chat:hdr,chat:hdr2", **dup}),
+        (b'{"n": 12}', {"centrifugo-channels": "chat:hdr", "centrifugo-delta": "false",
+                        "centrifugo-version": "3", "centrifugo-version-epoch": "e1"}),
+        (b'{"n": 13}', {"centrifugo-channels": "chat:hdr2", "centrifugo-idempotency-key": "other"}),
+        (b"{}", {"centrifugo-channels": "chat:hdr-done"}),
+    ])])
+
+    def consumer(name: str, subject: str, **options: Any) -> dict[str, Any]:
+        return {"name": name, "enabled": True, "type": "nats_jetstream",
+                "nats_jetstream": {"url": nats_server.url, "stream_name": stream, "subjects": [subject],
+                                   "durable_consumer_name": name, "deliver_policy": "all", **options}}
+
+    native = centrifugo_factory(config_overrides={"consumers": [
+        consumer("cf_cmd", "cmd.>"), consumer("cf_hdr", "hdr.>", publication_data_mode={"enabled": True})]})
+    target = centrifugo_factory()
+    config = "\n".join([
+        "[relay]", f'state_dir = "{tmp_path}/state"',
+        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
+        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        "[sources.jet]", 'type = "nats"', 'format = "centrifugo"', f'url = "{nats_server.url}"',
+        f'stream = "{stream}"', 'subjects = ["cmd.>", "hdr.>"]', 'durable = "relay"',
+    ]) + "\n"
+    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        for server in (native, target):
+            for done in ("chat:cmp-done", "chat:hdr-done"):
+                while not history(server.grpc_address, done, server.api_key):
+                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
+                    time.sleep(0.1)
+    finally:
+        proc.stop()
+    for channel in ("chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2"):
+        theirs = [(json.loads(p.data), dict(p.tags)) for p in history(native.grpc_address, channel, native.api_key)]
+        ours = [(json.loads(p.data), dict(p.tags)) for p in history(target.grpc_address, channel, target.api_key)]
+        assert theirs, channel
+        assert ours == theirs, channel
+    letters = [json.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]
+    assert sorted(d["position"] for d in letters) == [f"jet/{stream}/{seq}" for seq in (7, 8, 9)]

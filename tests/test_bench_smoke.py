@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import centrifugo_bench, kafka_bench, latency_bench, report, run
+from bench import centrifugo_bench, kafka_bench, latency_bench, nats_bench, report, run
 from tests.harness.kafka import KafkaBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +52,12 @@ def test_the_kafka_benchmarks_run(kafka_broker: KafkaBroker, centrifugo_bin: Pat
     assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 3000
     latency = latency_bench.run((1000,), 0.5, ("kafka",), broker=kafka_broker)
     assert latency["kafka 1000/s"]["messages"] == 500
+
+
+@pytest.mark.centrifugo
+def test_the_nats_benchmark_runs(centrifugo_bin: Path, tmp_path: Path) -> None:
+    both = nats_bench.run(2000, repeats=1)["1 stream"]
+    assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 2000
+    text = report.markdown({**json.loads((ROOT / "bench" / "results.json").read_text())["machine"]},
+                           {"nats": {"figures": {"1 stream": both}, "seconds": 1, "command": "x"}}, {})
+    assert "NATS JetStream → real Centrifugo" in text

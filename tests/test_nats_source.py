@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,45 @@ async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_
         await source(nats_server, stream, use_existing=True).run(Reader(None).emit)  # type: ignore[arg-type]
     with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):
         await source(nats_server, "NOPE").run(Reader(None).emit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flags, good, bad", [
+    (("--auth", "s3cret-token"), {"token_env": "RELAY_TEST_NATS_SECRET"}, "s3cret-token"),
+    (("--user", "relay", "--pass", "s3cret-pass"), {"username": "relay", "password_env": "RELAY_TEST_NATS_SECRET"},
+     "s3cret-pass"),
+])
+async def test_credentials_work_and_a_wrong_secret_is_a_clear_fatal_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], good: dict[str, str],
+        bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = NatsServer.start(tmp_path / "auth", options=flags)
+    try:
+        monkeypatch.setenv("RELAY_TEST_NATS_SECRET", bad)
+        src = NatsSource("jet", Config.model_validate({"type": "nats", "url": server.url, "stream": "NOPE", **good}))
+        with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # in, so the secret worked
+            await src.run(Reader(None).emit)  # type: ignore[arg-type]
+        await src.close()
+        monkeypatch.setenv("RELAY_TEST_NATS_SECRET", "wrong")
+        src = NatsSource("jet", Config.model_validate({"type": "nats", "url": server.url, "stream": "S", **good}))
+        with pytest.raises(NatsSourceError, match="refused our credentials") as refused:
+            await asyncio.wait_for(src.run(Reader(None).emit), 20)  # type: ignore[arg-type]
+        assert "wrong" not in str(refused.value) and "wrong" not in caplog.text
+    finally:
+        server.close()
+
+
+async def test_a_server_that_is_not_up_yet_is_waited_for(tmp_path: Path) -> None:
+    server = NatsServer.start(tmp_path / "late")
+    server.create_stream("LATE", ["late.>"])
+    server.publish([("late.1", b"hello", {})])
+    server.kill()  # down when the relay starts; its store keeps the stream
+    src = NatsSource("jet", Config.model_validate({"type": "nats", "url": server.url, "stream": "LATE"}))
+    try:
+        async with running(src) as reader:
+            await asyncio.sleep(1.5)
+            assert reader.task is not None and not reader.task.done()
+            await asyncio.to_thread(server.launch)
+            await reader.wait_for(1)
+            assert [m.data for m in reader.got] == [b"hello"]
+            reader.got[0].settle()
+    finally:
+        server.close()

@@ -62,8 +62,6 @@ FETCH_WAIT = 0.5
 LINGER = 0.002
 # How often consumer info is read (pending metric, the start-up order hold).
 INFO_INTERVAL = 1.0
-# Backoff between attempts to reach the server at start.
-RETRY_MIN, RETRY_MAX = 0.1, 2.0
 
 
 class TlsConfig(BaseModel):
@@ -247,6 +245,8 @@ class NatsSource:
         self._to_ack: list[Msg] = []
         self._ack_ready = asyncio.Event()
         self._puller: _Puller | None = None
+        self._refused = asyncio.Event()
+        self._refusal = ""
 
     # -- public ------------------------------------------------------------------------------
 
@@ -320,34 +320,47 @@ class NatsSource:
         return options
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
-        """A connection, retried with backoff until it works or `stop()`; refused credentials are fatal."""
-        options = self._options()
-        delay = RETRY_MIN
-        while True:
-            try:
-                nc = await nats.connect(**options, error_cb=self._on_error,
-                                        disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
-                log.info("nats source %s: connected to %s", self.name, self.config.url)
-                return nc, nc.jetstream()
-            except nats.errors.Error as err:
-                if "authorization" in str(err).lower():
-                    raise NatsSourceError(f"nats source {self.name!r}: the server refused our credentials "
-                                          f"({err}); check token_env, username/password or "
-                                          "credentials_file") from None
-                why = str(err) or type(err).__name__
-            except (OSError, TimeoutError, ssl.SSLError) as err:
-                if isinstance(err, ssl.SSLCertVerificationError):
-                    raise NatsSourceError(f"nats source {self.name!r}: the server's certificate is not "
-                                          f"trusted ({err.verify_message}); check tls.ca_file") from None
-                why = str(err) or type(err).__name__
-            if self._stopping.is_set():
-                raise NatsSourceError(f"nats source {self.name!r}: stopped before {self.config.url} answered")
-            log.warning("nats source %s: %s not reachable yet (%s); retrying", self.name, self.config.url, why)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+        """A connection; the client retries an unreachable server by itself (every 0.5 s) until
+        `stop()`. Refused credentials and an untrusted certificate are fatal at once."""
+        attempt = asyncio.create_task(nats.connect(
+            **self._options(), error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect))
+        refused = asyncio.create_task(self._refused.wait())
+        stopped = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({attempt, refused, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (attempt, refused, stopped):
+                if not task.done():
+                    task.cancel()
+        if not attempt.done() or attempt.cancelled():
+            with contextlib.suppress(BaseException):
+                await attempt
+            if self._refused.is_set():
+                raise NatsSourceError(f"nats source {self.name!r}: {self._refusal}")
+            raise NatsSourceError(f"nats source {self.name!r}: stopped before {self.config.url} answered")
+        try:
+            nc = attempt.result()
+        except ssl.SSLCertVerificationError as err:
+            raise NatsSourceError(f"nats source {self.name!r}: the server's certificate is not trusted "
+                                  f"({err.verify_message}); check tls.ca_file") from None
+        except (nats.errors.Error, OSError, TimeoutError) as err:
+            raise NatsSourceError(f"nats source {self.name!r}: cannot connect to {self.config.url}: "
+                                  f"{str(err) or type(err).__name__}") from None
+        log.info("nats source %s: connected to %s", self.name, self.config.url)
+        return nc, nc.jetstream()
 
     async def _on_error(self, err: Exception) -> None:
-        log.warning("nats source %s: %s", self.name, str(err) or type(err).__name__)
+        text = str(err) or type(err).__name__
+        if "authorization violation" in text.lower() or "authentication" in text.lower():
+            self._refusal = (f"the server refused our credentials ({text.strip()}); check token_env, "
+                             "username and password_env/password_file, or credentials_file")
+            self._refused.set()
+        elif isinstance(err, ssl.SSLCertVerificationError):
+            self._refusal = (f"the server's certificate is not trusted ({err.verify_message}); "
+                             "check tls.ca_file")
+            self._refused.set()
+        log.warning("nats source %s: %s", self.name, text)
 
     async def _on_disconnect(self) -> None:
         log.warning("nats source %s: disconnected; reconnecting", self.name)

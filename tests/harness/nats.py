@@ -62,22 +62,25 @@ class NatsServer:
     root: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()  # more nats-server flags: --auth TOKEN, --user U --pass P ...
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, root: Path | None = None) -> NatsServer:
-        server = cls(root or Path(tempfile.mkdtemp(prefix="relay-nats-")))
-        server._launch()
+    def start(cls, root: Path | None = None, options: tuple[str, ...] = ()) -> NatsServer:
+        server = cls(root or Path(tempfile.mkdtemp(prefix="relay-nats-")), options=options)
+        server.launch()
         return server
 
-    def _launch(self) -> None:
+    def launch(self) -> None:
+        """Start the process (again) on this port and store dir."""
         (self.root / "store").mkdir(parents=True, exist_ok=True)
         log = open(self.root / "nats-server.log", "ab")  # noqa: SIM115 - the process keeps it
         self.process = subprocess.Popen(
-            [str(binary()), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.root / "store")],
+            [str(binary()), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.root / "store"),
+             *self.options],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
@@ -97,7 +100,7 @@ class NatsServer:
     def restart(self) -> None:
         """Kill the server and start it again on the same port and store."""
         self.kill()
-        self._launch()
+        self.launch()
 
     def close(self) -> None:
         self.kill()

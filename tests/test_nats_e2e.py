@@ -280,3 +280,26 @@ def test_centrifugo_format_matches_centrifugos_own_nats_jetstream_consumer(
         assert ours == theirs, channel
     letters = [json.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]
     assert sorted(d["position"] for d in letters) == [f"jet/{stream}/{seq}" for seq in (7, 8, 9)]
+
+
+def test_format_data_routes_see_subject_offset_headers_and_json(
+        nats_server: NatsServer, chat_stream: str, embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    nats_server.publish([(f"chat.room-{i % 2}", json.dumps({"room": f"r{i % 2}", "n": i}).encode(), {"who": f"u{i}"})
+                         for i in range(6)])
+    config = relay_config(tmp_path, nats_server, embedded_server, chat_stream, format="data") + "\n".join([
+        "[[routes]]", 'source = "jet"', 'channel = "chat:{{ json.room }}"', 'when = { subject = "chat.room-*" }',
+        'tags = { subject = "{{ subject }}", seq = "{{ offset }}", who = "{{ header.who }}" }']) + "\n"
+    proc = RelayProcess(tmp_path, config, env={SERVER_KEY_ENV: embedded_server.api_key}).start()
+    try:
+        proc.wait_http()
+        deadline = time.monotonic() + 60
+        while proc.metric("relay_nats_pending", 'consumer="relay",source="jet"') != 0 or proc.metric(
+                "relay_nats_ack_pending", 'consumer="relay",source="jet"') != 0 or "relay_nats_pending{" not in \
+                proc.get("/metrics")[1] or len(history(embedded_server.address, "chat:r1", embedded_server.api_key)) < 3:
+            assert time.monotonic() < deadline, proc.logs()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proc.stop()
+    got = [(json.loads(p.data)["n"], dict(p.tags)) for p in history(embedded_server.address, "chat:r1",
+                                                                     embedded_server.api_key)]
+    assert got == [(n, {"subject": "chat.room-1", "seq": str(n + 1), "who": f"u{n}"}) for n in (1, 3, 5)]

@@ -119,13 +119,6 @@ class Publisher(threading.Thread):
 
 
 @pytest.fixture
-def chat_stream(nats_server: NatsServer) -> str:
-    name = unique("CHAT")
-    nats_server.create_stream(name, ["chat.>"])
-    return name
-
-
-@pytest.fixture
 def own_nats(nats_restartable: NatsServer) -> tuple[NatsServer, str]:
     nats_restartable.create_stream("CHAT", ["chat.>"])
     return nats_restartable, "CHAT"
@@ -184,7 +177,8 @@ def test_nats_server_restarted_mid_stream_nothing_lost(own_nats: tuple[NatsServe
 
 
 def test_poison_messages_go_to_the_dead_letter_file_and_the_rest_flows(
-        nats_server: NatsServer, chat_stream: str, embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+        own_nats: tuple[NatsServer, str], embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    nats_server, chat_stream = own_nats
     rooms = Rooms(3)
     items = rooms.items(300)
     items[50] = ("chat.room-2", b"not json {", {})
@@ -283,7 +277,8 @@ def test_centrifugo_format_matches_centrifugos_own_nats_jetstream_consumer(
 
 
 def test_format_data_routes_see_subject_offset_headers_and_json(
-        nats_server: NatsServer, chat_stream: str, embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+        own_nats: tuple[NatsServer, str], embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    nats_server, chat_stream = own_nats
     nats_server.publish([(f"chat.room-{i % 2}", json.dumps({"room": f"r{i % 2}", "n": i}).encode(), {"who": f"u{i}"})
                          for i in range(6)])
     config = relay_config(tmp_path, nats_server, embedded_server, chat_stream, format="data") + "\n".join([
@@ -293,9 +288,15 @@ def test_format_data_routes_see_subject_offset_headers_and_json(
     try:
         proc.wait_http()
         deadline = time.monotonic() + 60
-        while proc.metric("relay_nats_pending", 'consumer="relay",source="jet"') != 0 or proc.metric(
-                "relay_nats_ack_pending", 'consumer="relay",source="jet"') != 0 or "relay_nats_pending{" not in \
-                proc.get("/metrics")[1] or len(history(embedded_server.address, "chat:r1", embedded_server.api_key)) < 3:
+        labels = 'consumer="relay",source="jet"'
+
+        def drained() -> bool:
+            shown = f"relay_nats_pending{{{labels}}}" in proc.get("/metrics")[1]
+            return shown and proc.metric("relay_nats_pending", labels) == 0 == proc.metric(
+                "relay_nats_ack_pending", labels) and len(history(embedded_server.address, "chat:r1",
+                                                                  embedded_server.api_key)) == 3
+
+        while not drained():
             assert time.monotonic() < deadline, proc.logs()[-3000:]
             time.sleep(0.1)
     finally:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.message import Message
 from relay.sources.nats import Config, NatsSource, NatsSourceError
@@ -171,5 +172,28 @@ async def test_a_server_that_is_not_up_yet_is_waited_for(tmp_path: Path) -> None
             await reader.wait_for(1)
             assert [m.data for m in reader.got] == [b"hello"]
             reader.got[0].settle()
+    finally:
+        server.close()
+
+
+async def test_tls_with_the_servers_ca_works_and_an_untrusted_certificate_is_fatal(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = NatsServer.start(tmp_path / "tls", options=(
+        "--tls", "--tlscert", str(tmp_path / "cert.pem"), "--tlskey", str(tmp_path / "key.pem")))
+    try:
+        server_url = f"tls://127.0.0.1:{server.port}"
+        trusted = NatsSource("jet", Config.model_validate({"type": "nats", "url": server_url, "stream": "NOPE",
+                                                          "tls": {"ca_file": str(tmp_path / "ca.pem")}}))
+        with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # connected over TLS
+            await trusted.run(Reader(None).emit)  # type: ignore[arg-type]
+        await trusted.close()
+        untrusted = NatsSource("jet", Config.model_validate({"type": "nats", "url": server_url, "stream": "S",
+                                                            "tls": {}}))
+        with pytest.raises(NatsSourceError, match="certificate is not trusted"):
+            await asyncio.wait_for(untrusted.run(Reader(None).emit), 20)  # type: ignore[arg-type]
     finally:
         server.close()

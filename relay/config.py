@@ -38,6 +38,9 @@ class RelaySection(Model):
     shutdown_timeout: Duration = Field(10.0, description="Drain in-flight work on SIGTERM, then stop.")
     unmatched: Literal["drop", "dead_letter"] = Field(
         "drop", description="What happens to a message no route takes.")
+    max_buffer_bytes: Annotated[Size, Field(ge=1024)] = Field(
+        256 * 1024 * 1024, description="Message data read and not yet delivered, all sources together "
+                                       "(source buffers and lanes); reading pauses at this, resumes at half.")
 
 
 class NamespaceConfig(Model):

@@ -49,17 +49,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from relay import events
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources import Emit
+from relay.sources.engine import Batch, SourceUnavailable
 from relay.sources.kafka import parse_centrifugo
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.nats")
+
+# Template fields and `when` keys of its messages.
+FIELDS = ("subject", "offset", "header.*", "json.*")
 
 # How long one fetch waits for messages; also how soon `stop()` is noticed.
 FETCH_WAIT = 0.5
 # After a message arrived, how long a read waits for more to fill its batch: bigger emits make
 # bigger sink batches (bench/nats_bench.py: about 20k → 27k messages/s into Centrifugo).
 LINGER = 0.002
+# How long connect() waits for the server before the engine's backoff takes over.
+CONNECT_WAIT = 5.0
+# How often the engine hands over settled positions, which are acked then (acks are cheap).
+COMMIT_INTERVAL = 0.2
 # How often consumer info is read (pending metric, the start-up order hold).
 INFO_INTERVAL = 1.0
 
@@ -230,58 +237,89 @@ class _Puller:
                 await self._sub.unsubscribe()
 
 
-class NatsSource:
-    """Reads one stream through a durable pull consumer; see the module docstring for the rules."""
+class NatsReader:
+    """Reads one stream through a durable pull consumer (the engine's Reader; see the module
+    docstring for the rules)."""
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config = config
+        # The engine's per-stream cap: the server's own, so neither waits on the other.
+        self.max_in_flight = config.max_ack_pending
+        self.commit_interval = COMMIT_INTERVAL
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._stopping = asyncio.Event()
-        # Emitted, not yet acked, in emission order: sequence -> [message, settled].
-        self._in_flight: OrderedDict[int, list[Any]] = OrderedDict()
-        self._hold = _Hold(0, 0, config.ack_wait)
-        self._to_ack: list[Msg] = []
-        self._ack_ready = asyncio.Event()
         self._puller: _Puller | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # Read and not yet acked, in stream order: sequence -> the delivery to ack.
+        self._in_flight: OrderedDict[int, Msg] = OrderedDict()
+        self._hold = _Hold(0, 0, config.ack_wait)
         self._refused = asyncio.Event()
         self._refusal = ""
 
-    # -- public ------------------------------------------------------------------------------
+    # -- the engine's Reader -----------------------------------------------------------------
 
-    async def run(self, emit: Emit) -> None:
-        self._nc, self._js = await self._connect()
-        await self._bind(self._js)
-        puller = self._puller = _Puller(self._nc, self.config)
-        await puller.start()
-        tasks = [asyncio.create_task(self._watch(), name=f"nats-{self.name}-info"),
-                 asyncio.create_task(self._ack_loop(), name=f"nats-{self.name}-ack")]
+    async def connect(self) -> None:
+        self._refused.clear()
         try:
-            while not self._stopping.is_set():
-                messages = self._accept(await puller.next_batch())
-                if messages:
-                    await emit(messages)
-                for task in tasks:
-                    if task.done():
-                        task.result()  # a failed helper task fails the source
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await puller.close()
+            nc, js = await asyncio.wait_for(self._connect(), CONNECT_WAIT)
+        except TimeoutError:
+            raise SourceUnavailable(f"{self.config.url} does not answer") from None
+        self._nc, self._js = nc, js
+        self._in_flight.clear()
+        try:
+            await self._bind(js)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError) as err:  # JetStream not up yet (a restart)
+            await nc.close()
+            raise SourceUnavailable(f"JetStream at {self.config.url}: {err}") from None
+        self._puller = _Puller(nc, self.config)
+        await self._puller.start()
+        self._watcher = asyncio.create_task(self._watch(), name=f"nats-{self.name}-info")
 
-    async def stop(self) -> None:
-        self._stopping.set()
+    async def read(self) -> list[Batch]:
+        assert self._puller is not None
+        if self._watcher is not None and self._watcher.done():
+            self._watcher.result()  # a failed watcher fails the source
+        messages = self._accept(await self._puller.next_batch())
+        if not messages:
+            return []
+        return [Batch(self.config.stream, messages, end=messages[-1].offset + 1)]
+
+    async def commit(self, positions: dict[str, int]) -> None:
+        """Ack every message read before the position, in stream order, in one write."""
+        position = positions.get(self.config.stream)
+        nc = self._nc
+        if position is None or nc is None or nc.is_closed:
+            return
+        acks = []
+        while self._in_flight:
+            seq = next(iter(self._in_flight))
+            if seq >= position:
+                break
+            acks.append(self._in_flight.pop(seq).reply)
+        if acks:
+            # An ack is an empty PUB to the delivery's reply subject; nats-py's publish() per message
+            # cost as much CPU as reading the message. A lost ack only means a redelivery the keys drop.
+            await nc._send_command(b"".join(b"PUB %s 0\r\n\r\n" % reply.encode() for reply in acks))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()  # as publish() does: wake the flusher unless it is due
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        if self._puller is not None:
+            await self._puller.close()
+            self._puller = None
         nc, self._nc = self._nc, None
         if nc is None:
             return
-        await self._ack_now()
         with contextlib.suppress(Exception):
-            await nc.flush(timeout=5)  # the acks already sent
-        await nc.close()
+            await nc.flush(timeout=5)  # the acks already written
+        with contextlib.suppress(Exception):
+            await nc.close()
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -320,33 +358,31 @@ class NatsSource:
         return options
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
-        """A connection; the client retries an unreachable server by itself (every 0.5 s) until
-        `stop()`. Refused credentials and an untrusted certificate are fatal at once."""
+        """A connection; refused credentials and an untrusted certificate are fatal at once (the
+        client would retry them for ever). The caller bounds the wait for an unreachable server."""
         attempt = asyncio.create_task(nats.connect(
             **self._options(), error_cb=self._on_error, disconnected_cb=self._on_disconnect,
             reconnected_cb=self._on_reconnect))
         refused = asyncio.create_task(self._refused.wait())
-        stopped = asyncio.create_task(self._stopping.wait())
         try:
-            await asyncio.wait({attempt, refused, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({attempt, refused}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (attempt, refused, stopped):
+            for task in (attempt, refused):
                 if not task.done():
                     task.cancel()
-        if not attempt.done() or attempt.cancelled():
+            with contextlib.suppress(BaseException):
+                await refused
+        if attempt.cancelled() or not attempt.done():
             with contextlib.suppress(BaseException):
                 await attempt
-            if self._refused.is_set():
-                raise NatsSourceError(f"nats source {self.name!r}: {self._refusal}")
-            raise NatsSourceError(f"nats source {self.name!r}: stopped before {self.config.url} answered")
+            raise NatsSourceError(f"nats source {self.name!r}: {self._refusal}")
         try:
             nc = attempt.result()
         except ssl.SSLCertVerificationError as err:
             raise NatsSourceError(f"nats source {self.name!r}: the server's certificate is not trusted "
                                   f"({err.verify_message}); check tls.ca_file") from None
         except (nats.errors.Error, OSError, TimeoutError) as err:
-            raise NatsSourceError(f"nats source {self.name!r}: cannot connect to {self.config.url}: "
-                                  f"{str(err) or type(err).__name__}") from None
+            raise SourceUnavailable(f"{self.config.url}: {str(err) or type(err).__name__}") from None
         log.info("nats source %s: connected to %s", self.name, self.config.url)
         return nc, nc.jetstream()
 
@@ -430,47 +466,11 @@ class NatsSource:
                 attributes["centrifugo"] = parse_centrifugo(msg.data, headers)
             except ValueError as err:
                 attributes["error"] = str(err)
-        self._in_flight[seq] = [msg, False]
+        self._in_flight[seq] = msg
         return Message(source=self.name, data=msg.data, stream=self.config.stream, offset=seq,
-                       headers=headers, attributes=attributes, on_settled=self._settled)
+                       headers=headers, attributes=attributes)
 
     # -- acknowledging -----------------------------------------------------------------------
-
-    def _settled(self, message: Message) -> None:
-        """Mark the message settled; the settled front of the in-flight queue goes to the acker."""
-        entry = self._in_flight.get(message.offset)
-        if entry is None:
-            return
-        entry[1] = True
-        while self._in_flight:
-            seq, (msg, done) = next(iter(self._in_flight.items()))
-            if not done:
-                break
-            del self._in_flight[seq]
-            self._to_ack.append(msg)
-        if self._to_ack:
-            self._ack_ready.set()
-
-    async def _ack_loop(self) -> None:
-        """Acks settled messages in stream order. An ack is a publish the client buffers (also while
-        reconnecting); a lost one only means a redelivery that the idempotency keys drop."""
-        while True:
-            await self._ack_ready.wait()
-            self._ack_ready.clear()
-            await self._ack_now()
-
-    async def _ack_now(self) -> None:
-        self._ack_ready.clear()
-        batch, self._to_ack = self._to_ack, []
-        nc = self._nc
-        if not batch or nc is None or nc.is_closed:
-            return
-        # One write for the whole run: an ack is an empty PUB to the delivery's reply subject, and
-        # nats-py's publish() per message cost as much CPU as reading the message did.
-        acks = b"".join(b"PUB %s 0\r\n\r\n" % msg.reply.encode() for msg in batch)
-        await nc._send_command(acks)
-        if nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()  # as publish() does: wake the flusher unless it is due already
 
     async def _watch(self) -> None:
         """Consumer info every second: the pending metric, and the end of a start-up hold."""
@@ -487,10 +487,7 @@ class NatsSource:
             if self._hold.active and info.ack_floor.stream_seq >= self._hold.last_delivered:
                 self._hold.owed = 0  # another reader acked them: what is held goes out with the next read
 
-    def in_flight(self) -> dict[str, int]:
-        """Unsettled (or not yet acked) messages of the stream."""
-        return {self.config.stream: len(self._in_flight)}
 
 
-def build(name: str, config: Config, state_dir: Path) -> NatsSource:
-    return NatsSource(name, config)
+def build(name: str, config: Config, state_dir: Path) -> NatsReader:
+    return NatsReader(name, config)

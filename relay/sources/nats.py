@@ -4,19 +4,21 @@ Every JetStream message becomes a `Message` with `stream` = the JetStream stream
 stream sequence (so idempotency keys are (source, stream, sequence), the same across restarts and
 relays), `headers` (first value of each), and the attributes `subject` and `offset` for routes.
 
-Delivery: messages are emitted in stream order. A message is acked only once it and every message
-emitted before it are settled (published or dead-lettered), so the durable consumer's ack floor
-means "delivered up to here". `max_ack_pending` is the cap on unsettled messages: the server sends
-no more until some are acked, so memory stays bounded. Messages that stay in flight longer than
+Built on the source engine (relay/sources/engine.py): `NatsReader` connects, reads, and acks on
+`commit()`. Delivery: messages are emitted in stream order. A message is acked only once it and
+every message emitted before it are settled (published or dead-lettered): the engine's contiguous
+commit positions say which; so the durable consumer's ack floor means "delivered up to here".
+`max_ack_pending` is the cap on unsettled messages, on the server and in the engine, so memory
+stays bounded. Messages that stay in flight longer than
 `ack_wait` (a slow or absent sink) are redelivered by the server; a redelivery of a sequence this
 relay still holds is dropped (the first delivery's ack settles it: the server takes an ack for a
 sequence from any of its deliveries), so a long sink outage neither duplicates nor reorders.
 
 After a crash, the messages the dead relay had in flight come back only once their `ack_wait`
 expired, while newer ones are delivered at once. To keep stream order, a relay that finds the
-durable with messages pending (`num_ack_pending` > 0) at connect holds everything newer than the
-consumer's last delivered sequence until those redeliveries arrived, the ack floor passed them
-(another relay acked them), or twice `ack_wait` went by (logged: order may then break).
+durable with messages pending (`num_ack_pending` > 0) at connect holds everything it reads until
+those redeliveries arrived, the ack floor passed them (another relay acked them), or twice
+`ack_wait` went by (logged: order may then break); then it emits all of it in stream order.
 
 `format = "centrifugo"`: records written for Centrifugo's own `nats_jetstream` consumer: a command
 `{"method": ..., "payload": ...}`, a `centrifugo-method` header naming the method of the bare

@@ -20,6 +20,7 @@ SPEC_METRICS = {
     "relay_publish_latency_seconds": "histogram", "relay_in_flight": "gauge", "relay_kafka_lag": "gauge",
     "relay_file_checkpoints_total": "counter", "relay_files_watched": "gauge",
     "relay_dead_letters_total": "counter", "relay_ready": "gauge",
+    "relay_nats_pending": "gauge", "relay_nats_ack_pending": "gauge",  # issue 18: pending per consumer
 }
 
 

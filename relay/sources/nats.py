@@ -23,7 +23,7 @@ those redeliveries arrived, the ack floor passed them (another relay acked them)
 `format = "centrifugo"`: records written for Centrifugo's own `nats_jetstream` consumer: a command
 `{"method": ..., "payload": ...}`, a `centrifugo-method` header naming the method of the bare
 payload, or publication data with `centrifugo-channels` and the other `centrifugo-*` headers
-(parsed as the Kafka source does, relay/sources/kafka.py `parse_centrifugo`). A message that
+(relay/centrifugo_records.py, as for every source). A message that
 cannot be understood carries `attributes["error"]` and goes to the dead letter file, then is acked.
 """
 
@@ -49,10 +49,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relay import events
+from relay.centrifugo_records import parse_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import Batch, SourceUnavailable
-from relay.sources.kafka import parse_centrifugo
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.nats")
@@ -465,7 +465,7 @@ class NatsReader:
         attributes: dict[str, Any] = {"subject": msg.subject, "offset": seq}
         if self.config.format == "centrifugo":
             try:
-                attributes["centrifugo"] = parse_centrifugo(msg.data, headers)
+                attributes["centrifugo"] = parse_publication(msg.data, headers)
             except ValueError as err:
                 attributes["error"] = str(err)
         self._in_flight[seq] = msg

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -201,3 +203,16 @@ async def test_tls_with_the_servers_ca_works_and_an_untrusted_certificate_is_fat
             await asyncio.wait_for(untrusted.run(Reader(None).emit), 20)  # type: ignore[arg-type]
     finally:
         server.close()
+
+
+def test_relay_check_takes_the_nats_fields_and_refuses_others(tmp_path: Path) -> None:
+    def check(channel: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "relay.toml"
+        path.write_text('[sink]\naddress = "127.0.0.1:1"\n[sources.j]\ntype = "nats"\nstream = "S"\n'
+                        f'[[routes]]\nsource = "j"\nchannel = "{channel}"\n')
+        return subprocess.run([sys.executable, "-m", "relay", "check", "-c", str(path)], capture_output=True,
+                              text=True, timeout=60)
+    assert check("chat:{{ subject }}-{{ offset }}-{{ header.room }}-{{ json.a.b }}").returncode == 0
+    refused = check("chat:{{ topic }}")
+    assert refused.returncode == 2
+    assert "never provides {{ topic }}" in refused.stderr + refused.stdout

@@ -214,6 +214,12 @@ HOW = {
         worker; its group created at 0 first) and the relay (`format = "centrifugo"`, its defaults)
         each drain it into a fresh real Centrifugo with a group of their own, measured as in (3);
         after each drain the total and every channel's last publication are checked."""),
+    "nats": _text("""
+        Messages in Centrifugo's command form on a JetStream stream (12 channels, subjects
+        `chat.cmp-<c>`). Centrifugo's own `nats_jetstream` consumer (its defaults: max_ack_pending
+        100) and the relay (`type = "nats"`, `format = "centrifugo"`, its defaults) each drain it
+        into a fresh real Centrifugo, each time with a durable consumer of its own (deliver all),
+        counted as in (3); the median of the drains counts, and each drain is checked complete."""),
     "latency": _text("""
         The bench process writes at a fixed rate, each message carrying the CLOCK_MONOTONIC time of
         its write (file: an unbuffered append; Kafka: just before the aiokafka producer's `send`,
@@ -303,6 +309,8 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
     section("2. ", "kafka", "Kafka → relay serve, beside a bare aiokafka consumer", _kafka_table, "kafka")
     section("3. ", "centrifugo", "Kafka → real Centrifugo: the relay beside Centrifugo's own Kafka consumer",
             _compare_table, "centrifugo", "centrifugo")
+    section("", "nats", "NATS JetStream → real Centrifugo: the relay beside Centrifugo's own nats_jetstream "
+            "consumer", _compare_table, "nats")
     latency = [results[n] for n in ("latency-file", "latency-kafka") if n in results]
     if latency:
         out += ["", "## 4. Latency, source → accepted by the server", ""]

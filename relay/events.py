@@ -235,3 +235,17 @@ class KafkaLagMeasured:
         for topic, partition in self.gone:
             with contextlib.suppress(KeyError):
                 metrics.KAFKA_LAG.remove(topic, str(partition))
+
+
+@dataclass(slots=True, frozen=True)
+class NatsPendingMeasured:
+    """A NATS source's durable consumer: messages not yet delivered to it, and delivered but unacked."""
+
+    source: str
+    consumer: str
+    pending: int
+    ack_pending: int
+
+    def emit(self) -> None:
+        metrics.NATS_PENDING.labels(source=self.source, consumer=self.consumer).set(self.pending)
+        metrics.NATS_ACK_PENDING.labels(source=self.source, consumer=self.consumer).set(self.ack_pending)

@@ -22,6 +22,7 @@ SPEC_METRICS = {
     "relay_dead_letters_total": "counter", "relay_ready": "gauge",
     "relay_dead_letter_write_errors_total": "counter",
     "relay_redis_pending": "gauge", "relay_redis_lag": "gauge", "relay_source_lag": "gauge",
+    "relay_nats_pending": "gauge", "relay_nats_ack_pending": "gauge",  # issue 18: pending per consumer
 }
 
 

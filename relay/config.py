@@ -211,9 +211,9 @@ class RouteConfig(Model):
         from relay.templates import check_field
         for key in value:
             if key not in ("key", "topic", "partition", "source") and not key.startswith(
-                    ("header.", "json.", "file.")):
+                    ("header.", "json.", "file.", "column.")):
                 raise ValueError(
-                    f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path)")
+                    f"cannot match on {key!r} (use key, topic, header.NAME, json.PATH, file.path, column.NAME)")
             check_field(key)
         for key, pattern in value.items():
             if not pattern:

@@ -120,6 +120,18 @@ class BatchSent:
 
 
 @dataclass(slots=True, frozen=True)
+class PostgresLagMeasured:
+    """Outbox rows still pending in the partitions a PostgreSQL source owns."""
+
+    table: str
+    lags: Mapping[int, int]
+
+    def emit(self) -> None:
+        for partition, lag in self.lags.items():
+            metrics.POSTGRES_LAG.labels(table=self.table, partition=str(partition)).set(lag)
+
+
+@dataclass(slots=True, frozen=True)
 class KafkaLagMeasured:
     """Consumer lag of the partitions a Kafka source owns; partitions it gave up stop being reported."""
 

@@ -14,7 +14,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 SIMPLE_FIELDS = frozenset(
     {"key", "topic", "partition", "offset", "timestamp", "seq", "now", "source", "line"}
 )
-PREFIX_FIELDS = ("header.", "json.", "file.")
+PREFIX_FIELDS = ("header.", "json.", "file.", "column.")
 FILE_FIELDS = frozenset({"file.path", "file.name", "file.line", "file.offset"})
 _FIELD_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -26,13 +26,13 @@ class TemplateError(ValueError):
 def check_field(name: str) -> None:
     if name in SIMPLE_FIELDS or name in FILE_FIELDS:
         return
-    for prefix in ("header.", "json."):
+    for prefix in ("header.", "json.", "column."):
         if name.startswith(prefix):
             parts = name[len(prefix):].split(".") if prefix == "json." else [name[len(prefix):]]
             if all(_FIELD_PART.match(p) for p in parts):
                 return
             raise TemplateError(f"bad field name {{{{ {name} }}}}")
-    known = ", ".join(sorted(SIMPLE_FIELDS | FILE_FIELDS)) + ", header.NAME, json.PATH"
+    known = ", ".join(sorted(SIMPLE_FIELDS | FILE_FIELDS)) + ", header.NAME, json.PATH, column.NAME"
     raise TemplateError(f"unknown template field {{{{ {name} }}}} (known: {known})")
 
 

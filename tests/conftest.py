@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.harness.embedded",
     "tests.harness.kafka",
+    "tests.harness.postgres",
     "tests.harness.centrifugo",
     "tests.harness.subscriber",
 ]

@@ -22,7 +22,7 @@ from relay.message import Message
 # Hands a batch of messages to the pipeline; awaiting it is the backpressure.
 Emit = Callable[[list[Message]], Awaitable[None]]
 
-TYPES = ("ticker", "file", "kafka")
+TYPES = ("ticker", "file", "kafka", "postgres")
 
 
 class Source(Protocol):

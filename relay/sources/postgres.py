@@ -1,0 +1,371 @@
+"""`type = "postgres"`: an outbox table drained in `id` order per partition, rows deleted once settled.
+
+The table is Centrifugo's outbox layout (`id BIGSERIAL`, `method TEXT`, `payload JSONB`,
+`partition BIGINT`, `created_at TIMESTAMPTZ`; extra columns are allowed), so producers written for
+Centrifugo's own `postgresql` consumer keep working as they are.
+
+Every row becomes a `Message` with `stream = "<table>/<partition>"` and `offset` = the row's id, so
+idempotency keys come from (source, table, id) and stay the same across restarts and relays. Routes
+see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and `{{ json.PATH }}` (on the
+payload). `format = "centrifugo"` reads `method` + `payload` the way Centrifugo's consumer does
+(publish and broadcast; any other method goes to the dead letter file with the reason);
+`format = "data"` makes the payload the publication data and routes name the channels.
+
+Ownership: a relay owns a partition while it holds a session-level advisory lock on it
+(`pg_try_advisory_lock(hashtext('centrifugo-relay:<table>:<partition>'))`) on its connection. Several
+relays on one table therefore never deliver one partition at once; a relay that dies (even kill -9)
+loses its connection, PostgreSQL releases its locks, and another relay takes the partition within
+one `poll_interval`, re-reading the rows that were not deleted (their idempotency keys drop the
+ones already published).
+
+Delivery: rows of a partition are emitted in id order. `DELETE ... WHERE partition = p AND id <= n`
+runs only once row n and every earlier row of p were settled (published or dead-lettered); with
+`delete = false` the settled id is kept per partition in the state dir instead. A lost connection or a
+restarted server makes the reader reconnect with exponential backoff and full jitter, forget what it
+had emitted (late acks of that ownership are ignored) and read again from what is left in the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from relay import events
+from relay.acks import ContiguousTracker
+from relay.message import Message
+from relay.secrets import SecretError, load_secret
+from relay.sources import Emit
+from relay.sources.kafka import parse_centrifugo
+from relay.units import Duration
+
+log = logging.getLogger("relay.sources.postgres")
+
+# Reconnect backoff: exponential from BACKOFF_MIN, capped, full jitter.
+BACKOFF_MIN = 0.2
+BACKOFF_MAX = 10.0
+# How often the pending-rows gauge is refreshed.
+LAG_INTERVAL = 5.0
+LOCK_PREFIX = "centrifugo-relay"
+
+# Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
+_LOST = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+         asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.ConnectionFailureError)
+_FATAL = (asyncpg.exceptions.InvalidAuthorizationSpecificationError, asyncpg.exceptions.InvalidPasswordError,
+          asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.UndefinedTableError,
+          asyncpg.exceptions.UndefinedColumnError, asyncpg.exceptions.InsufficientPrivilegeError)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["postgres"]
+    dsn_env: str = Field("", description="Environment variable holding the DSN "
+                                         "(postgresql://user:password@host:5432/db?sslmode=verify-full).")
+    dsn_file: str = Field("", description="File holding the DSN, instead of dsn_env (the DSN carries the password).")
+    table: str = Field("centrifugo_outbox", description="Outbox table: id, method, payload JSONB, partition, "
+                                                        "created_at (Centrifugo's layout); may be schema.table.")
+    format: Literal["centrifugo", "data"] = Field(
+        "centrifugo", description="centrifugo: method + payload columns as Centrifugo's consumer reads them; "
+                                  "data: payload is the publication data, routes decide the channels.")
+    partitions: int = Field(1, ge=1, le=4096, description="Rows carry partition 0..N-1; each is read in id order.")
+    poll_interval: Duration = Field(0.3, description="How often an idle partition is queried again.")
+    notify_channel: str = Field("", description="LISTEN channel; a NOTIFY whose payload is a partition number "
+                                                "wakes that partition at once. Needs a direct (not PgBouncer "
+                                                "transaction mode) connection.")
+    batch_size: int = Field(500, ge=1, le=100_000, description="Rows read per query.")
+    delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
+                                           "remember the position per partition in the state dir.")
+    max_in_flight_per_partition: int = Field(
+        5000, ge=1, description="Unsettled rows per partition before it is no longer read (resumed at half).")
+    connect_timeout: Duration = Field(10.0, description="Timeout of one connection attempt.")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > 2 or not all(p and (p[0].isalpha() or p[0] == "_") and
+                                     all(c.isalnum() or c == "_" for c in p) for p in parts):
+            raise ValueError(f"table {value!r} must be NAME or SCHEMA.NAME (letters, digits, _)")
+        return value
+
+    @field_validator("notify_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c == "_" for c in value):
+            raise ValueError(f"notify_channel {value!r} must be letters, digits and _")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if bool(self.dsn_env) == bool(self.dsn_file):
+            raise ValueError("set exactly one of dsn_env or dsn_file (the DSN is a secret)")
+        if self.poll_interval <= 0:
+            raise ValueError("poll_interval must be more than 0s")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be more than 0s")
+        return self
+
+
+class PostgresSourceError(RuntimeError):
+    """The source cannot run: wrong password, no such database or table, a secret missing."""
+
+
+class _Partition:
+    """One partition while this relay owns it (one connection's lock); acks of older ownerships are ignored."""
+
+    __slots__ = ("after", "deleted", "due", "more", "number", "owner", "stream")
+
+    def __init__(self, owner: PostgresSource, number: int, after: int) -> None:
+        self.owner = owner
+        self.number = number
+        self.stream = f"{owner.config.table}/{number}"
+        self.after = after       # the last id read
+        self.deleted = after     # the last id deleted (or remembered)
+        self.due = 0.0           # when the partition is queried next (monotonic)
+        self.more = True         # the last query filled its batch: more rows wait
+
+    def ack(self, message: Message) -> None:
+        if self.owner._partitions.get(self.number) is self:
+            self.owner._tracker.settled(self.stream, message.offset)
+            self.owner._wake.set()
+
+
+class PostgresSource:
+    """Reads owned partitions in id order and deletes (or remembers) what was settled."""
+
+    def __init__(self, name: str, config: Config, state_dir: Path) -> None:
+        self.name = name
+        self.config = config
+        self._tracker = ContiguousTracker()
+        self._partitions: dict[int, _Partition] = {}
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._conn: Any = None
+        self._listener: Any = None
+        self._state_path = state_dir / f"postgres-{name}.json"
+        self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
+        self._cap = config.max_in_flight_per_partition
+        self._lag_at = 0.0
+        table = config.table
+        extra = ", (payload->'data')::text AS relay_data_text" if config.format == "centrifugo" else ""
+        self._select = (f"SELECT *, payload::text AS relay_payload_text{extra} FROM {table} "
+                        "WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3")
+        self._delete = f"DELETE FROM {table} WHERE partition = $1 AND id <= $2"
+
+    # -- the Source protocol ---------------------------------------------------------------------
+
+    async def run(self, emit: Emit) -> None:
+        attempt = 0
+        while not self._stopped.is_set():
+            try:
+                await self._connect()
+                attempt = 0
+                await self._serve(emit)
+            except _FATAL as err:
+                raise PostgresSourceError(f"postgres source {self.name!r}: {type(err).__name__}: {err}") from None
+            except _LOST as err:
+                attempt += 1
+                delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_MIN * 2 ** attempt))
+                log.warning("postgres source %s: connection lost (%s: %s); reconnecting in %.1fs",
+                            self.name, type(err).__name__, err, delay)
+                await self._disconnect()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), delay)
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_LOST):
+            if self._conn is not None and not self._conn.is_closed():
+                await self._commit()
+        await self._disconnect()
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    def _dsn(self) -> str:
+        try:
+            secret = load_secret(self.config.dsn_env, self.config.dsn_file)
+        except SecretError as err:
+            raise PostgresSourceError(f"postgres source {self.name!r}: dsn: {err}") from None
+        dsn = secret.reveal() if secret is not None else ""
+        if not dsn:
+            raise PostgresSourceError(f"postgres source {self.name!r}: the DSN secret is empty")
+        return dsn
+
+    async def _connect(self) -> None:
+        dsn = self._dsn()
+        self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+        if self.config.notify_channel:
+            self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            await self._listener.add_listener(self.config.notify_channel, self._notified)
+        log.info("postgres source %s: connected; table %s, %d partition(s)",
+                 self.name, self.config.table, self.config.partitions)
+
+    async def _disconnect(self) -> None:
+        for stream in [p.stream for p in self._partitions.values()]:
+            self._tracker.forget(stream)
+        self._partitions.clear()
+        conns, self._conn, self._listener = (self._conn, self._listener), None, None
+        for conn in conns:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)
+                if not conn.is_closed():
+                    conn.terminate()
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            part = self._partitions.get(int(payload.strip()))
+            if part is not None:
+                part.due = 0.0
+                self._wake.set()
+
+    # -- the read loop ---------------------------------------------------------------------------
+
+    async def _serve(self, emit: Emit) -> None:
+        lock_due = 0.0
+        while not self._stopped.is_set():
+            self._wake.clear()
+            if self._listener is not None and self._listener.is_closed():
+                raise ConnectionError("the LISTEN connection closed")
+            now = time.monotonic()
+            if now >= lock_due and len(self._partitions) < self.config.partitions:
+                await self._take_partitions()
+                lock_due = now + self.config.poll_interval
+            await self._commit()
+            await self._measure_lag(now)
+            for part in list(self._partitions.values()):
+                if self._stopped.is_set():
+                    return
+                if (part.more or now >= part.due) and self._tracker.in_flight(part.stream) < self._cap:
+                    batch = await self._read(part)
+                    if batch:
+                        await emit(batch)
+            await self._sleep(lock_due)
+
+    async def _sleep(self, lock_due: float) -> None:
+        now = time.monotonic()
+        wake_at = lock_due if len(self._partitions) < self.config.partitions else now + self.config.poll_interval
+        for part in self._partitions.values():
+            if self._tracker.in_flight(part.stream) >= self._cap:
+                continue  # woken by acks
+            wake_at = min(wake_at, now if part.more else part.due)
+        if wake_at > now:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wake_at - now)
+
+    async def _take_partitions(self) -> None:
+        for number in range(self.config.partitions):
+            if number in self._partitions:
+                continue
+            key = f"{LOCK_PREFIX}:{self.config.table}:{number}"
+            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                after = self._positions.get(number, 0)
+                self._partitions[number] = _Partition(self, number, after)
+                log.info("postgres source %s: owns partition %d", self.name, number)
+
+    async def _read(self, part: _Partition) -> list[Message]:
+        room = self._cap - self._tracker.in_flight(part.stream)
+        limit = min(self.config.batch_size, room)
+        rows = await self._conn.fetch(self._select, part.number, part.after, limit)
+        part.more = len(rows) == limit
+        part.due = time.monotonic() + self.config.poll_interval
+        if part.more and limit < self.config.batch_size:
+            part.more = False  # stopped by the cap, not by the end of the rows: acks wake it
+            part.due = 0.0
+        messages = [self._message(part, row) for row in rows]
+        for message in messages:
+            self._tracker.emitted(part.stream, message.offset)
+        if rows:
+            part.after = rows[-1]["id"]
+        return messages
+
+    def _message(self, part: _Partition, row: Any) -> Message:
+        payload: str = row["relay_payload_text"]
+        data = payload.encode()
+        attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
+        for column, value in row.items():
+            if not column.startswith("relay_"):
+                attributes[f"column.{column}"] = value
+        if self.config.format == "centrifugo":
+            method = row.get("method") or ""
+            try:
+                spec = parse_centrifugo(data, {"centrifugo-method": method or ""})
+            except ValueError as err:
+                attributes["error"] = f"row id {row['id']}: {err}"
+            else:
+                raw = row["relay_data_text"]
+                if raw is not None and spec["data"] and not _has_b64(payload):
+                    spec["data"] = raw.encode()  # the JSONB text as stored, byte for byte as Centrifugo sends it
+                attributes["centrifugo"] = spec
+        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"],
+                       attributes=attributes, on_settled=part.ack)
+
+    # -- settling --------------------------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        """Deletes (or remembers) every row up to each partition's contiguous settled id."""
+        changed = False
+        for part in list(self._partitions.values()):
+            settled = self._tracker.committable(part.stream)
+            if settled is None or settled <= part.deleted:
+                continue
+            if self.config.delete:
+                await self._conn.execute(self._delete, part.number, settled)
+            else:
+                self._positions[part.number] = settled
+                changed = True
+            part.deleted = settled
+        if changed:
+            self._save_positions()
+
+    async def _measure_lag(self, now: float) -> None:
+        if now < self._lag_at or not self._partitions:
+            return
+        self._lag_at = now + LAG_INTERVAL
+        numbers = list(self._partitions)
+        rows = await self._conn.fetch(
+            f"SELECT partition, count(*) AS n FROM {self.config.table} WHERE partition = ANY($1::bigint[]) "
+            "AND id > coalesce(($2::jsonb ->> partition::text)::bigint, 0) GROUP BY partition",
+            numbers, json.dumps({str(k): v for k, v in self._positions.items()}))
+        counts = {row["partition"]: row["n"] for row in rows}
+        events.PostgresLagMeasured(self.config.table, {n: counts.get(n, 0) for n in numbers}).emit()
+
+    def _load_positions(self) -> dict[int, int]:
+        try:
+            raw = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            raise PostgresSourceError(f"postgres source {self.name!r}: cannot read {self._state_path}: {err}") from None
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def _save_positions(self) -> None:
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self._positions.items())}))
+        os.replace(tmp, self._state_path)
+
+    # -- introspection (tests, status) -------------------------------------------------------------
+
+    def owned(self) -> list[int]:
+        return sorted(self._partitions)
+
+
+def _has_b64(payload: str) -> bool:
+    return '"b64data"' in payload
+
+
+def build(name: str, config: Config, state_dir: Path) -> PostgresSource:
+    return PostgresSource(name, config, state_dir)

@@ -1,0 +1,343 @@
+"""PostgreSQL outbox → `relay run` → `relay serve`, with a real PostgreSQL 15, real processes and real
+SIGKILLs. What arrived is read back from the server's History; what is left is read from the table.
+
+Rows are in Centrifugo's outbox layout: `publish` to `chat:room-K` with data `{"k": K, "s": n}`, n
+counting up per room, and partition K % 3, so a channel's History must be exactly 0, 1, 2, ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.message import Message
+from relay.sources.postgres import Config, PostgresSource
+from tests.harness.embedded import EmbeddedServerProcess
+from tests.harness.history import history
+from tests.harness.postgres import OUTBOX_DDL, PostgresServer
+from tests.harness.relay_process import RelayProcess
+
+ROOMS = 50
+PARTITIONS = 3
+SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
+DSN_ENV = "RELAY_TEST_PG_DSN"
+
+
+# -- rows ------------------------------------------------------------------------------------------
+
+def create_outbox(pg: PostgresServer, db: str, table: str = "outbox") -> None:
+    pg.psql(OUTBOX_DDL.format(table=table), db)
+
+
+def insert_rows(pg: PostgresServer, db: str, first: int, last: int, table: str = "outbox") -> None:
+    """Rows first..last-1 of the keyed stream: row g is room g % 50, sequence g // 50."""
+    pg.psql(f"INSERT INTO {table} (method, payload, partition) SELECT 'publish', "
+            f"jsonb_build_object('channel', 'chat:room-' || (g % {ROOMS}), "
+            f"'data', jsonb_build_object('k', g % {ROOMS}, 's', g / {ROOMS})), (g % {ROOMS}) % {PARTITIONS} "
+            f"FROM generate_series({first}, {last - 1}) g ORDER BY g", db)
+
+
+def remaining(pg: PostgresServer, db: str, table: str = "outbox") -> int:
+    return int(pg.psql(f"SELECT count(*) FROM {table}", db))
+
+
+class Inserter(threading.Thread):
+    """Inserts the stream in chunks while the test kills relays: a live outbox, not a backlog."""
+
+    def __init__(self, pg: PostgresServer, db: str, total: int, chunk: int, pause: float) -> None:
+        super().__init__(name="inserter", daemon=True)
+        self.pg, self.db, self.total, self.chunk, self.pause = pg, db, total, chunk, pause
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for first in range(0, self.total, self.chunk):
+                insert_rows(self.pg, self.db, first, min(first + self.chunk, self.total))
+                time.sleep(self.pause)
+        except BaseException as err:
+            self.error = err
+
+
+# -- relays and what arrived -----------------------------------------------------------------------
+
+def relay_config(workdir: Path, server: EmbeddedServerProcess, *, source: dict[str, Any] | None = None,
+                 routes: str = "") -> str:
+    options = {"table": "outbox", "partitions": PARTITIONS, "poll_interval": "100ms", **(source or {})}
+    lines = [
+        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
+        "[sink]", f'address = "{server.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
+        f'dead_letter = "{workdir}/dead-letter.jsonl"',
+        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        "[sources.outbox]", 'type = "postgres"', f'dsn_env = "{DSN_ENV}"',
+        *(f"{k} = {json.dumps(v)}" for k, v in options.items()),
+    ]
+    return "\n".join(lines) + "\n" + routes
+
+
+def relay(workdir: Path, config: str, server: EmbeddedServerProcess, dsn: str) -> RelayProcess:
+    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key, DSN_ENV: dsn}, metrics=False)
+
+
+def sequences(server: EmbeddedServerProcess, rooms: int = ROOMS) -> dict[int, list[int]]:
+    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
+            for k in range(rooms)}
+
+
+def delivered(server: EmbeddedServerProcess) -> int:
+    return sum(len(v) for v in sequences(server).values())
+
+
+def expected(total: int) -> dict[int, list[int]]:
+    return {k: [g // ROOMS for g in range(k, total, ROOMS)] for k in range(ROOMS)}
+
+
+def wait_delivered(server: EmbeddedServerProcess, total: int, relays: list[RelayProcess],
+                   timeout: float = 90.0) -> dict[int, list[int]]:
+    """Poll History until every room holds its last sequence number."""
+    want = expected(total)
+    deadline = time.monotonic() + timeout
+    seen: dict[int, list[int]] = {}
+    while time.monotonic() < deadline:
+        seen = sequences(server)
+        if all(seen[k] and seen[k][-1] >= want[k][-1] for k in range(ROOMS)):
+            return seen
+        time.sleep(0.25)
+    logs = "".join(r.logs()[-2000:] for r in relays)
+    raise AssertionError(f"{sum(len(v) for v in seen.values())} of {total} publications after {timeout}s\n{logs}")
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def dead_letters(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "dead-letter.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# -- the reader against the real server ---------------------------------------------------------------
+
+def test_reader_deletes_only_up_to_the_contiguous_settled_id(postgres_server: PostgresServer, postgres_db: str,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids with gaps, acks out of order: a row goes only when it and every earlier row settled."""
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    insert_rows(pg, db, 0, 30)
+    pg.psql("DELETE FROM outbox WHERE id % 4 = 0", db)  # gaps in the ids, as rolled-back inserts leave
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    config = Config(type="postgres", dsn_env=DSN_ENV, table="outbox", partitions=PARTITIONS,
+                    poll_interval="50ms")
+    source = PostgresSource("outbox", config, tmp_path)
+    got: list[Message] = []
+
+    async def scenario() -> None:
+        async def emit(batch: list[Message]) -> None:
+            got.extend(batch)
+
+        task = asyncio.create_task(source.run(emit))
+        for _ in range(200):
+            if len(got) == 23:
+                break
+            await asyncio.sleep(0.02)
+        part0 = [m for m in got if m.attributes["partition"] == 0]
+        assert [m.offset for m in part0] == sorted(m.offset for m in part0)
+        # Settle every row of partition 0 but its second: only the first may go.
+        for m in part0[:1] + part0[2:]:
+            m.settle()
+        for _ in range(100):
+            if int(pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db)) == len(part0) - 1:
+                break
+            await asyncio.sleep(0.02)
+        left = [int(x) for x in pg.psql("SELECT id FROM outbox WHERE partition = 0 ORDER BY id", db).split()]
+        assert left == [m.offset for m in part0[1:]]
+        part0[1].settle()
+        for _ in range(100):
+            if pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db) == "0":
+                break
+            await asyncio.sleep(0.02)
+        await source.stop()
+        await task
+        await source.close()
+
+    asyncio.run(scenario())
+    assert len(got) == 23  # 30 rows less the 7 with id % 4 == 0, each read once
+    assert len({m.position for m in got}) == 23
+    assert got[0].position.startswith("outbox/outbox/")
+    assert remaining(pg, db) == 23 - 7  # partition 0 (rows 0, 3, ... 27 less ids 4, 16, 28) went
+    assert got[0].attributes["column.method"] == "publish"
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+def test_20000_rows_with_three_sigkills_arrive_once_in_order_and_the_table_ends_empty(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    total = 20_000
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    inserter = Inserter(pg, db, total, chunk=500, pause=0.2)
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server), embedded_server, pg.dsn(db))
+    inserter.start()
+    at_kill = [0]
+    for _ in range(3):
+        proc.start()
+        deadline = time.monotonic() + 30
+        while delivered(embedded_server) <= at_kill[-1]:
+            assert time.monotonic() < deadline, proc.logs()[-3000:]
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.8))
+        proc.kill()
+        at_kill.append(delivered(embedded_server))
+    inserter.join(120)
+    assert inserter.error is None
+    proc.start()
+    try:
+        seen = wait_delivered(embedded_server, total, [proc])
+        wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
+    finally:
+        proc.stop()
+    assert seen == expected(total), f"seed {seed}"
+    assert at_kill[-1] < total, f"the last kill came after the end: {at_kill}"
+
+
+def test_two_relays_share_a_table_and_one_killed_hands_over(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    total = 9_000
+    insert_rows(pg, db, 0, 3_000)
+    config = relay_config(tmp_path / "a", embedded_server, source={"batch_size": 100})
+    first = relay(tmp_path / "a", config, embedded_server, pg.dsn(db)).start()
+    second = relay(tmp_path / "b", relay_config(tmp_path / "b", embedded_server, source={"batch_size": 100}),
+                   embedded_server, pg.dsn(db)).start()
+    try:
+        wait_until(lambda: delivered(embedded_server) > 500, 30, first.logs()[-2000:])
+        inserter = Inserter(pg, db, total, chunk=500, pause=0.1)
+        inserter.first = 3_000  # type: ignore[attr-defined]
+        for start in range(3_000, total, 1_000):
+            insert_rows(pg, db, start, start + 1_000)
+            if start == 5_000:
+                owner = first if "owns partition" in first.logs() else second
+                owner.kill()
+        seen = wait_delivered(embedded_server, total, [first, second])
+        wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
+    finally:
+        first.stop()
+        second.stop()
+    assert seen == expected(total)
+    both = first.logs() + second.logs()
+    assert "owns partition" in both
+
+
+def test_database_restart_mid_stream_loses_nothing_and_shows_nothing_twice(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    total = 6_000
+    insert_rows(pg, db, 0, 3_000)
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server, source={"batch_size": 50}),
+                 embedded_server, pg.dsn(db)).start()
+    try:
+        wait_until(lambda: delivered(embedded_server) > 300, 30, proc.logs()[-2000:])
+        pg.restart()
+        insert_rows(pg, db, 3_000, total)
+        seen = wait_delivered(embedded_server, total, [proc])
+        wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
+        assert proc.alive()
+    finally:
+        proc.stop()
+    assert seen == expected(total)
+    assert "connection lost" in proc.logs()
+
+
+def test_malformed_and_unknown_namespace_rows_go_to_dead_letters_and_the_partition_goes_on(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    insert_rows(pg, db, 0, 100)
+    bad = pg.psql("INSERT INTO outbox (method, payload, partition) VALUES "
+                  "('publish', '{\"no_channel\": 1}', 0), "
+                  "('publish', '{\"channel\": \"nosuch:x\", \"data\": {\"a\": 1}}', 0), "
+                  "('subscribe', '{\"user\": \"u\", \"channel\": \"chat:x\"}', 0) RETURNING id", db)
+    bad_ids = [int(x) for x in bad.split()]
+    insert_rows(pg, db, 100, 400)
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server), embedded_server, pg.dsn(db)).start()
+    try:
+        seen = wait_delivered(embedded_server, 400, [proc])
+        wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
+        wait_until(lambda: len(dead_letters(tmp_path)) == 3, 10, "dead letters")
+    finally:
+        proc.stop()
+    assert seen == expected(400)
+    letters = {int(d["position"].rsplit("/", 1)[1]): d for d in dead_letters(tmp_path)}
+    assert sorted(letters) == bad_ids
+    text = {i: json.dumps(d) for i, d in letters.items()}
+    assert "no channel" in text[bad_ids[0]]
+    assert "nosuch" in text[bad_ids[1]]
+    assert "subscribe" in text[bad_ids[2]] and "not supported" in text[bad_ids[2]]
+
+
+def test_notify_wakes_a_partition_long_before_poll_interval(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    insert_rows(pg, db, 0, 50)
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server, source={
+        "poll_interval": "30s", "notify_channel": "outbox_wake"}), embedded_server, pg.dsn(db)).start()
+    try:
+        wait_delivered(embedded_server, 50, [proc], timeout=30)
+        wait_until(lambda: remaining(pg, db) == 0, 10, "rows left in the outbox")
+        # Rows 50..52 are rooms 0, 1, 2: partitions 0, 1, 2. Wake each, one at a time.
+        for g in (50, 51, 52):
+            started = time.monotonic()
+            pg.psql(f"BEGIN; INSERT INTO outbox (method, payload, partition) VALUES ('publish', "
+                    f"'{{\"channel\": \"chat:room-{g % ROOMS}\", \"data\": {{\"k\": {g % ROOMS}, \"s\": 1}}}}', "
+                    f"{g % ROOMS % PARTITIONS}); NOTIFY outbox_wake, '{g % ROOMS % PARTITIONS}'; COMMIT", db)
+            wait_until(lambda g=g: len(sequences(embedded_server)[g % ROOMS]) == 2, 5,  # type: ignore[misc]
+                       f"row {g} not published within 5s of its NOTIFY (poll_interval is 30s)")
+            assert time.monotonic() - started < 5
+    finally:
+        proc.stop()
+
+
+def test_data_format_routes_decide_channels_with_column_and_partition_fields(
+        postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
+        tmp_path: Path) -> None:
+    pg, db = postgres_server, postgres_db
+    pg.psql("CREATE TABLE events (id BIGSERIAL PRIMARY KEY, method TEXT NOT NULL DEFAULT '', payload JSONB NOT NULL, "
+            "partition BIGINT NOT NULL DEFAULT 0, room TEXT NOT NULL)", db)
+    pg.psql("INSERT INTO events (payload, room, partition) SELECT jsonb_build_object('s', g), 'r' || (g % 2), 0 "
+            "FROM generate_series(0, 19) g ORDER BY g", db)
+    routes = ('[[routes]]\nsource = "outbox"\nchannel = "chat:{{ column.room }}-{{ partition }}"\n'
+              'data = \'{"s": {{ json.s }}, "id": {{ offset }}}\'\n')
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server, source={
+        "table": "events", "format": "data", "partitions": 1, "delete": False}, routes=routes),
+        embedded_server, pg.dsn(db)).start()
+    try:
+        def arrived() -> list[Any]:
+            return [json.loads(p.data) for ch in ("chat:r0-0", "chat:r1-0")
+                    for p in history(embedded_server.address, ch, embedded_server.api_key)]
+        wait_until(lambda: len(arrived()) == 20, 30, proc.logs()[-2000:])
+        state = tmp_path / "state" / "postgres-outbox.json"
+        wait_until(lambda: state.exists() and json.loads(state.read_text()) == {"0": 20}, 10, "position kept")
+    finally:
+        proc.stop()
+    assert sorted(d["s"] for d in arrived()) == list(range(20))
+    assert all(d["id"] == d["s"] + 1 for d in arrived())
+    assert remaining(pg, db, "events") == 20  # delete = false keeps the rows

@@ -215,31 +215,32 @@ def test_20000_rows_with_three_sigkills_arrive_once_in_order_and_the_table_ends_
 def test_two_relays_share_a_table_and_one_killed_hands_over(
         postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
         tmp_path: Path) -> None:
+    """The second relay gets no partition while the first holds their locks; kill -9 hands them over."""
     pg, db = postgres_server, postgres_db
     create_outbox(pg, db)
-    total = 9_000
-    insert_rows(pg, db, 0, 3_000)
-    config = relay_config(tmp_path / "a", embedded_server, source={"batch_size": 100})
-    first = relay(tmp_path / "a", config, embedded_server, pg.dsn(db)).start()
-    second = relay(tmp_path / "b", relay_config(tmp_path / "b", embedded_server, source={"batch_size": 100}),
-                   embedded_server, pg.dsn(db)).start()
+    total = 12_000
+    insert_rows(pg, db, 0, 9_000)
+    slow = {"batch_size": 50, "max_in_flight_per_partition": 100}
+    first = relay(tmp_path / "a", relay_config(tmp_path / "a", embedded_server, source=slow),
+                  embedded_server, pg.dsn(db)).start()
+    second = relay(tmp_path / "b", relay_config(tmp_path / "b", embedded_server, source=slow),
+                   embedded_server, pg.dsn(db))
     try:
-        wait_until(lambda: delivered(embedded_server) > 500, 30, first.logs()[-2000:])
-        inserter = Inserter(pg, db, total, chunk=500, pause=0.1)
-        inserter.first = 3_000  # type: ignore[attr-defined]
-        for start in range(3_000, total, 1_000):
-            insert_rows(pg, db, start, start + 1_000)
-            if start == 5_000:
-                owner = first if "owns partition" in first.logs() else second
-                owner.kill()
+        wait_until(lambda: first.logs().count("owns partition") == PARTITIONS, 30, first.logs()[-2000:])
+        second.start()
+        wait_until(lambda: "connected" in second.logs(), 30, second.logs()[-2000:])
+        wait_until(lambda: delivered(embedded_server) > 1_000, 30, first.logs()[-2000:])
+        assert "owns partition" not in second.logs()
+        first.kill()
+        assert remaining(pg, db) > 0, "the first relay finished before it was killed"
+        insert_rows(pg, db, 9_000, total)
+        wait_until(lambda: second.logs().count("owns partition") == PARTITIONS, 30, second.logs()[-2000:])
         seen = wait_delivered(embedded_server, total, [first, second])
         wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
     finally:
         first.stop()
         second.stop()
     assert seen == expected(total)
-    both = first.logs() + second.logs()
-    assert "owns partition" in both
 
 
 def test_database_restart_mid_stream_loses_nothing_and_shows_nothing_twice(
@@ -247,14 +248,15 @@ def test_database_restart_mid_stream_loses_nothing_and_shows_nothing_twice(
         tmp_path: Path) -> None:
     pg, db = postgres_server, postgres_db
     create_outbox(pg, db)
-    total = 6_000
-    insert_rows(pg, db, 0, 3_000)
-    proc = relay(tmp_path, relay_config(tmp_path, embedded_server, source={"batch_size": 50}),
-                 embedded_server, pg.dsn(db)).start()
+    total = 12_000
+    insert_rows(pg, db, 0, 9_000)
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server, source={
+        "batch_size": 50, "max_in_flight_per_partition": 100}), embedded_server, pg.dsn(db)).start()
     try:
-        wait_until(lambda: delivered(embedded_server) > 300, 30, proc.logs()[-2000:])
+        wait_until(lambda: delivered(embedded_server) > 1_000, 30, proc.logs()[-2000:])
         pg.restart()
-        insert_rows(pg, db, 3_000, total)
+        assert remaining(pg, db) > 0, "the relay finished before the restart"
+        insert_rows(pg, db, 9_000, total)
         seen = wait_delivered(embedded_server, total, [proc])
         wait_until(lambda: remaining(pg, db) == 0, 30, "rows left in the outbox")
         assert proc.alive()

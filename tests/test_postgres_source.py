@@ -343,3 +343,63 @@ def test_data_format_routes_decide_channels_with_column_and_partition_fields(
     assert sorted(d["s"] for d in arrived()) == list(range(20))
     assert all(d["id"] == d["s"] + 1 for d in arrived())
     assert remaining(pg, db, "events") == 20  # delete = false keeps the rows
+
+
+# -- side by side with Centrifugo's own consumer -----------------------------------------------------
+
+# (method, payload, partition): what producers written for Centrifugo's consumer insert. A channel's
+# rows come from one partition: order across partitions is not defined, by either consumer.
+SAME_ROWS = [
+    ("publish", {"channel": "chat:cmp", "data": {"n": 1, "nested": {"a": [1, 2.5, "x"]}}}, 0),
+    ("publish", {"channel": "chat:cmp", "data": {"n": 2}, "tags": {"region": "eu"}}, 0),
+    ("broadcast", {"channels": ["chat:cmp3", "chat:cmp4"], "data": {"n": 3}}, 2),
+    ("publish", {"channel": "chat:cmp", "data": {"n": 4}, "idempotency_key": "dup"}, 0),
+    ("publish", {"channel": "chat:cmp", "data": {"n": 4}, "idempotency_key": "dup"}, 0),
+    ("publish", {"channel": "chat:cmp2", "b64data": "eyJuIjogNX0="}, 1),  # {"n": 5}
+    ("publish", {"channel": "ghost:cmp", "data": {"n": 0}}, 2),  # unknown namespace
+    ("disconnect", {"user": "42"}, 2),
+    ("publish", {"channel": "chat:cmp2", "data": {"n": 6, "s": "ünïcode \"q\""}}, 1),
+    ("publish", {"channel": "chat:cmp", "data": [1, {"b": None}]}, 0),
+]
+
+
+def test_same_channel_histories_as_centrifugos_own_postgresql_consumer(
+        postgres_server: PostgresServer, centrifugo_factory: Any, tmp_path: Path) -> None:
+    pg = postgres_server
+    theirs_db, ours_db = pg.create_database(), pg.create_database()
+    for db in (theirs_db, ours_db):
+        create_outbox(pg, db)
+        for method, payload, partition in SAME_ROWS:
+            literal = json.dumps(payload).replace("'", "''")
+            pg.psql(f"INSERT INTO outbox (method, payload, partition) VALUES ('{method}', '{literal}', {partition})", db)
+        for partition in range(PARTITIONS):
+            pg.psql("INSERT INTO outbox (method, payload, partition) VALUES "
+                    f"('publish', '{{\"channel\": \"chat:done-{partition}\", \"data\": {{}}}}', {partition})", db)
+    native = centrifugo_factory(config_overrides={"consumers": [
+        {"name": "pg_native", "enabled": True, "type": "postgresql",
+         "postgresql": {"dsn": pg.dsn(theirs_db), "outbox_table_name": "outbox", "num_partitions": PARTITIONS}}]})
+    target = centrifugo_factory()
+    config = "\n".join([
+        "[relay]", f'state_dir = "{tmp_path}/state"',
+        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
+        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        "[sources.outbox]", 'type = "postgres"', f'dsn_env = "{DSN_ENV}"', 'table = "outbox"',
+        f"partitions = {PARTITIONS}", 'poll_interval = "100ms"',
+    ]) + "\n"
+    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key, DSN_ENV: pg.dsn(ours_db)},
+                        metrics=False).start()
+    try:
+        for server in (native, target):
+            wait_until(lambda s=server: all(history(s.grpc_address, f"chat:done-{p}", s.api_key)  # type: ignore[misc]
+                                            for p in range(PARTITIONS)), 60, proc.logs()[-2000:] + server.log_tail())
+        wait_until(lambda: remaining(pg, theirs_db) == 0 and remaining(pg, ours_db) == 0, 30, "rows left")
+    finally:
+        proc.stop()
+    for channel in ("chat:cmp", "chat:cmp2", "chat:cmp3", "chat:cmp4"):
+        theirs = [(p.data, dict(p.tags)) for p in history(native.grpc_address, channel, native.api_key)]
+        ours = [(p.data, dict(p.tags)) for p in history(target.grpc_address, channel, target.api_key)]
+        assert theirs, channel
+        assert ours == theirs, channel
+    reasons = sorted(d["error"]["message"] if isinstance(d.get("error"), dict) else str(d)
+                     for d in dead_letters(tmp_path))
+    assert len(reasons) == 2, reasons  # the unknown namespace and the disconnect (not a publication)

@@ -202,6 +202,14 @@ HOW = {
         counts. After each drain, the total (exactly the backlog: nothing lost, nothing twice) and
         every channel's last publication are checked. CPU seconds are read from /proc over the
         drain."""),
+    "postgres": _text("""
+        An outbox table in Centrifugo's layout (12 channels, each in one partition; 1 and 3
+        partitions), one fresh copy of the backlog per drain in PostgreSQL 15. Centrifugo's own
+        consumer (`consumers: [{type: "postgresql", postgresql: {dsn, outbox_table_name,
+        num_partitions}}]`, its defaults otherwise) and the relay (postgres source, `format =
+        "centrifugo"`, its defaults) each drain it into a fresh real Centrifugo; rates are measured as
+        in (3), and after each drain the total, every channel's last publication and the empty table
+        are checked."""),
     "latency": _text("""
         The bench process writes at a fixed rate, each message carrying the CLOCK_MONOTONIC time of
         its write (file: an unbuffered append; Kafka: just before the aiokafka producer's `send`,
@@ -288,6 +296,8 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
                 out += ["", f"![latency]({plots['latency']})"]
         out += ["", f"How: {HOW['latency']}"]
     section("6. ", "sizes", "Throughput against message size", _size_table, "sizes", "sizes")
+    section("7. ", "postgres", "PostgreSQL outbox → real Centrifugo: the relay beside Centrifugo's own postgresql "
+            "consumer (goal 1.0)", _compare_table, "postgres")
     section("", "server", "Context: the embedded server alone", _server_table, "server")
     section("", "pipeline", "Context: ticker → relay serve", _pipeline_table, "pipeline")
     if "throughput" in plots:

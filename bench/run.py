@@ -35,6 +35,7 @@ from bench import (  # noqa: E402
     kafka_bench,
     latency_bench,
     pipeline_bench,
+    postgres_bench,
     report,
     rig,
     server_bench,
@@ -54,6 +55,7 @@ class Params:
     kafka_count: int = 200_000
     compare_count: int = 200_000
     compare_repeats: int = 3
+    postgres_rows: int = 100_000
     partitions: tuple[int, ...] = (1, 6)
     latency_rates: tuple[float, ...] = (1000, 10000)
     latency_seconds: float = 10.0
@@ -64,7 +66,7 @@ class Params:
 
 FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
-               compare_count=20_000, compare_repeats=1, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
+               compare_count=20_000, compare_repeats=1, postgres_rows=20_000, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
                size_min_lines=200)
 
 
@@ -115,6 +117,10 @@ SECTIONS: dict[str, Section] = {
         lambda p, broker: centrifugo_bench.run(p.compare_count, p.partitions, broker, p.compare_repeats),
         lambda p: f"{PY} bench/centrifugo_bench.py --count {p.compare_count} --repeats {p.compare_repeats} "
         + " ".join(f"--partitions {n}" for n in p.partitions)),
+    "postgres": Section(
+        "PostgreSQL outbox → real Centrifugo: relay vs Centrifugo's own postgresql consumer", False,
+        lambda p, _: postgres_bench.run(p.postgres_rows, postgres_bench.PARTITIONS, p.compare_repeats),
+        lambda p: f"{PY} bench/postgres_bench.py --count {p.postgres_rows} --repeats {p.compare_repeats}"),
 }
 
 

@@ -34,6 +34,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,14 +124,14 @@ class PostgresSourceError(RuntimeError):
 class _Partition:
     """One partition while this relay owns it (one connection's lock); acks of older ownerships are ignored."""
 
-    __slots__ = ("after", "deleted", "due", "more", "number", "owner", "stream")
+    __slots__ = ("after", "due", "ids", "more", "number", "owner", "stream")
 
     def __init__(self, owner: PostgresSource, number: int, after: int) -> None:
         self.owner = owner
         self.number = number
         self.stream = f"{owner.config.table}/{number}"
         self.after = after       # the last id read
-        self.deleted = after     # the last id deleted (or remembered)
+        self.ids: deque[int] = deque()  # ids emitted and not yet deleted, in order
         self.due = 0.0           # when the partition is queried next (monotonic)
         self.more = True         # the last query filled its batch: more rows wait
 
@@ -157,10 +158,13 @@ class PostgresSource:
         self._cap = config.max_in_flight_per_partition
         self._lag_at = 0.0
         table = config.table
-        extra = ", (payload->'data')::text AS relay_data_text" if config.format == "centrifugo" else ""
-        self._select = (f"SELECT *, payload::text AS relay_payload_text{extra} FROM {table} "
-                        "WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3")
-        self._delete = f"DELETE FROM {table} WHERE partition = $1 AND id <= $2"
+        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched.
+        columns = ("id, method, payload::text AS relay_payload_text, (payload->'data')::text AS relay_data_text"
+                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
+        self._select = f"SELECT {columns} FROM {table} WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3"
+        # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
+        # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
+        self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
 
     # -- the Source protocol ---------------------------------------------------------------------
 
@@ -277,6 +281,8 @@ class PostgresSource:
                 log.info("postgres source %s: owns partition %d", self.name, number)
 
     async def _read(self, part: _Partition) -> list[Message]:
+        if self.config.delete and not part.ids:
+            part.after = 0  # nothing of ours is left in the table: pick up rows that committed late, too
         room = self._cap - self._tracker.in_flight(part.stream)
         limit = min(self.config.batch_size, room)
         rows = await self._conn.fetch(self._select, part.number, part.after, limit)
@@ -288,6 +294,7 @@ class PostgresSource:
         messages = [self._message(part, row) for row in rows]
         for message in messages:
             self._tracker.emitted(part.stream, message.offset)
+            part.ids.append(message.offset)
         if rows:
             part.after = rows[-1]["id"]
         return messages
@@ -296,13 +303,13 @@ class PostgresSource:
         payload: str = row["relay_payload_text"]
         data = payload.encode()
         attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
-        for column, value in row.items():
-            if not column.startswith("relay_"):
-                attributes[f"column.{column}"] = value
-        if self.config.format == "centrifugo":
-            method = row.get("method") or ""
+        if self.config.format == "data":
+            for column, value in row.items():
+                if not column.startswith("relay_"):
+                    attributes[f"column.{column}"] = value
+        else:
             try:
-                spec = parse_centrifugo(data, {"centrifugo-method": method or ""})
+                spec = parse_centrifugo(data, {"centrifugo-method": row["method"] or ""})
             except ValueError as err:
                 attributes["error"] = f"row id {row['id']}: {err}"
             else:
@@ -320,14 +327,16 @@ class PostgresSource:
         changed = False
         for part in list(self._partitions.values()):
             settled = self._tracker.committable(part.stream)
-            if settled is None or settled <= part.deleted:
+            done: list[int] = []
+            while settled is not None and part.ids and part.ids[0] <= settled:
+                done.append(part.ids.popleft())
+            if not done:
                 continue
             if self.config.delete:
-                await self._conn.execute(self._delete, part.number, settled)
-            else:
-                self._positions[part.number] = settled
+                await self._conn.execute(self._delete, done)
+            elif done[-1] > self._positions.get(part.number, 0):
+                self._positions[part.number] = done[-1]
                 changed = True
-            part.deleted = settled
         if changed:
             self._save_positions()
 

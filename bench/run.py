@@ -66,8 +66,8 @@ class Params:
 
 FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
-               compare_count=20_000, compare_repeats=1, postgres_rows=20_000, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
-               size_min_lines=200)
+               compare_count=20_000, compare_repeats=1, postgres_rows=20_000, latency_seconds=1.0,
+               sizes=(100, 65536), size_budget=4 * 2**20, size_min_lines=200)
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,8 @@ def test_same_channel_histories_as_centrifugos_own_postgresql_consumer(
         create_outbox(pg, db)
         for method, payload, partition in SAME_ROWS:
             literal = json.dumps(payload).replace("'", "''")
-            pg.psql(f"INSERT INTO outbox (method, payload, partition) VALUES ('{method}', '{literal}', {partition})", db)
+            pg.psql("INSERT INTO outbox (method, payload, partition) "
+                    f"VALUES ('{method}', '{literal}', {partition})", db)
         for partition in range(PARTITIONS):
             pg.psql("INSERT INTO outbox (method, payload, partition) VALUES "
                     f"('publish', '{{\"channel\": \"chat:done-{partition}\", \"data\": {{}}}}', {partition})", db)

@@ -441,3 +441,38 @@ def test_same_channel_histories_as_centrifugos_own_postgresql_consumer(
     reasons = sorted(d["error"]["message"] if isinstance(d.get("error"), dict) else str(d)
                      for d in dead_letters(tmp_path))
     assert len(reasons) == 2, reasons  # the unknown namespace and the disconnect (not a publication)
+
+
+# -- what a user gets wrong ------------------------------------------------------------------------
+
+def test_a_missing_database_stops_the_relay_with_one_line_naming_the_source(
+        postgres_server: PostgresServer, embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    proc = relay(tmp_path, relay_config(tmp_path, embedded_server), embedded_server,
+                 postgres_server.dsn("no_such_database"))
+    proc.start()
+    assert proc.wait(30) == 1
+    failed = [line for line in proc.logs().splitlines() if "source failed" in line]
+    assert len(failed) == 1
+    assert "postgres source 'outbox'" in failed[0] and "no_such_database" in failed[0]
+
+
+@pytest.mark.parametrize(("options", "problem"), [
+    ({"dsn_file": "/x"}, "set exactly one of dsn_env or dsn_file"),
+    ({"table": "outbox; DROP TABLE x"}, "must be NAME or SCHEMA.NAME"),
+    ({"notify_channel": "wake-up"}, "notify_channel"),
+    ({"partitions": 0}, "partitions"),
+])
+def test_bad_source_options_are_refused_by_relay_check_with_one_line(
+        tmp_path: Path, options: dict[str, Any], problem: str) -> None:
+    import subprocess
+    import sys
+    config = tmp_path / "relay.toml"
+    config.write_text("\n".join([
+        "[sink]", 'address = "127.0.0.1:10000"', 'api_key_env = "K"',
+        "[sources.outbox]", 'type = "postgres"', 'dsn_env = "D"',
+        *(f"{k} = {json.dumps(v)}" for k, v in options.items())]) + "\n")
+    done = subprocess.run([sys.executable, "-m", "relay", "check", "-c", str(config)], capture_output=True,
+                          text=True, env={"K": "k", "D": "postgresql://x@127.0.0.1/x", "PATH": "/usr/bin"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sources.outbox" in lines[0] and problem in lines[0], lines

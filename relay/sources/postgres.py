@@ -124,7 +124,7 @@ class PostgresSourceError(RuntimeError):
 class _Partition:
     """One partition while this relay owns it (one connection's lock); acks of older ownerships are ignored."""
 
-    __slots__ = ("after", "due", "ids", "more", "number", "owner", "stream")
+    __slots__ = ("after", "capped", "due", "ids", "more", "number", "owner", "stream")
 
     def __init__(self, owner: PostgresSource, number: int, after: int) -> None:
         self.owner = owner
@@ -134,11 +134,18 @@ class _Partition:
         self.ids: deque[int] = deque()  # ids emitted and not yet deleted, in order
         self.due = 0.0           # when the partition is queried next (monotonic)
         self.more = True         # the last query filled its batch: more rows wait
+        self.capped = False      # not read while max_in_flight_per_partition rows are unsettled
 
     def ack(self, message: Message) -> None:
-        if self.owner._partitions.get(self.number) is self:
-            self.owner._tracker.settled(self.stream, message.offset)
-            self.owner._wake.set()
+        owner = self.owner
+        if owner._partitions.get(self.number) is self:
+            owner._tracker.settled(self.stream, message.offset)
+            if not owner._unsettled_commit:  # the first ack since the last delete wakes the loop
+                owner._unsettled_commit = True
+                owner._wake.set()
+            if self.capped and owner._tracker.in_flight(self.stream) < owner._cap:
+                self.capped = False
+                owner._wake.set()
 
 
 class PostgresSource:
@@ -150,6 +157,7 @@ class PostgresSource:
         self._tracker = ContiguousTracker()
         self._partitions: dict[int, _Partition] = {}
         self._wake = asyncio.Event()
+        self._unsettled_commit = False  # acks arrived since the last _commit
         self._stopped = asyncio.Event()
         self._conn: Any = None
         self._listener: Any = None
@@ -264,7 +272,8 @@ class PostgresSource:
         wake_at = lock_due if len(self._partitions) < self.config.partitions else now + self.config.poll_interval
         for part in self._partitions.values():
             if self._tracker.in_flight(part.stream) >= self._cap:
-                continue  # woken by acks
+                part.capped = True  # woken by acks
+                continue
             wake_at = min(wake_at, now if part.more else part.due)
         if wake_at > now:
             with contextlib.suppress(TimeoutError):
@@ -325,6 +334,7 @@ class PostgresSource:
     async def _commit(self) -> None:
         """Deletes (or remembers) every row up to each partition's contiguous settled id."""
         changed = False
+        self._unsettled_commit = False
         for part in list(self._partitions.values()):
             settled = self._tracker.committable(part.stream)
             done: list[int] = []

@@ -50,6 +50,14 @@ class PostgresUnavailable(RuntimeError):
     """The PostgreSQL binaries are missing or the server would not start; the text says why."""
 
 
+def postgres_binaries() -> Path:
+    """The directory holding initdb and postgres; PostgresUnavailable if they are not installed."""
+    for tool in ("initdb", "postgres", "pg_isready", "psql"):
+        if not (BIN / tool).exists():
+            raise PostgresUnavailable(f"{BIN / tool} not found (apt install postgresql-15, or set RELAY_PG_BIN)")
+    return BIN
+
+
 class PostgresServer:
     """One initdb'd cluster in a temp dir, served on a free loopback port."""
 
@@ -70,8 +78,7 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         """initdb (first time) and start; raises PostgresUnavailable."""
-        if not (BIN / "postgres").exists():
-            raise PostgresUnavailable(f"PostgreSQL binaries not found in {BIN} (apt install postgresql-15)")
+        postgres_binaries()
         if self._as_postgres:
             try:
                 entry = pwd.getpwnam("postgres")

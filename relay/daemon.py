@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay import events, logs, metrics, sources
+from relay import events, logs, sources
 from relay.config import Config, ConfigError, load_config
 from relay.dead_letter import DeadLetterFile
 from relay.pipeline import Pipeline
@@ -67,6 +67,8 @@ class Relay:
         self._door = asyncio.Event()  # set while sources may hand messages to the pipeline
         self._door.set()
         self._supervisor: asyncio.Task[None] | None = None
+        # Bytes read and not yet settled, all sources together (relay.max_buffer_bytes).
+        self.budget = sources.ByteBudget(config.relay.max_buffer_bytes)
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -74,6 +76,11 @@ class Relay:
         """(ready, why not): ready only while the sources run and the sink answers."""
         if self.state != "running":
             return False, self.state
+        for source in list(self.sources.values()):
+            if isinstance(source, sources.SourceEngine):
+                up, why = source.readiness()
+                if not up:
+                    return False, why
         if self.sink is None or not self.sink.healthy:
             why = self.sink.last_error if self.sink is not None else ""
             return False, f"sink not connected{': ' + why if why else ''}"
@@ -103,7 +110,7 @@ class Relay:
     # -- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        metrics.READY.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        events.ReadinessProbed(lambda: self.readiness()[0]).emit()
         await self._bring_up(self.config)
         self._supervisor = asyncio.create_task(self._supervise(), name="supervisor")
         self.state = "running"
@@ -137,11 +144,14 @@ class Relay:
             if name in self.sources:
                 continue
             try:
-                source = sources.build(name, source_config, state_dir)
+                source = sources.build(name, source_config, state_dir, self.budget)
             except Exception as err:
                 raise StartError(f"sources.{name}: {err}") from None
             self.sources[name] = source
-            self.source_tasks[name] = asyncio.create_task(source.run(self._emit_from(name)),
+            emit = self._emit_from(name)
+            if not isinstance(source, sources.SourceEngine):
+                emit = sources.chunked(emit)  # the engine chunks what it emits; older sources do not
+            self.source_tasks[name] = asyncio.create_task(source.run(emit),
                                                           name=f"source-{name}")
 
     @staticmethod
@@ -277,6 +287,7 @@ class Relay:
             return False
         if sink is None:
             self.config = new
+            self.budget.limit = new.relay.max_buffer_bytes
             log.info("reload: applied (the pipeline did not change)")
             return True
         self.state = "reloading"
@@ -298,6 +309,7 @@ class Relay:
         if new.server != old.server:
             await self._stop_server()
         self.config = new
+        self.budget.limit = new.relay.max_buffer_bytes
         try:
             await self._bring_up(new, sink)
         except StartError as err:

@@ -20,13 +20,9 @@ from relay import events
 from relay.dead_letter import DeadLetterFile
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
-from relay.sinks.grpc_centrifugo import Failures, GrpcCentrifugoSink
+from relay.sinks import Failures, Sink
 
 log = logging.getLogger("relay.pipeline")
-
-
-# Messages routed between two chances for the lanes to run.
-EMIT_CHUNK = 50
 
 
 class Lane:
@@ -62,7 +58,7 @@ class Lane:
 
 
 class Pipeline:
-    def __init__(self, router: RoutingTable, sink: GrpcCentrifugoSink, dead_letters: DeadLetterFile,
+    def __init__(self, router: RoutingTable, sink: Sink, dead_letters: DeadLetterFile,
                  lanes: int, batch_max_size: int, batch_linger: float) -> None:
         self.router = router
         self.sink = sink
@@ -78,15 +74,10 @@ class Pipeline:
     # -- source side -------------------------------------------------------------------------
 
     async def emit(self, batch: list[Message]) -> None:
-        """Route a batch of messages from one source; returns once they are queued (backpressure)."""
-        for start in range(0, len(batch), EMIT_CHUNK):
-            if start:
-                # Routing a whole source batch at once would hold the loop for milliseconds while a
-                # reply waits; a lane that can send its next batch right away keeps the server busy.
-                await asyncio.sleep(0)
-            await self._emit_chunk(batch[start:start + EMIT_CHUNK])
+        """Route a chunk of messages from one source; returns once they are queued (backpressure).
 
-    async def _emit_chunk(self, batch: list[Message]) -> None:
+        The source engine hands chunks of `EMIT_CHUNK` (relay/sources/engine.py): routing a large
+        batch at once would hold the loop for milliseconds while a lane's reply waits."""
         if not batch:
             return
         per_lane: dict[int, list[Publication]] = {}

@@ -22,7 +22,7 @@ from tests.harness.notify_socket import NotifySocket
 from tests.harness.ports import free_port
 from tests.harness.relay_process import RelayProcess
 
-BURST = 500  # relay/sources/ticker.py: with interval 0s the ticker emits this many at a time
+BURST = 50  # relay/sources/engine.py EMIT_CHUNK: the engine emits this many at a time
 
 
 @pytest.fixture(scope="module")

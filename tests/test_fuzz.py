@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from relay import sources
+from relay.centrifugo_records import parse_publication as parse_centrifugo
 from relay.channels import channel_problem
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, Config, ConfigError, RouteConfig, parse_config
 from relay.dead_letter import DeadLetterFile
@@ -37,7 +38,6 @@ from relay.proto.centrifugo import api_pb2 as pb
 from relay.proto.centrifugo import api_pb2_grpc
 from relay.routing import Publication, Rejection, RoutingTable
 from relay.sinks.grpc_centrifugo import GrpcCentrifugoSink
-from relay.sources.kafka import parse_centrifugo
 from relay.templates import Template, TemplateError
 from tests.harness.embedded import EmbeddedServerProcess
 

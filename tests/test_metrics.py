@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from relay.pipeline import EMIT_CHUNK
+from relay.sources.engine import EMIT_CHUNK
 from tests.harness.centrifugo import RealCentrifugo
 from tests.harness.history import history, wait_for_count
 from tests.harness.relay_process import RelayProcess

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.message import Message
-from relay.sources.postgres import Config, PostgresSource
+from relay.sources.postgres import Config, PostgresReader
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer
@@ -127,9 +127,10 @@ def dead_letters(workdir: Path) -> list[dict[str, Any]]:
 
 # -- the reader against the real server ---------------------------------------------------------------
 
-def test_reader_deletes_only_up_to_the_contiguous_settled_id(postgres_server: PostgresServer, postgres_db: str,
+def test_reader_deletes_only_what_the_engine_says_is_settled(postgres_server: PostgresServer, postgres_db: str,
                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ids with gaps, acks out of order: a row goes only when it and every earlier row settled."""
+    """Ids with gaps: the reader reads each partition in id order, and a commit up to id n deletes
+    exactly the rows it read up to n, nothing after."""
     pg, db = postgres_server, postgres_db
     create_outbox(pg, db)
     insert_rows(pg, db, 0, 30)
@@ -137,44 +138,32 @@ def test_reader_deletes_only_up_to_the_contiguous_settled_id(postgres_server: Po
     monkeypatch.setenv(DSN_ENV, pg.dsn(db))
     config = Config(type="postgres", dsn_env=DSN_ENV, table="outbox", partitions=PARTITIONS,
                     poll_interval="50ms")
-    source = PostgresSource("outbox", config, tmp_path)
-    got: list[Message] = []
+    reader = PostgresReader("outbox", config, tmp_path)
 
-    async def scenario() -> None:
-        async def emit(batch: list[Message]) -> None:
-            got.extend(batch)
-
-        task = asyncio.create_task(source.run(emit))
-        for _ in range(200):
-            if len(got) == 23:
-                break
-            await asyncio.sleep(0.02)
-        part0 = [m for m in got if m.attributes["partition"] == 0]
-        assert [m.offset for m in part0] == sorted(m.offset for m in part0)
-        # Settle every row of partition 0 but its second: only the first may go.
-        for m in part0[:1] + part0[2:]:
-            m.settle()
-        for _ in range(100):
-            if int(pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db)) == len(part0) - 1:
-                break
-            await asyncio.sleep(0.02)
+    async def scenario() -> dict[str, list[Message]]:
+        await reader.connect()
+        got: dict[str, list[Message]] = {}
+        for _ in range(3):
+            for batch in await reader.read() or []:
+                got.setdefault(batch.stream, []).extend(batch.messages)
+                assert batch.end == batch.messages[-1].offset
+        part0 = got["outbox/0"]
+        await reader.commit({"outbox/0": reader.position_after(part0[2])})
         left = [int(x) for x in pg.psql("SELECT id FROM outbox WHERE partition = 0 ORDER BY id", db).split()]
-        assert left == [m.offset for m in part0[1:]]
-        part0[1].settle()
-        for _ in range(100):
-            if pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db) == "0":
-                break
-            await asyncio.sleep(0.02)
-        await source.stop()
-        await task
-        await source.close()
+        assert left == [m.offset for m in part0[3:]]
+        assert await reader.read() == []  # nothing new; nothing read twice while rows are in flight
+        await reader.commit({"outbox/0": part0[-1].offset})
+        await reader.close()
+        return got
 
-    asyncio.run(scenario())
-    assert len(got) == 23  # 30 rows less the 7 with id % 4 == 0, each read once
-    assert len({m.position for m in got}) == 23
-    assert got[0].position.startswith("outbox/outbox/")
-    assert remaining(pg, db) == 23 - 7  # partition 0 (rows 0, 3, ... 27 less ids 4, 16, 28) went
-    assert got[0].attributes["centrifugo"]["channels"] == ["chat:room-0"]
+    got = asyncio.run(scenario())
+    assert sorted(got) == ["outbox/0", "outbox/1", "outbox/2"]
+    for stream, messages in got.items():
+        assert [m.offset for m in messages] == sorted(m.offset for m in messages), stream
+    assert sum(len(v) for v in got.values()) == 23  # 30 rows less the 7 with id % 4 == 0, each read once
+    assert pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db) == "0"
+    assert remaining(pg, db) == 23 - 7  # partitions 1 and 2 untouched
+    assert got["outbox/0"][0].attributes["centrifugo"].channels == ("chat:room-0",)
 
 
 def test_a_row_whose_transaction_commits_late_is_delivered_not_deleted_unread(

@@ -1,31 +1,43 @@
-"""Source plugins, one module per `type`, and the contract they share.
+"""Source plugins, one module per `type`, found by name: `relay/sources/<type>.py`.
 
-Each module `relay/sources/<type>.py` defines:
-- `Config`: a pydantic model of its `[sources.NAME]` table (with `type: Literal["<type>"]`);
-- a class implementing `Source`, built by `build(name, config, state_dir)`.
-
-The pipeline owns batching, retries, backpressure and shutdown; a source only reads, emits, and
-commits what was settled (see relay/message.py and relay/acks.py).
+A source module defines `Config` (its pydantic model, with `type: Literal["<type>"]`), `FIELDS`
+(the template fields and `when` keys its messages carry) and `build(name, config, state_dir)`,
+which returns a reader that relay/sources/engine.py runs (see that module for the contract).
+Nothing else lists the sources: a new module in this package is a new `type`.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+import pkgutil
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from relay.message import Message
+from relay.sources.engine import ByteBudget, Emit, Reader, SourceEngine, chunked
 
-# Hands a batch of messages to the pipeline; awaiting it is the backpressure.
-Emit = Callable[[list[Message]], Awaitable[None]]
+# Modules of this package that are not sources.
+_NOT_SOURCES = frozenset({"engine"})
+# Fields every message has, whatever its source.
+COMMON_FIELDS = ("source",)
+# Until relay/sources/file.py declares FIELDS itself (it moves onto the engine next).
+_UNDECLARED_FIELDS: dict[str, tuple[str, ...]] = {
+    "file": ("file.path", "file.name", "file.line", "file.offset", "json.*")}
 
-TYPES = ("ticker", "file", "kafka", "postgres")
+
+def _discover() -> tuple[str, ...]:
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return tuple(sorted(n for n in names if n not in _NOT_SOURCES))
+
+
+TYPES = _discover()
 
 
 class Source(Protocol):
+    """What the daemon runs for one `[sources.NAME]`: a `SourceEngine` (or, until the file source
+    moves onto the engine, a source that runs its own loop)."""
+
     name: str
 
     async def run(self, emit: Emit) -> None:
@@ -47,7 +59,53 @@ def config_model(type_name: str) -> type[BaseModel]:
     return model
 
 
-def build(name: str, config: BaseModel, state_dir: Path) -> Source:
+def fields(type_name: str) -> tuple[str, ...]:
+    """Template fields and `when` keys that messages of this source type carry ("json.*": any
+    name after the dot)."""
+    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ()) or _UNDECLARED_FIELDS.get(type_name, ())
+    return COMMON_FIELDS + declared
+
+
+def all_fields() -> tuple[str, ...]:
+    """Every field some source type provides, each once, in a stable order."""
+    return tuple(dict.fromkeys(f for t in TYPES for f in fields(t)))
+
+
+def provides(available: tuple[str, ...], name: str) -> bool:
+    """Whether a field `name` is among `available` (where "header.*" stands for any header.NAME)."""
+    if name in available:
+        return True
+    head, dot, rest = name.partition(".")
+    return bool(dot and rest) and f"{head}.*" in available
+
+
+def describe_fields(available: tuple[str, ...]) -> str:
+    """The fields as a user writes them: "seq, now, json.PATH"."""
+    names = {"json.*": "json.PATH", "header.*": "header.NAME", "column.*": "column.NAME"}
+    return ", ".join(names.get(f, f.replace("*", "NAME")) for f in available)
+
+
+def build(name: str, config: BaseModel, state_dir: Path, budget: ByteBudget | None = None) -> Source:
     type_name: str = config.type  # type: ignore[attr-defined]  # every source Config has `type`
-    source: Source = _module(type_name).build(name, config, state_dir)
+    built = _module(type_name).build(name, config, state_dir)
+    if isinstance(built, Reader):
+        return SourceEngine(name, built, budget)
+    source: Source = built
     return source
+
+
+__all__ = [
+    "TYPES",
+    "ByteBudget",
+    "Emit",
+    "Reader",
+    "Source",
+    "SourceEngine",
+    "all_fields",
+    "build",
+    "chunked",
+    "config_model",
+    "describe_fields",
+    "fields",
+    "provides",
+]

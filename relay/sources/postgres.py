@@ -20,21 +20,26 @@ ones already published).
 
 Delivery: rows of a partition are emitted in id order. `DELETE ... WHERE partition = p AND id <= n`
 runs only once row n and every earlier row of p were settled (published or dead-lettered); with
-`delete = false` the settled id is kept per partition in the state dir instead. A lost connection or a
-restarted server makes the reader reconnect with exponential backoff and full jitter, forget what it
-had emitted (late acks of that ownership are ignored) and read again from what is left in the table.
+`delete = false` the settled id is kept per partition in the state dir instead. Deletes name the ids,
+so a row whose transaction committed late (an id below rows already delivered) is never deleted
+unread: a partition with nothing in flight is read from its start again.
+
+The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
+after a lost connection or a restarted server (what was not deleted is read again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import json
 import logging
 import os
-import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,18 +47,19 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay import events
-from relay.acks import ContiguousTracker
+from relay.centrifugo_records import from_command
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources import Emit
-from relay.sources.kafka import parse_centrifugo
+from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.postgres")
 
-# Reconnect backoff: exponential from BACKOFF_MIN, capped, full jitter.
-BACKOFF_MIN = 0.2
-BACKOFF_MAX = 10.0
+FIELDS = ("partition", "offset", "column.*", "json.*")
+# How often settled rows are deleted (the engine calls commit()).
+COMMIT_INTERVAL = 0.2
+# Longest read() waits for rows or a NOTIFY before it returns "nothing now".
+READ_WAIT = 0.5
 # How often the pending-rows gauge is refreshed.
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
@@ -83,7 +89,7 @@ class Config(BaseModel):
     notify_channel: str = Field("", description="LISTEN channel; a NOTIFY whose payload is a partition number "
                                                 "wakes that partition at once. Needs a direct (not PgBouncer "
                                                 "transaction mode) connection.")
-    batch_size: int = Field(500, ge=1, le=100_000, description="Rows read per query.")
+    batch_size: int = Field(500, ge=1, description="Rows read per query (at most 500).")
     delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
                                            "remember the position per partition in the state dir.")
     max_in_flight_per_partition: int = Field(
@@ -108,6 +114,8 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.batch_size > READ_MAX:
+            raise ValueError(f"batch_size must be at most {READ_MAX}")
         if bool(self.dsn_env) == bool(self.dsn_file):
             raise ValueError("set exactly one of dsn_env or dsn_file (the DSN is a secret)")
         if self.poll_interval <= 0:
@@ -117,54 +125,40 @@ class Config(BaseModel):
         return self
 
 
-class PostgresSourceError(RuntimeError):
-    """The source cannot run: wrong password, no such database or table, a secret missing."""
-
-
 class _Partition:
-    """One partition while this relay owns it (one connection's lock); acks of older ownerships are ignored."""
+    """One partition while this relay holds its lock (one connection's worth)."""
 
-    __slots__ = ("after", "capped", "due", "ids", "more", "number", "owner", "stream")
+    __slots__ = ("after", "due", "ids", "more", "number", "paused", "stream")
 
-    def __init__(self, owner: PostgresSource, number: int, after: int) -> None:
-        self.owner = owner
+    def __init__(self, table: str, number: int, after: int) -> None:
         self.number = number
-        self.stream = f"{owner.config.table}/{number}"
-        self.after = after       # the last id read
-        self.ids: deque[int] = deque()  # ids emitted and not yet deleted, in order
-        self.due = 0.0           # when the partition is queried next (monotonic)
-        self.more = True         # the last query filled its batch: more rows wait
-        self.capped = False      # not read while max_in_flight_per_partition rows are unsettled
-
-    def ack(self, message: Message) -> None:
-        owner = self.owner
-        if owner._partitions.get(self.number) is self:
-            owner._tracker.settled(self.stream, message.offset)
-            if not owner._unsettled_commit:  # the first ack since the last delete wakes the loop
-                owner._unsettled_commit = True
-                owner._wake.set()
-            if self.capped and owner._tracker.in_flight(self.stream) < owner._cap:
-                self.capped = False
-                owner._wake.set()
+        self.stream = f"{table}/{number}"
+        self.after = after              # the last id read
+        self.ids: deque[int] = deque()  # ids read and not yet deleted, in order
+        self.due = 0.0                  # when the partition is queried next (monotonic)
+        self.more = True                # the last query filled its batch: more rows wait
+        self.paused = False             # the engine's cap: not read until resumed
 
 
-class PostgresSource:
-    """Reads owned partitions in id order and deletes (or remembers) what was settled."""
+class PostgresReader:
+    """Reads owned partitions in id order; deletes (or remembers) what the engine says is settled."""
+
+    commit_interval = COMMIT_INTERVAL
+    connect_timeout = 0.0  # a database being restarted comes back: keep trying
 
     def __init__(self, name: str, config: Config, state_dir: Path) -> None:
         self.name = name
         self.config = config
-        self._tracker = ContiguousTracker()
+        self.max_in_flight = config.max_in_flight_per_partition
         self._partitions: dict[int, _Partition] = {}
+        self._by_stream: dict[str, _Partition] = {}
         self._wake = asyncio.Event()
-        self._unsettled_commit = False  # acks arrived since the last _commit
-        self._stopped = asyncio.Event()
         self._conn: Any = None
         self._listener: Any = None
+        self._lock_due = 0.0
+        self._lag_due = 0.0
         self._state_path = state_dir / f"postgres-{name}.json"
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
-        self._cap = config.max_in_flight_per_partition
-        self._lag_at = 0.0
         table = config.table
         # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched.
         columns = ("id, method, payload::text AS relay_payload_text, (payload->'data')::text AS relay_data_text"
@@ -174,61 +168,74 @@ class PostgresSource:
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
 
-    # -- the Source protocol ---------------------------------------------------------------------
+    # -- the engine's Reader -----------------------------------------------------------------------
 
-    async def run(self, emit: Emit) -> None:
-        attempt = 0
-        while not self._stopped.is_set():
-            try:
-                await self._connect()
-                attempt = 0
-                await self._serve(emit)
-            except _FATAL as err:
-                raise PostgresSourceError(f"postgres source {self.name!r}: {type(err).__name__}: {err}") from None
-            except _LOST as err:
-                attempt += 1
-                delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_MIN * 2 ** attempt))
-                log.warning("postgres source %s: connection lost (%s: %s); reconnecting in %.1fs",
-                            self.name, type(err).__name__, err, delay)
-                await self._disconnect()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), delay)
-
-    async def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-
-    async def close(self) -> None:
-        with contextlib.suppress(*_LOST):
-            if self._conn is not None and not self._conn.is_closed():
-                await self._commit()
-        await self._disconnect()
-
-    # -- connecting ------------------------------------------------------------------------------
-
-    def _dsn(self) -> str:
-        try:
-            secret = load_secret(self.config.dsn_env, self.config.dsn_file)
-        except SecretError as err:
-            raise PostgresSourceError(f"postgres source {self.name!r}: dsn: {err}") from None
-        dsn = secret.reveal() if secret is not None else ""
-        if not dsn:
-            raise PostgresSourceError(f"postgres source {self.name!r}: the DSN secret is empty")
-        return dsn
-
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         dsn = self._dsn()
-        self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
-        if self.config.notify_channel:
-            self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
-            await self._listener.add_listener(self.config.notify_channel, self._notified)
+        self._partitions.clear()
+        self._by_stream.clear()
+        self._lock_due = 0.0
+        async with self._errors():
+            self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            if self.config.notify_channel:
+                self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+                await self._listener.add_listener(self.config.notify_channel, self._notified)
         log.info("postgres source %s: connected; table %s, %d partition(s)",
                  self.name, self.config.table, self.config.partitions)
 
-    async def _disconnect(self) -> None:
-        for stream in [p.stream for p in self._partitions.values()]:
-            self._tracker.forget(stream)
-        self._partitions.clear()
+    async def read(self) -> Sequence[Batch] | None:
+        async with self._errors():
+            if self._listener is not None and self._listener.is_closed():
+                raise ConnectionError("the LISTEN connection closed")
+            now = time.monotonic()
+            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
+                await self._take_partitions()
+                self._lock_due = now + self.config.poll_interval
+            await self._measure_lag(now)
+            batches = []
+            for part in list(self._partitions.values()):
+                if not part.paused and (part.more or now >= part.due):
+                    batch = await self._read(part)
+                    if batch is not None:
+                        batches.append(batch)
+        if not batches:
+            await self._sleep()
+        return batches
+
+    def position_after(self, message: Message) -> int:
+        return message.offset  # the last settled id: rows up to it (that this relay read) go
+
+    async def commit(self, positions: dict[str, int]) -> None:
+        changed = False
+        for stream, settled in positions.items():
+            part = self._by_stream.get(stream)
+            if part is None:
+                continue
+            done = list(itertools.takewhile(lambda row_id: row_id <= settled, part.ids))  # noqa: B023
+            if not done:
+                continue
+            if self.config.delete:
+                await self._conn.execute(self._delete, done)
+            for _ in done:
+                part.ids.popleft()  # only once deleted: a failed delete is tried again at the next commit
+            if not self.config.delete and done[-1] > self._positions.get(part.number, 0):
+                self._positions[part.number] = done[-1]
+                changed = True
+        if changed:
+            self._save_positions()
+
+    def pause(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None:
+            part.paused = True
+
+    def resume(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None:
+            part.paused = False
+            self._wake.set()
+
+    async def close(self) -> None:
         conns, self._conn, self._listener = (self._conn, self._listener), None, None
         for conn in conns:
             if conn is not None:
@@ -237,6 +244,28 @@ class PostgresSource:
                 if not conn.is_closed():
                     conn.terminate()
 
+    # -- connecting ------------------------------------------------------------------------------
+
+    def _dsn(self) -> str:
+        try:
+            secret = load_secret(self.config.dsn_env, self.config.dsn_file)
+        except SecretError as err:
+            raise SourceFatal(f"postgres source {self.name!r}: dsn: {err}") from None
+        dsn = secret.reveal() if secret is not None else ""
+        if not dsn:
+            raise SourceFatal(f"postgres source {self.name!r}: the DSN secret is empty")
+        return dsn
+
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> Any:
+        """The server's errors as the engine's: gone = SourceUnavailable, refused for good = SourceFatal."""
+        try:
+            yield
+        except _FATAL as err:
+            raise SourceFatal(f"postgres source {self.name!r}: {type(err).__name__}: {err}") from None
+        except _LOST as err:
+            raise SourceUnavailable(f"{type(err).__name__}: {err}") from None
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
             part = self._partitions.get(int(payload.strip()))
@@ -244,37 +273,17 @@ class PostgresSource:
                 part.due = 0.0
                 self._wake.set()
 
-    # -- the read loop ---------------------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------------------------
 
-    async def _serve(self, emit: Emit) -> None:
-        lock_due = 0.0
-        while not self._stopped.is_set():
-            self._wake.clear()
-            if self._listener is not None and self._listener.is_closed():
-                raise ConnectionError("the LISTEN connection closed")
-            now = time.monotonic()
-            if now >= lock_due and len(self._partitions) < self.config.partitions:
-                await self._take_partitions()
-                lock_due = now + self.config.poll_interval
-            await self._commit()
-            await self._measure_lag(now)
-            for part in list(self._partitions.values()):
-                if self._stopped.is_set():
-                    return
-                if (part.more or now >= part.due) and self._tracker.in_flight(part.stream) < self._cap:
-                    batch = await self._read(part)
-                    if batch:
-                        await emit(batch)
-            await self._sleep(lock_due)
-
-    async def _sleep(self, lock_due: float) -> None:
+    async def _sleep(self) -> None:
         now = time.monotonic()
-        wake_at = lock_due if len(self._partitions) < self.config.partitions else now + self.config.poll_interval
+        wake_at = now + READ_WAIT
+        if len(self._partitions) < self.config.partitions:
+            wake_at = min(wake_at, self._lock_due)
         for part in self._partitions.values():
-            if self._tracker.in_flight(part.stream) >= self._cap:
-                part.capped = True  # woken by acks
-                continue
-            wake_at = min(wake_at, now if part.more else part.due)
+            if not part.paused:
+                wake_at = min(wake_at, now if part.more else part.due)
+        self._wake.clear()
         if wake_at > now:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wake_at - now)
@@ -285,28 +294,24 @@ class PostgresSource:
                 continue
             key = f"{LOCK_PREFIX}:{self.config.table}:{number}"
             if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
-                after = self._positions.get(number, 0)
-                self._partitions[number] = _Partition(self, number, after)
+                part = _Partition(self.config.table, number, self._positions.get(number, 0))
+                self._partitions[number] = part
+                self._by_stream[part.stream] = part
                 log.info("postgres source %s: owns partition %d", self.name, number)
 
-    async def _read(self, part: _Partition) -> list[Message]:
+    async def _read(self, part: _Partition) -> Batch | None:
         if self.config.delete and not part.ids:
             part.after = 0  # nothing of ours is left in the table: pick up rows that committed late, too
-        room = self._cap - self._tracker.in_flight(part.stream)
-        limit = min(self.config.batch_size, room)
+        limit = self.config.batch_size
         rows = await self._conn.fetch(self._select, part.number, part.after, limit)
         part.more = len(rows) == limit
         part.due = time.monotonic() + self.config.poll_interval
-        if part.more and limit < self.config.batch_size:
-            part.more = False  # stopped by the cap, not by the end of the rows: acks wake it
-            part.due = 0.0
+        if not rows:
+            return None
         messages = [self._message(part, row) for row in rows]
-        for message in messages:
-            self._tracker.emitted(part.stream, message.offset)
-            part.ids.append(message.offset)
-        if rows:
-            part.after = rows[-1]["id"]
-        return messages
+        part.ids.extend(m.offset for m in messages)
+        part.after = messages[-1].offset
+        return Batch(part.stream, messages, end=part.after)
 
     def _message(self, part: _Partition, row: Any) -> Message:
         payload: str = row["relay_payload_text"]
@@ -318,42 +323,23 @@ class PostgresSource:
                     attributes[f"column.{column}"] = value
         else:
             try:
-                spec = parse_centrifugo(data, {"centrifugo-method": row["method"] or ""})
+                record = from_command(row["method"] or "", payload)
             except ValueError as err:
                 attributes["error"] = f"row id {row['id']}: {err}"
             else:
                 raw = row["relay_data_text"]
-                if raw is not None and spec["data"] and not _has_b64(payload):
-                    spec["data"] = raw.encode()  # the JSONB text as stored, byte for byte as Centrifugo sends it
-                attributes["centrifugo"] = spec
-        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"],
-                       attributes=attributes, on_settled=part.ack)
+                if raw is not None and record.is_publication and '"b64data"' not in payload:
+                    # The JSONB text as stored: byte for byte what Centrifugo's consumer publishes.
+                    record = dataclasses.replace(record, data=raw.encode())
+                attributes["centrifugo"] = record
+        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes)
 
-    # -- settling --------------------------------------------------------------------------------
-
-    async def _commit(self) -> None:
-        """Deletes (or remembers) every row up to each partition's contiguous settled id."""
-        changed = False
-        self._unsettled_commit = False
-        for part in list(self._partitions.values()):
-            settled = self._tracker.committable(part.stream)
-            done: list[int] = []
-            while settled is not None and part.ids and part.ids[0] <= settled:
-                done.append(part.ids.popleft())
-            if not done:
-                continue
-            if self.config.delete:
-                await self._conn.execute(self._delete, done)
-            elif done[-1] > self._positions.get(part.number, 0):
-                self._positions[part.number] = done[-1]
-                changed = True
-        if changed:
-            self._save_positions()
+    # -- state -----------------------------------------------------------------------------------
 
     async def _measure_lag(self, now: float) -> None:
-        if now < self._lag_at or not self._partitions:
+        if now < self._lag_due or not self._partitions:
             return
-        self._lag_at = now + LAG_INTERVAL
+        self._lag_due = now + LAG_INTERVAL
         numbers = list(self._partitions)
         rows = await self._conn.fetch(
             f"SELECT partition, count(*) AS n FROM {self.config.table} WHERE partition = ANY($1::bigint[]) "
@@ -368,7 +354,7 @@ class PostgresSource:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as err:
-            raise PostgresSourceError(f"postgres source {self.name!r}: cannot read {self._state_path}: {err}") from None
+            raise SourceFatal(f"postgres source {self.name!r}: cannot read {self._state_path}: {err}") from None
         return {int(k): int(v) for k, v in raw.items()}
 
     def _save_positions(self) -> None:
@@ -376,15 +362,10 @@ class PostgresSource:
         tmp.write_text(json.dumps({str(k): v for k, v in sorted(self._positions.items())}))
         os.replace(tmp, self._state_path)
 
-    # -- introspection (tests, status) -------------------------------------------------------------
-
     def owned(self) -> list[int]:
+        """Partitions this relay holds the lock of (tests, status)."""
         return sorted(self._partitions)
 
 
-def _has_b64(payload: str) -> bool:
-    return '"b64data"' in payload
-
-
-def build(name: str, config: Config, state_dir: Path) -> PostgresSource:
-    return PostgresSource(name, config, state_dir)
+def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
+    return PostgresReader(name, config, state_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -13,13 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.message import Message
-from relay.sources import Emit
+from relay.sources.engine import READ_MAX, READ_MAX_BYTES, Batch
 from relay.templates import Template
 from relay.units import Duration
 
 DEFAULT_DATA = '{"type": "tick", "seq": {{ seq }}, "at": "{{ now }}"}'
-# With interval = "0s" the ticker emits as fast as the sink takes, in batches of this many.
-BURST = 500
+# The template fields and `when` keys of its messages.
+FIELDS = ("seq", "now", "json.*")
 
 
 class Config(BaseModel):
@@ -34,7 +33,9 @@ class Config(BaseModel):
     @field_validator("data")
     @classmethod
     def _data(cls, value: str) -> str:
-        Template.compile(value)
+        for name in Template.compile(value).fields:
+            if name not in ("seq", "now", "source"):
+                raise ValueError(f"the ticker's data has no {{{{ {name} }}}} (it has seq, now, source)")
         return value
 
     @field_validator("cron")
@@ -54,16 +55,19 @@ class Config(BaseModel):
 
 
 class Ticker:
-    """Emits `data` rendered with a growing `seq`; positions are (run id, seq)."""
+    """Renders `data` with a growing `seq`; positions are (run id, seq). Nothing to commit: ticks
+    are not replayed after a restart."""
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config = config
         self._template = Template.compile(config.data)
-        self._stopped = asyncio.Event()
         # Ticks are not replayed after a restart, so a restart must not collide with the
         # idempotency keys of the previous run: each run is its own stream.
         self._stream = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self._fast = not config.cron and config.interval == 0
+        self._read_max = max(1, min(READ_MAX, READ_MAX_BYTES // max(1, len(config.data))))
 
     def _message(self, seq: int) -> Message:
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -79,25 +83,24 @@ class Ticker:
         else:
             delay = self.config.interval
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), delay)
+            await asyncio.sleep(delay)
 
-    async def run(self, emit: Emit) -> None:
-        seq = 0
+    async def connect(self) -> None:
+        return None
+
+    async def read(self) -> list[Batch] | None:
         limit = self.config.count
-        fast = not self.config.cron and self.config.interval == 0
-        while not self._stopped.is_set() and (limit == 0 or seq < limit):
-            if not fast:
-                await self._sleep_until_next()
-                if self._stopped.is_set():
-                    break
-            n = min(BURST, limit - seq) if (fast and limit) else (BURST if fast else 1)
-            batch = [self._message(seq + i + 1) for i in range(n)]
-            seq += n
-            await emit(batch)
+        if limit and self._seq >= limit:
+            return None
+        if not self._fast:
+            await self._sleep_until_next()
+        n = min(self._read_max, limit - self._seq) if (self._fast and limit) else (self._read_max if self._fast else 1)
+        first = self._seq + 1
+        self._seq += n
+        return [Batch(self._stream, [self._message(seq) for seq in range(first, first + n)], end=self._seq + 1)]
 
-    async def stop(self) -> None:
-        self._stopped.set()
+    async def commit(self, positions: dict[str, int]) -> None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -163,15 +163,19 @@ class BatchSent:
 
 
 @dataclass(slots=True, frozen=True)
-class PostgresLagMeasured:
-    """Outbox rows still pending in the partitions a PostgreSQL source owns."""
+class SourceLagMeasured:
+    """What a source's streams have pending (its reader's `pending()`); streams gone stop being reported."""
 
-    table: str
-    lags: Mapping[int, int]
+    source: str
+    lags: Mapping[str, int]
+    gone: Iterable[str] = ()
 
     def emit(self) -> None:
-        for partition, lag in self.lags.items():
-            metrics.POSTGRES_LAG.labels(table=self.table, partition=str(partition)).set(lag)
+        for stream, lag in self.lags.items():
+            metrics.SOURCE_LAG.labels(source=self.source, stream=stream).set(lag)
+        for stream in self.gone:
+            with contextlib.suppress(KeyError):
+                metrics.SOURCE_LAG.remove(self.source, stream)
 
 
 @dataclass(slots=True, frozen=True)

@@ -31,8 +31,9 @@ PUBLISH_LATENCY = Histogram(
 IN_FLIGHT = Gauge("relay_in_flight", "Messages emitted and not yet settled.", ["source"], registry=REGISTRY)
 KAFKA_LAG = Gauge("relay_kafka_lag", "High watermark minus committed offset.", ["topic", "partition"],
                   registry=REGISTRY)
-POSTGRES_LAG = Gauge("relay_postgres_lag", "Outbox rows pending per partition this relay owns.",
-                     ["table", "partition"], registry=REGISTRY)
+SOURCE_LAG = Gauge("relay_source_lag", "Messages of a stream not yet read or not yet committed, as its "
+                   "source counts them (rows pending in an outbox partition ...).", ["source", "stream"],
+                   registry=REGISTRY)
 FILE_CHECKPOINTS = Counter("relay_file_checkpoints", "Checkpoint files written.", registry=REGISTRY)
 FILES_WATCHED = Gauge("relay_files_watched", "Files being tailed.", registry=REGISTRY)
 DEAD_LETTERS = Counter("relay_dead_letters", "Dead letters written, by reason.", ["reason"],

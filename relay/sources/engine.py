@@ -14,6 +14,7 @@ A reader says what to read; the engine decides when (the Redpanda Connect input 
 - `commit({stream: position})`: every message of those streams before `position` is settled.
 - `close()`: release the input (the engine commits first).
 Optional: `position_after(message)` (where reading resumes after one message; default offset + 1),
+`async pending() -> {stream: n}` (what is left to read per stream: the `relay_source_lag` metric),
 `pause(stream)` / `resume(stream)` (stop fetching one stream; without them the engine
 stops calling `read()`), `bind(revoke)` (the reader gets `await revoke(streams)`, which commits and
 forgets those streams, ignoring late acks), `commit_interval` (seconds, default 1).
@@ -284,7 +285,8 @@ class SourceEngine:
                 try:
                     done, batches = await self._race(self.reader.read(), stop)
                 except SourceUnavailable as err:
-                    await self._reconnect(err)
+                    await self._lost(err)
+                    await self._race(self._connect(), stop)
                     continue
                 if not done:
                     return
@@ -307,7 +309,7 @@ class SourceEngine:
             await task
         return False, None
 
-    async def _reconnect(self, err: SourceUnavailable) -> None:
+    async def _lost(self, err: SourceUnavailable) -> None:
         self.last_error = str(err)
         events.SourceUnreachable(self.name, self.last_error, lost=True).emit()
         # Every stream starts again from its committed position: what is in flight is forgotten
@@ -316,7 +318,6 @@ class SourceEngine:
         self._connected = False
         with contextlib.suppress(Exception):
             await self.reader.close()
-        await self._connect()
 
     def _accept(self, batch: Batch) -> None:
         if not batch.messages:
@@ -459,10 +460,13 @@ class SourceEngine:
             self._resume(stream)
 
     async def _commit_loop(self) -> None:
+        pending = getattr(self.reader, "pending", None)
         while True:
             await asyncio.sleep(self._commit_interval)
             if self._connected:
                 await self._commit(list(self._streams.values()))
+                if callable(pending):
+                    events.SourceLagMeasured(self.name, await pending()).emit()
 
     async def _commit(self, streams: list[_Stream]) -> None:
         """Commit the contiguous settled position of each known stream that moved."""
@@ -487,6 +491,8 @@ class SourceEngine:
         streams = [self._streams[n] for n in names if n in self._streams]
         if self._connected:
             await self._commit(streams)
+        if streams and callable(getattr(self.reader, "pending", None)):
+            events.SourceLagMeasured(self.name, {}, gone=[s.name for s in streams]).emit()
         for stream in streams:
             stream.gone = True
             self.budget.give(stream.nbytes)

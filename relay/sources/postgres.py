@@ -46,7 +46,6 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay import events
 from relay.centrifugo_records import from_command
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
@@ -60,7 +59,7 @@ FIELDS = ("partition", "offset", "column.*", "json.*")
 COMMIT_INTERVAL = 0.2
 # Longest read() waits for rows or a NOTIFY before it returns "nothing now".
 READ_WAIT = 0.5
-# How often the pending-rows gauge is refreshed.
+# How often the rows pending per partition are counted (relay_source_lag).
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
 
@@ -157,6 +156,7 @@ class PostgresReader:
         self._listener: Any = None
         self._lock_due = 0.0
         self._lag_due = 0.0
+        self._pending: dict[str, int] = {}
         self._state_path = state_dir / f"postgres-{name}.json"
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
@@ -346,7 +346,11 @@ class PostgresReader:
             "AND id > coalesce(($2::jsonb ->> partition::text)::bigint, 0) GROUP BY partition",
             numbers, json.dumps({str(k): v for k, v in self._positions.items()}))
         counts = {row["partition"]: row["n"] for row in rows}
-        events.PostgresLagMeasured(self.config.table, {n: counts.get(n, 0) for n in numbers}).emit()
+        self._pending = {self._partitions[n].stream: counts.get(n, 0) for n in numbers}
+
+    async def pending(self) -> dict[str, int]:
+        """Rows left per owned partition (`relay_source_lag`), as last counted (every LAG_INTERVAL)."""
+        return {stream: n for stream, n in self._pending.items() if stream in self._by_stream}
 
     def _load_positions(self) -> dict[int, int]:
         try:

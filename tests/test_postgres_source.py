@@ -465,3 +465,24 @@ def test_bad_source_options_are_refused_by_relay_check_with_one_line(
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "sources.outbox" in lines[0] and problem in lines[0], lines
+
+
+def test_rows_pending_per_partition_are_a_metric(postgres_server: PostgresServer, postgres_db: str,
+                                                 tmp_path: Path) -> None:
+    """With Centrifugo down nothing settles: every row stays pending, and /metrics says how many."""
+    from tests.harness.ports import free_port
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    insert_rows(pg, db, 0, 150)  # rooms 0..49 → 17, 17, 16 rooms per partition, 3 rows each
+    dead = EmbeddedServerProcess(tmp_path / "never-started", port=free_port())
+    proc = RelayProcess(tmp_path, relay_config(tmp_path, dead),
+                        env={SERVER_KEY_ENV: dead.api_key, DSN_ENV: pg.dsn(db)}).start()
+    try:
+        proc.wait_http()
+        want = {0: 51, 1: 51, 2: 48}
+        for partition, rows in want.items():
+            wait_until(lambda p=partition, r=rows: proc.metric(  # type: ignore[misc]
+                "relay_source_lag", f'source="outbox",stream="outbox/{p}"') == r, 20, proc.logs()[-2000:])
+    finally:
+        proc.stop()
+    assert remaining(pg, db) == 150

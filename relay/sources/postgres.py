@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay.centrifugo_records import from_command
+from relay.centrifugo_records import CentrifugoRecord, from_command
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
@@ -152,6 +151,8 @@ class PostgresReader:
         self._partitions: dict[int, _Partition] = {}
         self._by_stream: dict[str, _Partition] = {}
         self._wake = asyncio.Event()
+        # One connection holds the partition locks; the engine's commits run beside read(): take turns.
+        self._db = asyncio.Lock()
         self._conn: Any = None
         self._listener: Any = None
         self._lock_due = 0.0
@@ -184,7 +185,7 @@ class PostgresReader:
                  self.name, self.config.table, self.config.partitions)
 
     async def read(self) -> Sequence[Batch] | None:
-        async with self._errors():
+        async with self._errors(), self._db:
             if self._listener is not None and self._listener.is_closed():
                 raise ConnectionError("the LISTEN connection closed")
             now = time.monotonic()
@@ -215,7 +216,8 @@ class PostgresReader:
             if not done:
                 continue
             if self.config.delete:
-                await self._conn.execute(self._delete, done)
+                async with self._db:
+                    await self._conn.execute(self._delete, done)
             for _ in done:
                 part.ids.popleft()  # only once deleted: a failed delete is tried again at the next commit
             if not self.config.delete and done[-1] > self._positions.get(part.number, 0):
@@ -330,7 +332,9 @@ class PostgresReader:
                 raw = row["relay_data_text"]
                 if raw is not None and record.is_publication and '"b64data"' not in payload:
                     # The JSONB text as stored: byte for byte what Centrifugo's consumer publishes.
-                    record = dataclasses.replace(record, data=raw.encode())
+                    record = CentrifugoRecord(record.method, record.channels, raw.encode(), record.idempotency_key,
+                                              record.tags, record.skip_history, record.delta, record.version,
+                                              record.version_epoch)
                 attributes["centrifugo"] = record
         return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes)
 

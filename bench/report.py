@@ -59,6 +59,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str
         for name, r in compare.items():
             add(f"(3) relay ÷ Centrifugo's own consumer, {name}", r["relay_over_centrifugo"],
                 GOAL_OF_CENTRIFUGO, "{:.2f}")
+    outbox = _figures(results, "postgres")
+    for name, r in (outbox or {}).items():
+        add(f"(7) PostgreSQL outbox: relay ÷ Centrifugo's postgresql consumer, {name}", r["relay_over_centrifugo"],
+            GOAL_OF_CENTRIFUGO, "{:.2f}")
     for section in ("latency-file", "latency-kafka"):
         latency = _figures(results, section)
         for r in (latency or {}).values():

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import centrifugo_bench, kafka_bench, latency_bench, report, run
+from bench import centrifugo_bench, kafka_bench, latency_bench, postgres_bench, report, run
 from tests.harness.kafka import KafkaBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +52,14 @@ def test_the_kafka_benchmarks_run(kafka_broker: KafkaBroker, centrifugo_bin: Pat
     assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 3000
     latency = latency_bench.run((1000,), 0.5, ("kafka",), broker=kafka_broker)
     assert latency["kafka 1000/s"]["messages"] == 500
+
+
+@pytest.mark.centrifugo
+def test_the_postgres_benchmark_runs(postgres_server: Any, centrifugo_bin: Path, tmp_path: Path) -> None:
+    compare = postgres_bench.run(2000, (2,), repeats=1)
+    both = compare["2 partitions"]
+    assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 2000
+    assert both["relay"]["rows_left"] == both["centrifugo"]["rows_left"] == 0
+    text = report.markdown(json.loads((ROOT / "bench" / "results.json").read_text())["machine"],
+                           {"postgres": {"command": "postgres_bench", "seconds": 1, "figures": compare}}, {})
+    assert "7. PostgreSQL outbox" in text and "(7) PostgreSQL outbox" in text

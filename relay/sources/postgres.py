@@ -91,7 +91,7 @@ class Config(BaseModel):
     delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
                                            "remember the position per partition in the state dir.")
     max_in_flight_per_partition: int = Field(
-        5000, ge=1, description="Unsettled rows per partition; no more of it are read while this many are.")
+        5000, ge=1, description="Unsettled rows per partition before it is paused (resumed at half).")
     connect_timeout: Duration = Field(10.0, description="Timeout of one connection attempt.")
 
     @field_validator("table")

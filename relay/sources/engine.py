@@ -180,6 +180,7 @@ class SourceEngine:
         self._committed: dict[str, int] = {}
         self._queue: deque[tuple[_Stream, list[Message]]] = deque()
         self._queued = asyncio.Event()
+        self._emptied = asyncio.Event()  # the emitter handed over everything queued
         self._room = asyncio.Event()  # set while reading may go on (readers without pause)
         self._room.set()
         self._stopping = asyncio.Event()
@@ -213,11 +214,12 @@ class SourceEngine:
         emitter = asyncio.create_task(self._emit_loop(emit), name=f"source-{self.name}-emit")
         committer = asyncio.create_task(self._commit_loop(), name=f"source-{self.name}-commit")
         try:
-            await self._read_loop(emitter)
-            # The end of the input: what was read still goes out before run returns.
-            self._queued.set()
-            while (self._queue or any(s.held for s in self._streams.values())) and not emitter.done():
-                await asyncio.sleep(0.01)
+            ended = await self._read_loop(emitter)
+            # At the end of the input, what was read still goes out before run returns.
+            while ended and (self._queue or any(s.held for s in self._streams.values())) and not emitter.done():
+                self._emptied.clear()
+                await asyncio.wait([emitter, asyncio.ensure_future(self._emptied.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._stopping.set()
             self._queued.set()
@@ -233,6 +235,7 @@ class SourceEngine:
         """Stop reading soon; run returns. What was emitted keeps settling."""
         self._stopping.set()
         self._room.set()
+        self._queued.set()  # the emitter wakes up, and returns
 
     async def close(self) -> None:
         """After the drain: commit what settled, then close the reader."""
@@ -272,7 +275,8 @@ class SourceEngine:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read_loop(self, emitter: asyncio.Task[None]) -> None:
+    async def _read_loop(self, emitter: asyncio.Task[None]) -> bool:
+        """Read until stop (False) or the end of the input (True)."""
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await self._race(self._connect(), stop)
@@ -281,7 +285,7 @@ class SourceEngine:
                     await self._race(self._room.wait(), stop)
                     continue
                 if emitter.done():
-                    return  # the emitter failed: run() raises its error
+                    return False  # the emitter failed: run() raises its error
                 try:
                     done, batches = await self._race(self.reader.read(), stop)
                 except SourceUnavailable as err:
@@ -289,11 +293,12 @@ class SourceEngine:
                     await self._race(self._connect(), stop)
                     continue
                 if not done:
-                    return
+                    return False
                 if batches is None:
-                    return  # end of the input
+                    return True
                 for batch in batches:
                     self._accept(batch)
+            return False
         finally:
             stop.cancel()
 
@@ -432,6 +437,8 @@ class SourceEngine:
                 self._queued.clear()
             if chunk:
                 await emit(chunk)
+            if not self._queue:
+                self._emptied.set()
             if self._stopping.is_set():
                 return  # what is still queued was never emitted: read again after a restart
 

@@ -173,6 +173,7 @@ class PostgresReader:
 
     async def connect(self) -> None:
         dsn = self._dsn()
+        await self.close()  # what a failed attempt may have left open (its locks go with it)
         self._partitions.clear()
         self._by_stream.clear()
         self._lock_due = 0.0

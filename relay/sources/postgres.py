@@ -63,8 +63,10 @@ LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
 
 # Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
+# (InternalClientError: asyncpg's protocol state after a server shut down under a query.)
 _LOST = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-         asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.ConnectionFailureError)
+         asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+         asyncpg.exceptions.ConnectionFailureError)
 _FATAL = (asyncpg.exceptions.InvalidAuthorizationSpecificationError, asyncpg.exceptions.InvalidPasswordError,
           asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.UndefinedTableError,
           asyncpg.exceptions.UndefinedColumnError, asyncpg.exceptions.InsufficientPrivilegeError)
@@ -187,6 +189,8 @@ class PostgresReader:
 
     async def read(self) -> Sequence[Batch] | None:
         async with self._errors(), self._db:
+            if self._conn is None or self._conn.is_closed():
+                raise ConnectionError("the connection closed")
             if self._listener is not None and self._listener.is_closed():
                 raise ConnectionError("the LISTEN connection closed")
             now = time.monotonic()

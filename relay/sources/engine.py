@@ -17,12 +17,14 @@ Optional: `position_after(message)` (where reading resumes after one message; de
 `async pending() -> {stream: n}` (what is left to read per stream: the `relay_source_lag` metric),
 `pause(stream)` / `resume(stream)` (stop fetching one stream; without them the engine
 stops calling `read()`), `bind(revoke)` (the reader gets `await revoke(streams)`, which commits and
-forgets those streams, ignoring late acks), `commit_interval` (seconds, default 1).
+forgets those streams, ignoring late acks); attributes `max_in_flight` (the per-stream cap, default
+5000), `commit_interval` (seconds, default 1), `connect_timeout` (seconds; 0 = retry forever).
 
 The engine owns: per-stream caps in messages (pause at `max_in_flight`, resume at half) and a
 byte budget shared by every source (`relay.max_buffer_bytes`), contiguous commits (periodic,
 on revoke, at close), connecting with backoff, emission in chunks of `EMIT_CHUNK`, the tasks and
-their stop. Acks are counted once per batch, not per message: the hot path stays short.
+their stop. An ack is one countdown per emitted chunk, not per-message bookkeeping; where the
+settled run ends inside a chunk is found only when committing (relay/acks.py).
 """
 
 from __future__ import annotations

@@ -382,7 +382,9 @@ api_key_env = "FUZZ_SINK_KEY"
 max_message_bytes = "1MiB"
 retry = {{ initial_backoff = "1ms", max_backoff = "50ms" }}
 [sources.fuzz]
-type = "ticker"
+type = "kafka"
+brokers = ["127.0.0.1:9"]
+topics = ["fuzz"]
 {PIPELINE_ROUTES}""")
     loop = asyncio.new_event_loop()
     sink = GrpcCentrifugoSink(config.sink)

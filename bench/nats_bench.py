@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, cpu_seconds, median_run  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, check_delivery, median_run  # noqa: E402
+from bench.rig import cpu_seconds  # noqa: E402
 from tests.harness.nats import Item, NatsServer  # noqa: E402
 
 STREAM = "CMP"

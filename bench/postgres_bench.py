@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, cpu_seconds, median_run  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, check_delivery, median_run  # noqa: E402
+from bench.rig import cpu_seconds  # noqa: E402
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer  # noqa: E402
 from tests.harness.relay_process import RelayProcess  # noqa: E402
 

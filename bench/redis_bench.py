@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, cpu_seconds, median_run, records  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, check_delivery, median_run, records  # noqa: E402
+from bench.rig import cpu_seconds  # noqa: E402
 from tests.harness.redis import RedisServer  # noqa: E402
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from tests.harness.e2e import SERVER_KEY_ENV, delivered, relay, relay_and_sink_tables, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.nats import Item, NatsServer
 from tests.harness.relay_process import RelayProcess
 
 ROOMS = 50
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 
 
 def unique(prefix: str) -> str:
@@ -57,26 +57,16 @@ def relay_config(workdir: Path, nats: NatsServer, server: EmbeddedServerProcess,
     source = {"type": "nats", "url": nats.url, "stream": stream, "subjects": ["chat.>"],
               "durable": "relay", "format": "centrifugo", "ack_wait": "3s", **options}
     lines = [
-        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
-        "[sink]", f'address = "{server.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
-        f'dead_letter = "{workdir}/dead-letter.jsonl"',
-        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        *relay_and_sink_tables(workdir, server),
         "[sources.jet]", *(f"{k} = {json.dumps(v)}" for k, v in source.items()),
     ]
     return "\n".join(lines) + "\n"
 
 
-def relay(workdir: Path, config: str, server: EmbeddedServerProcess) -> RelayProcess:
-    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key}, metrics=False)
 
 
-def sequences(server: EmbeddedServerProcess, rooms: int = ROOMS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
-            for k in range(rooms)}
 
 
-def delivered(server: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(server).values())
 
 
 def wait_settled(nats: NatsServer, stream: str, rooms: Rooms, server: EmbeddedServerProcess,

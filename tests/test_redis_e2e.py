@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import redis
 
+from tests.harness.e2e import delivered, kill_at_random_moments, relay, relay_and_sink_tables, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.redis import RedisServer
 from tests.harness.relay_process import RelayProcess
 
 KEYS = 50
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 
 
 def unique(prefix: str) -> str:
@@ -90,10 +90,7 @@ def relay_config(workdir: Path, server: RedisServer, sink: EmbeddedServerProcess
     options = {"format": "centrifugo", "visibility_timeout": "3s", "commit_interval": "100ms",
                "block": "200ms", **source}
     lines = [
-        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
-        "[sink]", f'address = "{sink.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
-        f'dead_letter = "{workdir}/dead-letter.jsonl"',
-        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        *relay_and_sink_tables(workdir, sink),
         "[sources.events]", 'type = "redis"', f'address = "{server.url}"', f'streams = ["{stream}"]',
         f'group = "{group}"',
         *(f"{k} = {json.dumps(v)}" for k, v in options.items()),
@@ -101,17 +98,10 @@ def relay_config(workdir: Path, server: RedisServer, sink: EmbeddedServerProcess
     return "\n".join(lines) + "\n"
 
 
-def relay(workdir: Path, config: str, sink: EmbeddedServerProcess) -> RelayProcess:
-    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: sink.api_key}, metrics=False)
 
 
-def sequences(sink: EmbeddedServerProcess, keys: int = KEYS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(sink.address, f"chat:room-{k}", sink.api_key)]
-            for k in range(keys)}
 
 
-def delivered(sink: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(sink).values())
 
 
 def wait_delivered(sink: EmbeddedServerProcess, commands: Commands, relays: list[RelayProcess],
@@ -161,16 +151,7 @@ def test_20000_entries_with_three_kill9s_arrive_once_in_order_and_pending_ends_e
     proc = relay(tmp_path, relay_config(tmp_path, redis_server, embedded_server, stream, group,
                                         consumer="relay-1", visibility_timeout="10m"), embedded_server)
     producer.start()
-    delivered_at_kill = [0]
-    for _ in range(3):
-        proc.start()
-        deadline = time.monotonic() + 30
-        while delivered(embedded_server) <= delivered_at_kill[-1]:
-            assert time.monotonic() < deadline, proc.logs()[-3000:]
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.kill()
-        delivered_at_kill.append(delivered(embedded_server))
+    delivered_at_kill = kill_at_random_moments(proc, embedded_server, rng, kills=3)
     producer.join(120)
     assert producer.error is None
     proc.start()

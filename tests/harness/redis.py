@@ -104,9 +104,8 @@ def new_stream_name() -> str:
     return f"s-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A session Redis server; tests use their own stream and group names."""
+def _served() -> Iterator[RedisServer]:
+    """A started server in a temp dir of its own, stopped and deleted afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="relay-redis-"))
     server = RedisServer(directory)
     try:
@@ -119,20 +118,15 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A session Redis server; tests use their own stream and group names."""
+    yield from _served()
 
 
 @pytest.fixture()
 def own_redis_server() -> Iterator[RedisServer]:
     """A Redis server of the test's own, for tests that restart it."""
-    directory = Path(tempfile.mkdtemp(prefix="relay-redis-"))
-    server = RedisServer(directory)
-    try:
-        server.start()
-    except RedisUnavailable as err:
-        shutil.rmtree(directory, ignore_errors=True)
-        unavailable(str(err))
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from _served()

@@ -35,7 +35,14 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, cpu_seconds, median_run, records  # noqa: E402
+from bench.centrifugo_bench import (  # noqa: E402
+    CHANNELS,
+    check_delivery,
+    median_run,
+    ratios,
+    records,
+    table,
+)
 from tests.harness.redis import RedisServer  # noqa: E402
 
 
@@ -62,9 +69,9 @@ def centrifugo_rate(server: RedisServer, stream: str, count: int, workdir: Path,
             rate = rig.in_thread(lambda: counter.wait_for(
                 count, alive=lambda: target.process is None or target.running(), timeout=900))
             target.start()
-            cpu_before = cpu_seconds(target.process.pid)
+            cpu_before = rig.cpu_seconds(target.process.pid)
             result: rig.Rate = rate()
-            cpu = cpu_seconds(target.process.pid) - cpu_before
+            cpu = rig.cpu_seconds(target.process.pid) - cpu_before
             checked = check_delivery(target, count, counter)
     except BaseException:
         print(target.log_tail(), file=sys.stderr)
@@ -81,17 +88,17 @@ def relay_rate(server: RedisServer, stream: str, count: int, workdir: Path, turn
         f'streams = ["{stream}"]', f'group = "relay-{turn}"'])
     try:
         with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key) as counter:
-            cpu_server = cpu_seconds(target.process.pid)
+            cpu_server = rig.cpu_seconds(target.process.pid)
             relay = rig.start_relay(workdir / "relay", target.grpc_address, body, api_key=target.api_key)
             try:
                 result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
+                cpu_relay = rig.cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
             except BaseException:
                 print(relay.logs()[-3000:], file=sys.stderr)
                 raise
             finally:
                 relay.stop()
-            cpu_server = cpu_seconds(target.process.pid) - cpu_server
+            cpu_server = rig.cpu_seconds(target.process.pid) - cpu_server
             checked = check_delivery(target, count, counter)
     finally:
         target.stop()
@@ -116,22 +123,10 @@ def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
         native, relay = median_run(natives), median_run(relays)
         return {"1 stream": {
             "entries": count, "fill_seconds": round(produced, 2), "repeats": repeats,
-            "centrifugo": native, "relay": relay,
-            "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
-            if native["per_second"] else None}}
+            "centrifugo": native, "relay": relay, **ratios(native, relay)}}
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'stream':<10} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
-             f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
-    for name, r in results.items():
-        lines.append(f"{name:<10} {r['relay']['per_second']:>9,} {r['centrifugo']['per_second']:>13,} "
-                     f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
-                     f"{r['centrifugo']['cpu_seconds']:>8}")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -142,7 +137,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     results = run(args.count, args.repeats)
-    print(json.dumps(results, indent=2) if args.json else table(results))
+    print(json.dumps(results, indent=2) if args.json else table(results, "stream"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 import redis
 
-from tests.harness.e2e import delivered, kill_at_random_moments, relay, relay_and_sink_tables, sequences
+from tests.harness.e2e import (
+    delivered,
+    kill_at_random_moments,
+    relay,
+    relay_and_sink_tables,
+    relay_until_done,
+    sequences,
+    target_tables,
+)
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.redis import RedisServer
@@ -305,23 +313,11 @@ def test_identical_histories_with_centrifugos_own_redis_stream_consumer(
         consumer("redis_pubdata", [pubdata], publication_data_mode={"enabled": True})]})
     target = centrifugo_factory()
     config = "\n".join([
-        "[relay]", f'state_dir = "{tmp_path}/state"',
-        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
-        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        *target_tables(tmp_path, target),
         "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{redis_server.url}"',
         f'streams = ["{stream}", "{pubdata}"]', 'group = "relay"',
     ]) + "\n"
-    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
-    proc.start()
-    try:
-        deadline = time.monotonic() + 60
-        for server in (native, target):
-            for done in ("chat:cmp-done", "chat:hdr-done"):
-                while not history(server.grpc_address, done, server.api_key):
-                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
-                    time.sleep(0.1)
-    finally:
-        proc.stop()
+    relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     channels = ["chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2", *(f"chat:many{i}" for i in range(5))]
     for channel in channels:
         theirs = [(json.loads(p.data), dict(p.tags))

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from tests.harness.centrifugo import RealCentrifugo
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.relay_process import RelayProcess
 
 ROOMS = 50
 SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
+TARGET_KEY_ENV = "RELAY_TEST_TARGET_KEY"
 
 
 def relay_and_sink_tables(workdir: Path, server: EmbeddedServerProcess) -> list[str]:
@@ -59,3 +62,30 @@ def kill_at_random_moments(proc: RelayProcess, server: EmbeddedServerProcess, rn
         proc.kill()
         delivered_at_kill.append(delivered(server))
     return delivered_at_kill
+
+
+def target_tables(workdir: Path, target: RealCentrifugo) -> list[str]:
+    """[relay] and [sink] lines for a relay publishing to a real Centrifugo (`relay_to` runs it)."""
+    return [
+        "[relay]", f'state_dir = "{workdir}/state"',
+        "[sink]", f'address = "{target.grpc_address}"', f'api_key_env = "{TARGET_KEY_ENV}"',
+        f'dead_letter = "{workdir}/dead-letter.jsonl"',
+    ]
+
+
+def relay_until_done(workdir: Path, config: str, target: RealCentrifugo, servers: Sequence[RealCentrifugo],
+                     done: Sequence[str], timeout: float = 60.0) -> None:
+    """Run a relay to `target` until every server's History holds each `done` channel, then stop it.
+
+    The comparisons with Centrifugo's own consumers end their input with these marker channels."""
+    proc = RelayProcess(workdir, config, env={TARGET_KEY_ENV: target.api_key}, metrics=False)
+    proc.start()
+    try:
+        deadline = time.monotonic() + timeout
+        for server in servers:
+            for channel in done:
+                while not history(server.grpc_address, channel, server.api_key):
+                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
+                    time.sleep(0.1)
+    finally:
+        proc.stop()

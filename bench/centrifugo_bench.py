@@ -97,6 +97,19 @@ def centrifugo_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, 
 def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, workdir: Path) -> dict[str, Any]:
     consumer = {"name": "bench", "enabled": True, "type": "kafka",
                 "kafka": {"brokers": [broker.bootstrap], "topics": [topic], "consumer_group": group}}
+    return consumer_rate(consumer, count, workdir, timeline=True)
+
+
+def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0) -> dict[str, Any]:
+    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+    body = "\n".join([
+        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
+        f'topics = ["{topic}"]', f'group_id = "relay-{topic}-{turn}"'])
+    return source_rate(body, count, workdir, timeline=True)
+
+
+def consumer_rate(consumer: dict[str, Any], count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
+    """Centrifugo's own `consumer` drains its input into CHANNELS; counted from before Centrifugo starts."""
     server = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
     try:
         # Centrifugo consumes as soon as it is up: count from before it starts (nothing there yet).
@@ -109,22 +122,19 @@ def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, wo
             result: rig.Rate = rate()
             cpu = rig.cpu_seconds(server.process.pid) - cpu_before
             checked = check_delivery(server, count, counter)
-            timeline = counter.timeline(started)
+            timelines = {"timeline": counter.timeline(started)} if timeline else {}
     except BaseException:
         print(server.log_tail(), file=sys.stderr)
         raise
     finally:
         server.stop()
     return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu, 2), **checked, "timeline": timeline}
+            "cpu_seconds": round(cpu, 2), **checked, **timelines}
 
 
-def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0) -> dict[str, Any]:
-    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
+    """The relay with the source table `body` drains it into a Centrifugo with no consumer of its own."""
     server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
-    body = "\n".join([
-        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
-        f'topics = ["{topic}"]', f'group_id = "relay-{topic}-{turn}"'])
     try:
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
@@ -142,13 +152,13 @@ def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn:
                 relay.stop()
             cpu_server = rig.cpu_seconds(server.process.pid) - cpu_server
             checked = check_delivery(server, count, counter)
-            timeline = counter.timeline(started)
+            timelines = {"timeline": counter.timeline(started)} if timeline else {}
     finally:
         server.stop()
     return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
             "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
             "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked,
-            "timeline": timeline}
+            **timelines}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

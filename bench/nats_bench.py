@@ -33,8 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, median_run, ratios, table  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, ratios, source_rate, table  # noqa: E402
 from tests.harness.nats import Item, NatsServer  # noqa: E402
 
 STREAM = "CMP"
@@ -55,53 +54,15 @@ def centrifugo_rate(nats: NatsServer, count: int, workdir: Path, durable: str) -
     consumer = {"name": "bench", "enabled": True, "type": "nats_jetstream",
                 "nats_jetstream": {"url": nats.url, "stream_name": STREAM, "subjects": ["chat.>"],
                                    "durable_consumer_name": durable, "deliver_policy": "all"}}
-    server = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
-    try:
-        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key, base=0) as counter:
-            started = time.perf_counter()
-            rate = rig.in_thread(lambda: counter.wait_for(
-                count, alive=lambda: server.process is None or server.running(), timeout=900))
-            server.start()
-            cpu_before = rig.cpu_seconds(server.process.pid)
-            result: rig.Rate = rate()
-            cpu = rig.cpu_seconds(server.process.pid) - cpu_before
-            checked = check_delivery(server, count, counter)
-    except BaseException:
-        print(server.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        server.stop()
-    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu, 2), **checked}
+    return consumer_rate(consumer, count, workdir)
 
 
 def relay_rate(nats: NatsServer, count: int, workdir: Path, durable: str) -> dict[str, Any]:
     """The relay drains the stream into a Centrifugo with no consumer of its own."""
-    server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
     body = "\n".join([
         "[sources.events]", 'type = "nats"', 'format = "centrifugo"', f'url = "{nats.url}"',
         f'stream = "{STREAM}"', 'subjects = ["chat.>"]', f'durable = "{durable}"'])
-    try:
-        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
-            started = time.perf_counter()
-            cpu_server = rig.cpu_seconds(server.process.pid)
-            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key)
-            try:
-                result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = rig.cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
-                peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
-            except BaseException:
-                print(relay.logs()[-3000:], file=sys.stderr)
-                raise
-            finally:
-                relay.stop()
-            cpu_server = rig.cpu_seconds(server.process.pid) - cpu_server
-            checked = check_delivery(server, count, counter)
-    finally:
-        server.stop()
-    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
-            "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked}
+    return source_rate(body, count, workdir)
 
 
 def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:

@@ -34,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from bench import rig  # noqa: E402
 from bench.centrifugo_bench import (  # noqa: E402
-    CHANNELS,
-    check_delivery,
+    consumer_rate,
     median_run,
     ratios,
     records,
+    source_rate,
     table,
 )
 from tests.harness.redis import RedisServer  # noqa: E402
@@ -63,47 +62,14 @@ def centrifugo_rate(server: RedisServer, stream: str, count: int, workdir: Path,
     consumer = {"name": "bench", "enabled": True, "type": "redis_stream",
                 "redis_stream": {"address": [f"redis://127.0.0.1:{server.port}"], "streams": [stream],
                                  "consumer_group": group}}
-    target = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
-    try:
-        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key, base=0) as counter:
-            rate = rig.in_thread(lambda: counter.wait_for(
-                count, alive=lambda: target.process is None or target.running(), timeout=900))
-            target.start()
-            cpu_before = rig.cpu_seconds(target.process.pid)
-            result: rig.Rate = rate()
-            cpu = rig.cpu_seconds(target.process.pid) - cpu_before
-            checked = check_delivery(target, count, counter)
-    except BaseException:
-        print(target.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        target.stop()
-    return {**result.as_dict(), "cpu_seconds": round(cpu, 2), **checked}
+    return consumer_rate(consumer, count, workdir)
 
 
 def relay_rate(server: RedisServer, stream: str, count: int, workdir: Path, turn: int) -> dict[str, Any]:
-    target = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
     body = "\n".join([
         "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{server.url}"',
         f'streams = ["{stream}"]', f'group = "relay-{turn}"'])
-    try:
-        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key) as counter:
-            cpu_server = rig.cpu_seconds(target.process.pid)
-            relay = rig.start_relay(workdir / "relay", target.grpc_address, body, api_key=target.api_key)
-            try:
-                result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = rig.cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
-            except BaseException:
-                print(relay.logs()[-3000:], file=sys.stderr)
-                raise
-            finally:
-                relay.stop()
-            cpu_server = rig.cpu_seconds(target.process.pid) - cpu_server
-            checked = check_delivery(target, count, counter)
-    finally:
-        target.stop()
-    return {**result.as_dict(), "cpu_seconds": round(cpu_relay + cpu_server, 2),
-            "cpu_seconds_relay": round(cpu_relay, 2), **checked}
+    return source_rate(body, count, workdir)
 
 
 def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,17 @@ def table(results: dict[str, dict[str, Any]], label: str = "backlog") -> str:
                      f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
                      f"{r['centrifugo']['cpu_seconds']:>8}")
     return "\n".join(lines)
+
+
+def stream_main(doc: str | None, run: Callable[[int, int], dict[str, dict[str, Any]]]) -> None:
+    """The command line of a one-stream comparison (Redis, NATS): --count, --repeats, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run(args.count, args.repeats)
+    print(json.dumps(results, indent=2) if args.json else table(results, "stream"))
 
 
 def main() -> None:

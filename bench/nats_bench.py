@@ -22,7 +22,6 @@ After each drain the last publication of every channel and the total are checked
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, ratios, source_rate, table  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, ratios, source_rate, stream_main  # noqa: E402
 from tests.harness.nats import Item, NatsServer  # noqa: E402
 
 STREAM = "CMP"
@@ -87,14 +86,7 @@ def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    results = run(args.count, args.repeats)
-    print(json.dumps(results, indent=2) if args.json else table(results, "stream"))
+    stream_main(__doc__, run)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ of every channel and the total are checked. `--repeats` drains per side, taking 
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -40,7 +38,7 @@ from bench.centrifugo_bench import (  # noqa: E402
     ratios,
     records,
     source_rate,
-    table,
+    stream_main,
 )
 from tests.harness.redis import RedisServer  # noqa: E402
 
@@ -96,14 +94,7 @@ def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    results = run(args.count, args.repeats)
-    print(json.dumps(results, indent=2) if args.json else table(results, "stream"))
+    stream_main(__doc__, run)
 
 
 if __name__ == "__main__":

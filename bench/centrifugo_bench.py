@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,19 @@ def centrifugo_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, 
 def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, workdir: Path) -> dict[str, Any]:
     consumer = {"name": "bench", "enabled": True, "type": "kafka",
                 "kafka": {"brokers": [broker.bootstrap], "topics": [topic], "consumer_group": group}}
+    return consumer_rate(consumer, count, workdir, timeline=True)
+
+
+def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0) -> dict[str, Any]:
+    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+    body = "\n".join([
+        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
+        f'topics = ["{topic}"]', f'group_id = "relay-{topic}-{turn}"'])
+    return source_rate(body, count, workdir, timeline=True)
+
+
+def consumer_rate(consumer: dict[str, Any], count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
+    """Centrifugo's own `consumer` drains its input into CHANNELS; counted from before Centrifugo starts."""
     server = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
     try:
         # Centrifugo consumes as soon as it is up: count from before it starts (nothing there yet).
@@ -109,22 +123,19 @@ def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, wo
             result: rig.Rate = rate()
             cpu = rig.cpu_seconds(server.process.pid) - cpu_before
             checked = check_delivery(server, count, counter)
-            timeline = counter.timeline(started)
+            timelines = {"timeline": counter.timeline(started)} if timeline else {}
     except BaseException:
         print(server.log_tail(), file=sys.stderr)
         raise
     finally:
         server.stop()
     return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu, 2), **checked, "timeline": timeline}
+            "cpu_seconds": round(cpu, 2), **checked, **timelines}
 
 
-def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0) -> dict[str, Any]:
-    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
+    """The relay with the source table `body` drains it into a Centrifugo with no consumer of its own."""
     server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
-    body = "\n".join([
-        "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
-        f'topics = ["{topic}"]', f'group_id = "relay-{topic}-{turn}"'])
     try:
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
@@ -142,13 +153,13 @@ def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn:
                 relay.stop()
             cpu_server = rig.cpu_seconds(server.process.pid) - cpu_server
             checked = check_delivery(server, count, counter)
-            timeline = counter.timeline(started)
+            timelines = {"timeline": counter.timeline(started)} if timeline else {}
     finally:
         server.stop()
     return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
             "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
             "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked,
-            "timeline": timeline}
+            **timelines}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -181,25 +192,41 @@ def run(count: int = 200_000, partitions: tuple[int, ...] = PARTITIONS, broker: 
             native, relay = median_run(natives), median_run(relays)
             results[f"{parts} partition{'s' if parts > 1 else ''}"] = {
                 "partitions": parts, "records": count, "produce_seconds": round(produced, 2),
-                "repeats": repeats, "centrifugo": native, "relay": relay,
-                "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
-                if native["per_second"] else None,
-                "relay_over_centrifugo_middle": round(relay["middle_per_second"] / native["middle_per_second"], 3)
-                if native["middle_per_second"] else None}
+                "repeats": repeats, "centrifugo": native, "relay": relay, **ratios(native, relay)}
     finally:
         if own:
             broker.stop()
     return results
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'backlog':<14} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
+def ratios(native: dict[str, Any], relay: dict[str, Any]) -> dict[str, float | None]:
+    """relay ÷ Centrifugo over the whole drain and over its middle (10% to 90% delivered)."""
+    return {"relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
+            if native["per_second"] else None,
+            "relay_over_centrifugo_middle": round(relay["middle_per_second"] / native["middle_per_second"], 3)
+            if native["middle_per_second"] else None}
+
+
+def table(results: dict[str, dict[str, Any]], label: str = "backlog") -> str:
+    """One line per backlog (or stream): rates, their ratio and CPU seconds of both sides."""
+    lines = [f"{label:<14} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
              f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
     for name, r in results.items():
         lines.append(f"{name:<14} {r['relay']['per_second']:>9,} {r['centrifugo']['per_second']:>13,} "
                      f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
                      f"{r['centrifugo']['cpu_seconds']:>8}")
     return "\n".join(lines)
+
+
+def stream_main(doc: str | None, run: Callable[[int, int], dict[str, dict[str, Any]]]) -> None:
+    """The command line of a one-stream comparison (Redis, NATS): --count, --repeats, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run(args.count, args.repeats)
+    print(json.dumps(results, indent=2) if args.json else table(results, "stream"))
 
 
 def main() -> None:

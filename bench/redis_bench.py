@@ -20,8 +20,6 @@ of every channel and the total are checked. `--repeats` drains per side, taking 
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -34,9 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, median_run, records  # noqa: E402
-from bench.rig import cpu_seconds  # noqa: E402
+from bench.centrifugo_bench import (  # noqa: E402
+    consumer_rate,
+    median_run,
+    ratios,
+    records,
+    source_rate,
+    stream_main,
+)
 from tests.harness.redis import RedisServer  # noqa: E402
 
 
@@ -57,47 +60,14 @@ def centrifugo_rate(server: RedisServer, stream: str, count: int, workdir: Path,
     consumer = {"name": "bench", "enabled": True, "type": "redis_stream",
                 "redis_stream": {"address": [f"redis://127.0.0.1:{server.port}"], "streams": [stream],
                                  "consumer_group": group}}
-    target = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
-    try:
-        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key, base=0) as counter:
-            rate = rig.in_thread(lambda: counter.wait_for(
-                count, alive=lambda: target.process is None or target.running(), timeout=900))
-            target.start()
-            cpu_before = cpu_seconds(target.process.pid)
-            result: rig.Rate = rate()
-            cpu = cpu_seconds(target.process.pid) - cpu_before
-            checked = check_delivery(target, count, counter)
-    except BaseException:
-        print(target.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        target.stop()
-    return {**result.as_dict(), "cpu_seconds": round(cpu, 2), **checked}
+    return consumer_rate(consumer, count, workdir)
 
 
 def relay_rate(server: RedisServer, stream: str, count: int, workdir: Path, turn: int) -> dict[str, Any]:
-    target = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
     body = "\n".join([
         "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{server.url}"',
         f'streams = ["{stream}"]', f'group = "relay-{turn}"'])
-    try:
-        with rig.StreamCounter(target.grpc_address, CHANNELS, api_key=target.api_key) as counter:
-            cpu_server = cpu_seconds(target.process.pid)
-            relay = rig.start_relay(workdir / "relay", target.grpc_address, body, api_key=target.api_key)
-            try:
-                result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
-            except BaseException:
-                print(relay.logs()[-3000:], file=sys.stderr)
-                raise
-            finally:
-                relay.stop()
-            cpu_server = cpu_seconds(target.process.pid) - cpu_server
-            checked = check_delivery(target, count, counter)
-    finally:
-        target.stop()
-    return {**result.as_dict(), "cpu_seconds": round(cpu_relay + cpu_server, 2),
-            "cpu_seconds_relay": round(cpu_relay, 2), **checked}
+    return source_rate(body, count, workdir)
 
 
 def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
@@ -117,33 +87,14 @@ def run(count: int = 100_000, repeats: int = 3) -> dict[str, dict[str, Any]]:
         native, relay = median_run(natives), median_run(relays)
         return {"1 stream": {
             "entries": count, "fill_seconds": round(produced, 2), "repeats": repeats,
-            "centrifugo": native, "relay": relay,
-            "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
-            if native["per_second"] else None}}
+            "centrifugo": native, "relay": relay, **ratios(native, relay)}}
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'stream':<10} {'relay/s':>9} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
-             f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
-    for name, r in results.items():
-        lines.append(f"{name:<10} {r['relay']['per_second']:>9,} {r['centrifugo']['per_second']:>13,} "
-                     f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
-                     f"{r['centrifugo']['cpu_seconds']:>8}")
-    return "\n".join(lines)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    results = run(args.count, args.repeats)
-    print(json.dumps(results, indent=2) if args.json else table(results))
+    stream_main(__doc__, run)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from relay.config import Config, load_config
 from relay.dead_letter import DeadLetterFile
 from relay.errors import ConfigError, FatalError
 from relay.pipeline import Pipeline
+from relay.reload_plan import plan_reload
 from relay.routing import RoutingTable
 from relay.secrets import SecretError
 from relay.sinks.grpc_centrifugo import GrpcCentrifugoSink
@@ -283,17 +284,18 @@ class Relay:
 
         Raises StartError only if neither the new config nor the old one can run."""
         old = self.config
-        if new == old:
+        plan = plan_reload(old, new)
+        if plan.unchanged:
             log.info("reload: the config did not change")
             return True
         sink = None
-        if _pipeline_parts(new) != _pipeline_parts(old):
+        if plan.rebuild_pipeline:
             try:
                 sink = self._new_sink(new)  # a missing secret fails here, before anything stops
             except StartError as err:
                 log.error("reload rejected: %s; the running config stays in force", err)
                 return False
-        if new.relay.metrics_listen != old.relay.metrics_listen and not await self._move_status(new):
+        if plan.move_status and not await self._move_status(new):
             return False
         if sink is None:
             self.config = new
@@ -302,10 +304,7 @@ class Relay:
             return True
         self.state = "reloading"
         deadline = time.monotonic() + old.relay.shutdown_timeout
-        keep = [name for name in self.sources
-                if name in new.sources and new.sources[name] == old.sources[name]
-                and new.relay.state_dir == old.relay.state_dir]
-        restart = [name for name in self.sources if name not in keep]
+        keep, restart = list(plan.keep), list(plan.stop)
         # Sources that go away stop first, with the door still open, so a batch they hold can
         # still get in; then the door shuts and everything in flight drains.
         await self._stop_sources(restart, deadline)
@@ -316,7 +315,7 @@ class Relay:
             keep = []
         await self._close_sources(restart)
         await self._stop_pipeline()
-        if new.server != old.server:
+        if plan.restart_server:
             await self._stop_server()
         self.config = new
         self.budget.limit = new.relay.max_buffer_bytes
@@ -360,12 +359,6 @@ class Relay:
         await self._stop_server()
         self.config = old
         await self._bring_up(old)
-
-
-def _pipeline_parts(cfg: Config) -> tuple[Any, ...]:
-    """What a running pipeline is built from; a change to anything else needs no drain."""
-    return (cfg.sources, cfg.routes, cfg.sink, cfg.server, cfg.relay.unmatched, cfg.relay.state_dir,
-            cfg.dead_letter_path)
 
 
 async def _report(relay: Relay, notifier: SystemdNotifier) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.harness.debian import MissingPackage, debian_tool
 from tests.harness.ports import free_port
 from tests.harness.require import unavailable
 from tests.test_websocket_clients import default_config_run
@@ -21,16 +20,10 @@ from tests.test_websocket_clients import default_config_run
 
 def chromium() -> str:
     """Debian's chromium; installed with apt-get when missing and root, else the test fails saying how."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
-        found = shutil.which("chromium")
-        if found:
-            return found
-    unavailable("chromium is needed: apt-get install -y chromium")
-    raise AssertionError  # unreachable
+    try:
+        return debian_tool("chromium", "chromium")
+    except MissingPackage as err:
+        unavailable(str(err))
 
 
 async def page_text(debugging_port: int, page: str, expression: str, done: Any, timeout: float = 30.0) -> str:

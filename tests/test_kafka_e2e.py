@@ -18,6 +18,14 @@ from typing import Any
 
 import pytest
 
+from tests.harness.e2e import (
+    kill_at_random_moments,
+    relay,
+    relay_and_sink_tables,
+    relay_until_done,
+    sequences,
+    target_tables,
+)
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.kafka import KafkaBroker, Record, run_sync
@@ -28,7 +36,6 @@ Server = EmbeddedServerProcess
 pytestmark = pytest.mark.kafka
 
 KEYS = 50
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 
 
 def unique(prefix: str) -> str:
@@ -63,10 +70,7 @@ def relay_config(workdir: Path, broker: KafkaBroker, server: EmbeddedServerProce
     options = {"commit_interval": "200ms", "session_timeout": "2s", "heartbeat_interval": "300ms",
                **(source or {})}
     lines = [
-        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
-        "[sink]", f'address = "{server.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
-        f'dead_letter = "{workdir}/dead-letter.jsonl"',
-        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        *relay_and_sink_tables(workdir, server),
         "[sources.events]", 'type = "kafka"', f'brokers = ["{broker.bootstrap}"]', f'topics = ["{topic}"]',
         f'group_id = "{group}"',
         *(f"{k} = {json.dumps(v)}" for k, v in options.items()),
@@ -76,17 +80,10 @@ def relay_config(workdir: Path, broker: KafkaBroker, server: EmbeddedServerProce
     return "\n".join(lines) + "\n"
 
 
-def relay(workdir: Path, config: str, server: EmbeddedServerProcess) -> RelayProcess:
-    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key}, metrics=False)
 
 
-def sequences(server: EmbeddedServerProcess, keys: int = KEYS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
-            for k in range(keys)}
 
 
-def delivered(server: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(server).values())
 
 
 def wait_delivered(server: EmbeddedServerProcess, stream: KeyedStream, timeout: float = 60.0,
@@ -177,18 +174,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_shows_nothing_twice(
     proc = relay(tmp_path, relay_config(tmp_path, kafka_broker, embedded_server, topic, unique("g")),
                  embedded_server)
     producer.start()
-    delivered_at_kill = [0]
-    for _ in range(5):
-        proc.start()
-        # Each run must make progress (a restart first waits up to session_timeout for the killed
-        # member to expire), then dies at a random moment of its stream.
-        deadline = time.monotonic() + 30
-        while delivered(embedded_server) <= delivered_at_kill[-1]:
-            assert time.monotonic() < deadline, proc.logs()[-3000:]
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.kill()
-        delivered_at_kill.append(delivered(embedded_server))
+    # Each run must make progress (a restart first waits up to session_timeout for the killed
+    # member to expire), then dies at a random moment of its stream.
+    delivered_at_kill = kill_at_random_moments(proc, embedded_server, rng, kills=5)
     producer.join(120)
     assert producer.error is None
     proc.start()
@@ -397,24 +385,12 @@ def test_centrifugo_format_matches_centrifugos_own_kafka_consumer(kafka_broker: 
         consumer("pubdata", pubdata, publication_data_mode={"enabled": True})]})
     target = centrifugo_factory()
     config = "\n".join([
-        "[relay]", f'state_dir = "{tmp_path}/state"',
-        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
-        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        *target_tables(tmp_path, target),
         "[sources.events]", 'type = "kafka"', 'format = "centrifugo"',
         f'brokers = ["{kafka_broker.bootstrap}"]',
         f'topics = ["{commands}", "{pubdata}"]', f'group_id = "{unique("g")}"',
     ]) + "\n"
-    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
-    proc.start()
-    try:
-        deadline = time.monotonic() + 60
-        for server in (native, target):
-            for done in ("chat:cmp-done", "chat:hdr-done"):
-                while not history(server.grpc_address, done, server.api_key):
-                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
-                    time.sleep(0.1)
-    finally:
-        proc.stop()
+    relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     for channel in ("chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2"):
         theirs = [(json.loads(p.data), dict(p.tags))
                   for p in history(native.grpc_address, channel, native.api_key)]

@@ -16,13 +16,21 @@ from typing import Any
 
 import pytest
 
+from tests.harness.e2e import (
+    SERVER_KEY_ENV,
+    delivered,
+    relay,
+    relay_and_sink_tables,
+    relay_until_done,
+    sequences,
+    target_tables,
+)
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.nats import Item, NatsServer
 from tests.harness.relay_process import RelayProcess
 
 ROOMS = 50
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 
 
 def unique(prefix: str) -> str:
@@ -57,26 +65,16 @@ def relay_config(workdir: Path, nats: NatsServer, server: EmbeddedServerProcess,
     source = {"type": "nats", "url": nats.url, "stream": stream, "subjects": ["chat.>"],
               "durable": "relay", "format": "centrifugo", "ack_wait": "3s", **options}
     lines = [
-        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
-        "[sink]", f'address = "{server.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
-        f'dead_letter = "{workdir}/dead-letter.jsonl"',
-        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        *relay_and_sink_tables(workdir, server),
         "[sources.jet]", *(f"{k} = {json.dumps(v)}" for k, v in source.items()),
     ]
     return "\n".join(lines) + "\n"
 
 
-def relay(workdir: Path, config: str, server: EmbeddedServerProcess) -> RelayProcess:
-    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key}, metrics=False)
 
 
-def sequences(server: EmbeddedServerProcess, rooms: int = ROOMS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
-            for k in range(rooms)}
 
 
-def delivered(server: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(server).values())
 
 
 def wait_settled(nats: NatsServer, stream: str, rooms: Rooms, server: EmbeddedServerProcess,
@@ -250,23 +248,11 @@ def test_centrifugo_format_matches_centrifugos_own_nats_jetstream_consumer(
         consumer("cf_cmd", "cmd.>"), consumer("cf_hdr", "hdr.>", publication_data_mode={"enabled": True})]})
     target = centrifugo_factory()
     config = "\n".join([
-        "[relay]", f'state_dir = "{tmp_path}/state"',
-        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
-        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        *target_tables(tmp_path, target),
         "[sources.jet]", 'type = "nats"', 'format = "centrifugo"', f'url = "{nats_server.url}"',
         f'stream = "{stream}"', 'subjects = ["cmd.>", "hdr.>"]', 'durable = "relay"',
     ]) + "\n"
-    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
-    proc.start()
-    try:
-        deadline = time.monotonic() + 60
-        for server in (native, target):
-            for done in ("chat:cmp-done", "chat:hdr-done"):
-                while not history(server.grpc_address, done, server.api_key):
-                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
-                    time.sleep(0.1)
-    finally:
-        proc.stop()
+    relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     for channel in ("chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2"):
         theirs = [(json.loads(p.data), dict(p.tags)) for p in history(native.grpc_address, channel, native.api_key)]
         ours = [(json.loads(p.data), dict(p.tags)) for p in history(target.grpc_address, channel, target.api_key)]

@@ -21,13 +21,21 @@ from typing import Any
 import pytest
 import redis
 
+from tests.harness.e2e import (
+    delivered,
+    kill_at_random_moments,
+    relay,
+    relay_and_sink_tables,
+    relay_until_done,
+    sequences,
+    target_tables,
+)
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.redis import RedisServer
 from tests.harness.relay_process import RelayProcess
 
 KEYS = 50
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 
 
 def unique(prefix: str) -> str:
@@ -90,10 +98,7 @@ def relay_config(workdir: Path, server: RedisServer, sink: EmbeddedServerProcess
     options = {"format": "centrifugo", "visibility_timeout": "3s", "commit_interval": "100ms",
                "block": "200ms", **source}
     lines = [
-        "[relay]", f'state_dir = "{workdir}/state"', 'shutdown_timeout = "5s"',
-        "[sink]", f'address = "{sink.address}"', f'api_key_env = "{SERVER_KEY_ENV}"',
-        f'dead_letter = "{workdir}/dead-letter.jsonl"',
-        'retry = { initial_backoff = "20ms", max_backoff = "500ms" }',
+        *relay_and_sink_tables(workdir, sink),
         "[sources.events]", 'type = "redis"', f'address = "{server.url}"', f'streams = ["{stream}"]',
         f'group = "{group}"',
         *(f"{k} = {json.dumps(v)}" for k, v in options.items()),
@@ -101,17 +106,10 @@ def relay_config(workdir: Path, server: RedisServer, sink: EmbeddedServerProcess
     return "\n".join(lines) + "\n"
 
 
-def relay(workdir: Path, config: str, sink: EmbeddedServerProcess) -> RelayProcess:
-    return RelayProcess(workdir, config, env={SERVER_KEY_ENV: sink.api_key}, metrics=False)
 
 
-def sequences(sink: EmbeddedServerProcess, keys: int = KEYS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(sink.address, f"chat:room-{k}", sink.api_key)]
-            for k in range(keys)}
 
 
-def delivered(sink: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(sink).values())
 
 
 def wait_delivered(sink: EmbeddedServerProcess, commands: Commands, relays: list[RelayProcess],
@@ -161,16 +159,7 @@ def test_20000_entries_with_three_kill9s_arrive_once_in_order_and_pending_ends_e
     proc = relay(tmp_path, relay_config(tmp_path, redis_server, embedded_server, stream, group,
                                         consumer="relay-1", visibility_timeout="10m"), embedded_server)
     producer.start()
-    delivered_at_kill = [0]
-    for _ in range(3):
-        proc.start()
-        deadline = time.monotonic() + 30
-        while delivered(embedded_server) <= delivered_at_kill[-1]:
-            assert time.monotonic() < deadline, proc.logs()[-3000:]
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.kill()
-        delivered_at_kill.append(delivered(embedded_server))
+    delivered_at_kill = kill_at_random_moments(proc, embedded_server, rng, kills=3)
     producer.join(120)
     assert producer.error is None
     proc.start()
@@ -324,23 +313,11 @@ def test_identical_histories_with_centrifugos_own_redis_stream_consumer(
         consumer("redis_pubdata", [pubdata], publication_data_mode={"enabled": True})]})
     target = centrifugo_factory()
     config = "\n".join([
-        "[relay]", f'state_dir = "{tmp_path}/state"',
-        "[sink]", f'address = "{target.grpc_address}"', 'api_key_env = "RELAY_TEST_TARGET_KEY"',
-        f'dead_letter = "{tmp_path}/dead-letter.jsonl"',
+        *target_tables(tmp_path, target),
         "[sources.events]", 'type = "redis"', 'format = "centrifugo"', f'address = "{redis_server.url}"',
         f'streams = ["{stream}", "{pubdata}"]', 'group = "relay"',
     ]) + "\n"
-    proc = RelayProcess(tmp_path, config, env={"RELAY_TEST_TARGET_KEY": target.api_key}, metrics=False)
-    proc.start()
-    try:
-        deadline = time.monotonic() + 60
-        for server in (native, target):
-            for done in ("chat:cmp-done", "chat:hdr-done"):
-                while not history(server.grpc_address, done, server.api_key):
-                    assert time.monotonic() < deadline, proc.logs()[-2000:] + server.log_tail()
-                    time.sleep(0.1)
-    finally:
-        proc.stop()
+    relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     channels = ["chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2", *(f"chat:many{i}" for i in range(5))]
     for channel in channels:
         theirs = [(json.loads(p.data), dict(p.tags))

@@ -65,7 +65,8 @@ class JsonEncoding:
         return orjson.dumps(message, default=_json_default)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint (the length prefix of a frame, a field's tag)."""
     out = bytearray()
     while True:
         low = value & 0x7F
@@ -163,7 +164,7 @@ class ProtobufEncoding:
 
     def encode(self, message: dict[str, Any]) -> bytes:
         body = fill(client_pb2.Reply(), message).SerializeToString()
-        return _varint(len(body)) + body
+        return varint(len(body)) + body
 
 
 JSON = JsonEncoding()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from relay.server.client_encoding import varint
+
 # (code, message) as Centrifugo's apiproto defines them.
 INTERNAL = (100, "internal server error")
 UNKNOWN_CHANNEL = (102, "unknown channel")
@@ -45,20 +47,8 @@ def grpc_code(code: int) -> grpc.StatusCode:
     return _GRPC_CODES.get(code, grpc.StatusCode.INTERNAL)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
 def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def status_details(status: grpc.StatusCode, message: str, error_type: str, error_bytes: bytes) -> bytes:
@@ -70,7 +60,7 @@ def status_details(status: grpc.StatusCode, message: str, error_type: str, error
     any_message = _bytes_field(1, f"type.googleapis.com/{error_type}".encode()) + _bytes_field(2, error_bytes)
     out = b""
     if code_value:
-        out += _varint(1 << 3) + _varint(code_value)
+        out += varint(1 << 3) + varint(code_value)
     if message:
         out += _bytes_field(2, message.encode())
     return out + _bytes_field(3, any_message)

@@ -12,7 +12,6 @@ Outside pytest (bench/), `RedisServer.start()` raises RedisUnavailable instead o
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.debian import MissingPackage, debian_tool
 from tests.harness.ports import free_port
 from tests.harness.require import unavailable
 
 START_TIMEOUT = 30.0
-INSTALL = "apt-get install -y redis-server"
 
 
 class RedisUnavailable(RuntimeError):
@@ -37,16 +36,10 @@ class RedisUnavailable(RuntimeError):
 
 def redis_binary() -> str:
     """Path of redis-server, installing Debian's package when missing and running as root."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(INSTALL.split(), check=False, capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which("redis-server")
-        if found:
-            return found
-    raise RedisUnavailable(f"redis-server is not installed; run `{INSTALL}` (as root)")
+    try:
+        return debian_tool("redis-server", "redis-server")
+    except MissingPackage as err:
+        raise RedisUnavailable(str(err)) from None
 
 
 class RedisServer:
@@ -111,9 +104,8 @@ def new_stream_name() -> str:
     return f"s-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A session Redis server; tests use their own stream and group names."""
+def _served() -> Iterator[RedisServer]:
+    """A started server in a temp dir of its own, stopped and deleted afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="relay-redis-"))
     server = RedisServer(directory)
     try:
@@ -126,20 +118,15 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A session Redis server; tests use their own stream and group names."""
+    yield from _served()
 
 
 @pytest.fixture()
 def own_redis_server() -> Iterator[RedisServer]:
     """A Redis server of the test's own, for tests that restart it."""
-    directory = Path(tempfile.mkdtemp(prefix="relay-redis-"))
-    server = RedisServer(directory)
-    try:
-        server.start()
-    except RedisUnavailable as err:
-        shutil.rmtree(directory, ignore_errors=True)
-        unavailable(str(err))
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield from _served()

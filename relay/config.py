@@ -258,7 +258,8 @@ DATA_MODES = ("json", "wrap", "raw")
 class RouteConfig(Model):
     source: str = Field(description="Name of the source whose messages this route takes.")
     when: dict[str, WhenValue] = Field(
-        default_factory=dict, description="Globs on key, topic, header.NAME, json.PATH; all must hold.")
+        default_factory=dict, description="Globs on fields of the message (key, topic, header.NAME, json.PATH, "
+                                          "file.name ...: what its source provides); all must hold.")
     channel: str = ""
     channels: list[str] = Field(default_factory=list)
     data: str = Field("json", description=(
@@ -310,13 +311,13 @@ class RouteConfig(Model):
     @field_validator("when")
     @classmethod
     def _when_keys(cls, value: dict[str, str]) -> dict[str, str]:
-        from relay.templates import check_field
+        from relay.templates import TemplateError, check_field
         for key in value:
-            if key not in ("key", "topic", "partition", "source", "stream") and not key.startswith(
-                    ("header.", "json.", "file.", "field.")):
-                raise ValueError(f"cannot match on {key!r} (use key, topic, stream, header.NAME, "
-                                 "field.NAME, json.PATH, file.path)")
-            check_field(key)
+            try:
+                check_field(key)
+            except TemplateError:
+                known = sources.describe_fields(sources.all_fields())
+                raise ValueError(f"cannot match on {key!r} (known: {known})") from None
         for key, pattern in value.items():
             if not pattern:
                 raise ValueError(f"glob for {key!r} is empty")
@@ -487,6 +488,9 @@ def _cross_checks(file: str, config: Config) -> list[str]:
             close = difflib.get_close_matches(route.source, list(config.sources), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{file}: routes[{i}].source: no source named {route.source!r}{hint}")
+            continue
+        problems.extend(f"{file}: routes[{i}].{problem}"
+                        for problem in _fields_not_provided(route, config.sources[route.source].type))
     names = [ns.name for ns in config.server.namespaces]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{file}: server.namespaces: namespace {dup!r} is listed twice")
@@ -532,6 +536,26 @@ def _file_problems(file: str, config: Config) -> list[str]:
         except TlsError as err:
             problems.append(f"{file}: {err}")
     return problems
+def _route_fields(route: RouteConfig) -> list[tuple[str, str]]:
+    """(config key, field) for every template field and `when` key a route uses."""
+    used = [(f"when.{_key(key)}", key) for key in route.when]
+    texts = [("channel", route.channel)] if route.channel else []
+    texts += [(f"channels[{n}]", text) for n, text in enumerate(route.channels)]
+    if route.data not in DATA_MODES:
+        texts.append(("data", route.data))
+    texts += [(f"tags.{_key(name)}", text) for name, text in route.tags.items()]
+    for where, text in texts:
+        used += [(where, name) for name in Template.compile(text).fields]
+    return used
+
+
+def _fields_not_provided(route: RouteConfig, source_type: str) -> list[str]:
+    """A route's fields that its source never provides, so that every message would be a dead letter."""
+    available = sources.fields(source_type)
+    return [f"{where}: source {route.source!r} ({source_type}) never provides "
+            f"{name if where.startswith('when') else '{{ ' + name + ' }}'} "
+            f"(it provides {sources.describe_fields(available)})"
+            for where, name in _route_fields(route) if not sources.provides(available, name)]
 
 
 def load_config(path: str | Path) -> Config:

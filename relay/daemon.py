@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay import events, logs, metrics, sources
+from relay import events, logs, sources
 from relay.config import Config, load_config
 from relay.dead_letter import DeadLetterFile
 from relay.errors import ConfigError, FatalError
@@ -119,7 +119,7 @@ class Relay:
     # -- start -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        metrics.READY.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        events.ReadinessProbed(lambda: self.readiness()[0]).emit()
         await self._bring_up(self.config)
         self._supervisor = asyncio.create_task(self._supervise(), name="supervisor")
         self.state = "running"

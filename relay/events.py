@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from relay import metrics
@@ -21,6 +21,49 @@ from relay.message import Message
 log = logging.getLogger("relay.pipeline")
 sink_log = logging.getLogger("relay.sink")
 dead_letter_log = logging.getLogger("relay.dead_letter")
+source_log = logging.getLogger("relay.sources")
+
+
+@dataclass(slots=True, frozen=True)
+class ReadinessProbed:
+    """Where the relay's readiness comes from; /metrics asks it at every scrape."""
+
+    probe: Callable[[], bool]
+
+    def emit(self) -> None:
+        probe = self.probe
+        metrics.READY.set_function(lambda: 1.0 if probe() else 0.0)
+
+
+@dataclass(slots=True, frozen=True)
+class SourceUnreachable:
+    """A source's input could not be reached (connect) or was lost (read); the engine retries."""
+
+    source: str
+    reason: str
+    attempt: int = 1
+    lost: bool = False
+
+    def emit(self) -> None:
+        extra = {"source": self.source, "attempt": self.attempt, "reason": self.reason}
+        if self.lost:
+            source_log.warning("source %s: connection lost (%s); reconnecting", self.source, self.reason,
+                               extra=extra)
+        elif self.attempt in (1, 10) or self.attempt % 100 == 0:
+            source_log.warning("source %s: not reachable yet (%s); retrying, attempt %d", self.source,
+                               self.reason, self.attempt, extra=extra)
+
+
+@dataclass(slots=True, frozen=True)
+class SourceCommitFailed:
+    """A source could not commit settled positions; the next commit tries again."""
+
+    source: str
+    reason: str
+
+    def emit(self) -> None:
+        source_log.warning("source %s: commit failed: %s", self.source, self.reason,
+                           extra={"source": self.source, "reason": self.reason})
 
 
 @dataclass(slots=True, frozen=True)

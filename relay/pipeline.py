@@ -20,7 +20,7 @@ from relay import events
 from relay.dead_letter import DeadLetterFile
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
-from relay.sinks.grpc_centrifugo import Failures, GrpcCentrifugoSink
+from relay.sinks import Failures, Sink
 
 log = logging.getLogger("relay.pipeline")
 
@@ -58,7 +58,7 @@ class Lane:
 
 
 class Pipeline:
-    def __init__(self, router: RoutingTable, sink: GrpcCentrifugoSink, dead_letters: DeadLetterFile,
+    def __init__(self, router: RoutingTable, sink: Sink, dead_letters: DeadLetterFile,
                  lanes: int, batch_max_size: int, batch_linger: float) -> None:
         self.router = router
         self.sink = sink

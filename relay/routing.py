@@ -6,7 +6,6 @@ Routes are tried in order; the first that matches takes the message unless it sa
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay.centrifugo_records import CentrifugoRecord
 from relay.channels import channel_problem
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, RouteConfig
 from relay.message import Message
@@ -243,14 +243,12 @@ class RoutingTable:
         return pubs, rejects
 
     @staticmethod
-    def _native(message: Message, spec: dict[str, Any]) -> tuple[list[Publication], list[Rejection]]:
+    def _native(message: Message, record: CentrifugoRecord) -> tuple[list[Publication], list[Rejection]]:
         """A record in Centrifugo's own consumer format names its own channels and options."""
-        channels = list(spec.get("channels") or [])
-        data = spec.get("data", b"")
-        if isinstance(data, str):
-            data = data.encode()
-        if not data and spec.get("b64data"):
-            data = base64.b64decode(spec["b64data"])
+        if not record.is_publication:
+            return [], [Rejection(message, f"Centrifugo method {record.method!r} is not supported "
+                                           "(only publish and broadcast)")]
+        channels = list(record.channels)
         if len(channels) > MAX_CHANNELS_PER_PUBLICATION:
             return [], [Rejection(message, f"record names {len(channels)} channels, more than the "
                                            f"{MAX_CHANNELS_PER_PUBLICATION} one publication may have")]
@@ -260,8 +258,7 @@ class RoutingTable:
                 return [], [Rejection(message, problem, channel=channel)]
         if not channels:
             return [], [Rejection(message, "record names no channel")]
-        key = spec.get("idempotency_key") or f"{message.position}#c"
-        return [Publication(channels=channels, data=data, message=message, idempotency_key=key,
-                            tags=dict(spec.get("tags") or {}), skip_history=bool(spec.get("skip_history")),
-                            delta=bool(spec.get("delta")), version=int(spec.get("version") or 0),
-                            version_epoch=str(spec.get("version_epoch") or ""))], []
+        key = record.idempotency_key or f"{message.position}#c"
+        return [Publication(channels=channels, data=record.data, message=message, idempotency_key=key,
+                            tags=dict(record.tags), skip_history=record.skip_history, delta=record.delta,
+                            version=record.version, version_epoch=record.version_epoch)], []

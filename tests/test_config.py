@@ -75,6 +75,16 @@ BROKEN = [
     ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchanel = "c"\n',
      "routes[0].chanel", "did you mean 'channel'"),
     ("[relay\n", "(toml)", "Expected"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:{{ topic }}"\n',
+     "routes[0].channel", "source 'hb' (ticker) never provides {{ topic }} (it provides source, seq, now"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\ndata = \'{"k": "{{ key }}"}\'\n',
+     "routes[0].data", "never provides {{ key }}"),
+    ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "c"\ntags = { t = "{{ header.x }}" }\n',
+     "routes[0].tags.t", "never provides {{ header.x }}"),
+    ('[sources.k]\ntype = "kafka"\nbrokers = ["h:1"]\ntopics = ["t"]\n[[routes]]\nsource = "k"\nchannel = "c"\n'
+     'when = { "file.name" = "*.log" }\n', 'routes[0].when."file.name"', "source 'k' (kafka) never provides file.name"),
+    ('[sources.f]\ntype = "file"\npaths = ["/tmp/x"]\n[[routes]]\nsource = "f"\nchannels = ["c", "d:{{ seq }}"]\n',
+     "routes[0].channels[1]", "never provides {{ seq }}"),
     ('[sources.hb]\ntype = "ticker"\n[[routes]]\nsource = "hb"\nchannel = "chat:*"\n',
      "routes[0].channel", "reserved"),
     # issue 12 item 8: these escaped the one-line rule (a traceback, exit 1, or accepted)
@@ -101,6 +111,27 @@ def test_broken_config_names_the_key(text: str, key: str, word: str) -> None:
     lines = caught.value.problems
     assert any(line.startswith(f"bad.toml: {key}") and word.lower() in line.lower() for line in lines), lines
     assert all(line.startswith("bad.toml: ") and "\n" not in line for line in lines)
+
+
+def test_fields_a_source_provides_are_accepted() -> None:
+    text = ('[sources.k]\ntype = "kafka"\nbrokers = ["h:1"]\ntopics = ["t"]\n'
+            '[sources.hb]\ntype = "ticker"\n'
+            '[[routes]]\nsource = "k"\nchannel = "chat:{{ key }}:{{ header.trace }}:{{ json.a.b }}"\n'
+            'when = { topic = "t", "header.x" = "y" }\n'
+            '[[routes]]\nsource = "hb"\nchannel = "tick:{{ seq }}"\n'
+            'data = \'{"at": "{{ now }}", "s": "{{ source }}"}\'\n')
+    assert len(parse_config(text).routes) == 2
+
+
+def test_relay_check_refuses_a_field_the_routes_source_never_provides(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sources.tick]\ntype = "ticker"\n[[routes]]\nsource = "tick"\nchannel = "chat:{{ topic }}"\n')
+    proc = subprocess.run([sys.executable, "-m", "relay", "check", "-c", str(bad)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"{bad}: routes[0].channel: source 'tick' (ticker) never provides {{{{ topic }}}} "
+        "(it provides source, seq, now, json.PATH)"], proc.stderr
 
 
 def test_several_problems_are_all_reported() -> None:

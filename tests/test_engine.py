@@ -4,12 +4,17 @@ retries, revoke, end of input. Real sources on the engine are tested by their ow
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import pytest
 
 from relay.message import Message
 from relay.sources.engine import EMIT_CHUNK, Batch, ByteBudget, SourceEngine, SourceUnavailable
+from tests.harness.configs import sink_table
+from tests.harness.ports import free_port
+from tests.harness.relay_process import RelayProcess
 
 
 class ListReader:
@@ -118,11 +123,10 @@ async def test_a_stream_pauses_at_the_cap_exactly_and_resumes_at_half() -> None:
     await asyncio.sleep(0.05)  # nothing more is emitted while paused
     assert len(emit.got) == 100
     a = [m for m in emit.got if m.stream == "a"]
-    # Acks count per read batch (7 here): 21 settled leaves 29 unsettled, above half the cap.
-    for msg in a[:27]:
+    for msg in a[:24]:
         msg.settle()
-    assert "a" in reader.paused and engine.in_flight()["a"] == 29
-    a[27].settle()
+    assert "a" in reader.paused and engine.in_flight()["a"] == 26
+    a[24].settle()
     assert "a" not in reader.paused and "b" in reader.paused
     await until(lambda: engine.in_flight()["a"] == 50)
     offsets = [m.offset for m in emit.got if m.stream == "a"]
@@ -130,7 +134,7 @@ async def test_a_stream_pauses_at_the_cap_exactly_and_resumes_at_half() -> None:
     await engine.stop()
     await task
     await engine.close()
-    assert last_commit(reader, "a") == 28
+    assert last_commit(reader, "a") == 25
 
 
 async def test_a_reader_without_pause_is_not_read_while_a_stream_is_at_the_cap() -> None:
@@ -142,9 +146,12 @@ async def test_a_reader_without_pause_is_not_read_while_a_stream_is_at_the_cap()
     read_so_far = reader.next["s"]
     await asyncio.sleep(0.05)
     assert reader.next["s"] == read_so_far == 30
-    for msg in emit.got[:20]:
-        msg.settle()  # two read batches: 10 unsettled, under half the cap
-    await until(lambda: len(emit.got) == 50)
+    for msg in emit.got[:14]:
+        msg.settle()
+    await asyncio.sleep(0.05)
+    assert len(emit.got) == 30  # 16 unsettled: above half the cap
+    emit.got[14].settle()
+    await until(lambda: len(emit.got) == 45)
     await engine.stop()
     await task
 
@@ -245,3 +252,25 @@ async def test_revoke_commits_settled_positions_and_ignores_late_acks() -> None:
     await task
     await engine.close()
     assert all("a" not in c for c in reader.commits[-1:]) or reader.commits[-1] == {"a": 10}
+
+
+def test_readyz_says_connecting_to_the_source_until_its_brokers_answer(tmp_path: Path) -> None:
+    """A real `relay run` whose Kafka brokers do not answer: not ready, and /readyz says why."""
+    config = (sink_table(f"127.0.0.1:{free_port()}")
+              + f'[sources.events]\ntype = "kafka"\nbrokers = ["127.0.0.1:{free_port()}"]\ntopics = ["t"]\n'
+              + 'connect_timeout = "60s"\n[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n')
+    relay = RelayProcess(tmp_path, config, env={"CENTRIFUGO_GRPC_API_KEY": "k"}).start()
+    try:
+        relay.wait_http()
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = relay.get("/readyz")
+            if "bootstrap" in body or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 503
+        assert body.startswith("not ready: connecting to source events: KafkaConnectionError"), body
+        assert "Unable to bootstrap" in body
+        assert relay.metric("relay_ready") == 0
+    finally:
+        relay.stop()

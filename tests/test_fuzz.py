@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from relay import sources
+from relay.centrifugo_records import parse_publication as parse_centrifugo
 from relay.channels import channel_problem
 from relay.check import describe
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, Config, ConfigError, RouteConfig, parse_config
@@ -37,7 +38,6 @@ from relay.proto.centrifugo import api_pb2 as pb
 from relay.proto.centrifugo import api_pb2_grpc
 from relay.routing import Publication, Rejection, RoutingTable
 from relay.sinks.grpc_centrifugo import GrpcCentrifugoSink
-from relay.sources.kafka import parse_centrifugo
 from relay.templates import Template, TemplateError
 from tests.harness.embedded import EmbeddedServerProcess
 
@@ -381,8 +381,11 @@ address = "{server.address}"
 api_key_env = "FUZZ_SINK_KEY"
 max_message_bytes = "1MiB"
 retry = {{ initial_backoff = "1ms", max_backoff = "50ms" }}
-[sources.fuzz]
-type = "ticker"
+[sources.fuzz]  # never started: its type only says which fields the routes may use
+type = "kafka"
+brokers = ["127.0.0.1:9"]
+topics = ["fuzz"]
+group_id = "fuzz"
 {PIPELINE_ROUTES}""")
     loop = asyncio.new_event_loop()
     sink = GrpcCentrifugoSink(config.sink)

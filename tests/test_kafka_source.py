@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from relay.centrifugo_records import CentrifugoRecord, parse_publication
 from relay.message import Message
 from relay.sources import kafka
+from relay.sources.engine import SourceEngine
 from tests.harness.kafka import KafkaBroker, Record
 from tests.harness.ports import free_port
 from tests.harness.require import unavailable
@@ -30,14 +32,24 @@ def unique(prefix: str) -> str:
 
 
 def source_for(broker: KafkaBroker, topic: str, group: str, name: str = "events",
-               **options: Any) -> kafka.KafkaSource:
+               **options: Any) -> SourceEngine:
     table: dict[str, Any] = {"type": "kafka", "brokers": [broker.bootstrap], "topics": [topic],
                              "group_id": group, "commit_interval": "100ms",
                              "session_timeout": "6s", "heartbeat_interval": "300ms"}
     table.update(options)
     if "topics_pattern" in options:
         del table["topics"]
-    return kafka.build(name, kafka.Config.model_validate(table), state_dir=None)  # type: ignore[arg-type]
+    return engine_for(name, table)
+
+
+def engine_for(name: str, table: dict[str, Any]) -> SourceEngine:
+    """The Kafka reader run by the source engine, as the daemon runs it."""
+    return SourceEngine(name, kafka.build(name, kafka.Config.model_validate(table), state_dir=None))  # type: ignore[arg-type]
+
+
+def reader(source: SourceEngine) -> kafka.KafkaSource:
+    assert isinstance(source.reader, kafka.KafkaSource)
+    return source.reader
 
 
 class Collector:
@@ -67,7 +79,7 @@ class Collector:
 
 
 @asynccontextmanager
-async def running(source: kafka.KafkaSource, emit: Collector) -> AsyncIterator[asyncio.Task[None]]:
+async def running(source: SourceEngine, emit: Collector) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(source.run(emit))
     try:
         yield task
@@ -235,7 +247,7 @@ async def test_rebalance_commits_revoked_partitions_and_ignores_late_acks(kafka_
     await first_run.__aenter__()
     try:
         await first_emit.wait_for(300)
-        assert first.assigned() == [f"{topic}/{p}" for p in range(3)]
+        assert reader(first).assigned() == [f"{topic}/{p}" for p in range(3)]
         old = list(first_emit.messages)
         for p in range(3):
             for message in first_emit.of(f"{topic}/{p}")[:10]:
@@ -243,10 +255,11 @@ async def test_rebalance_commits_revoked_partitions_and_ignores_late_acks(kafka_
         await asyncio.sleep(0.3)
         assert await kafka_broker.committed(group, topic, 3) == {0: None, 1: None, 2: None}
         async with running(second, second_emit):
-            await until(lambda: bool(second.assigned()) and len(first.assigned() + second.assigned()) == 3,
+            await until(lambda: bool(reader(second).assigned())
+                        and len(reader(first).assigned() + reader(second).assigned()) == 3,
                         what="partitions shared by both relays")
-            taken = sorted(int(s.rsplit("/", 1)[1]) for s in second.assigned())
-            kept = sorted(int(s.rsplit("/", 1)[1]) for s in first.assigned())
+            taken = sorted(int(s.rsplit("/", 1)[1]) for s in reader(second).assigned())
+            kept = sorted(int(s.rsplit("/", 1)[1]) for s in reader(first).assigned())
             assert sorted(taken + kept) == [0, 1, 2]
             # The revoke committed what the first relay had settled, so the second starts there.
             assert await kafka_broker.committed(group, topic, 3) == {0: 10, 1: 10, 2: 10}
@@ -277,7 +290,7 @@ async def test_start_from_latest_skips_the_backlog_and_earliest_reads_it(kafka_b
     latest = Collector()
     source = source_for(kafka_broker, topic, unique("g"), start_from="latest")
     async with running(source, latest):
-        await until(lambda: bool(source.assigned()), what="assignment")
+        await until(lambda: bool(reader(source).assigned()), what="assignment")
         await asyncio.sleep(1.0)  # the start position is resolved after assignment
         await kafka_broker.produce(topic, [b"new-%d" % i for i in range(3)])
         await latest.wait_for(3)
@@ -332,21 +345,17 @@ async def test_centrifugo_format_both_forms(kafka_broker: KafkaBroker) -> None:
         got = await emit.wait_for(len(records))
     intents = [m.attributes.get("centrifugo") for m in got]
     errors = [m.attributes.get("error") for m in got]
-    assert intents[0] == {"method": "publish", "channels": ["chat:a"], "data": b'{"text":"hi"}',
-                          "idempotency_key": "k1", "tags": {"t": "v"}, "skip_history": True,
-                          "delta": False, "version": 0, "version_epoch": ""}
+    assert intents[0] == CentrifugoRecord("publish", ("chat:a",), b'{"text":"hi"}', idempotency_key="k1",
+                                          tags={"t": "v"}, skip_history=True)
     assert intents[1] is not None
-    assert (intents[1]["method"], intents[1]["channels"], intents[1]["data"]) == (
-        "broadcast", ["chat:a", "chat:b"], b"[1,2]")
-    assert intents[2] is not None and intents[2]["data"] == b"\x00\x01"
+    assert (intents[1].method, intents[1].channels, intents[1].data) == (
+        "broadcast", ("chat:a", "chat:b"), b"[1,2]")
+    assert intents[2] is not None and intents[2].data == b"\x00\x01"
     assert intents[3] is not None
-    assert (intents[3]["channels"], intents[3]["data"]) == (["chat:m"], b'{"via":"header"}')
-    assert intents[4] == {"method": "publish", "channels": ["chat:one"], "data": b'{"x": 1}',
-                          "idempotency_key": "", "tags": {}, "skip_history": False, "delta": False,
-                          "version": 0, "version_epoch": ""}
-    assert intents[5] == {"method": "broadcast", "channels": ["chat:a", "chat:b"], "data": b'{"x": 2}',
-                          "idempotency_key": "ik", "tags": {"region": "eu"}, "skip_history": False,
-                          "delta": True, "version": 7, "version_epoch": "ep"}
+    assert (intents[3].channels, intents[3].data) == (("chat:m",), b'{"via":"header"}')
+    assert intents[4] == CentrifugoRecord("publish", ("chat:one",), b'{"x": 1}')
+    assert intents[5] == CentrifugoRecord("broadcast", ("chat:a", "chat:b"), b'{"x": 2}', idempotency_key="ik",
+                                          tags={"region": "eu"}, delta=True, version=7, version_epoch="ep")
     assert errors[:6] == [None] * 6
     assert intents[6:] == [None] * 4
     assert errors[6] is not None and "'subscribe' is not supported" in errors[6]
@@ -359,7 +368,7 @@ async def test_centrifugo_format_both_forms(kafka_broker: KafkaBroker) -> None:
 async def test_wrong_brokers_fail_with_a_clear_error(kafka_broker: KafkaBroker) -> None:
     port = free_port()
     table = {"type": "kafka", "brokers": [f"127.0.0.1:{port}"], "topics": ["t"], "connect_timeout": "1s"}
-    source = kafka.build("events", kafka.Config.model_validate(table), state_dir=None)  # type: ignore[arg-type]
+    source = engine_for("events", table)
     began = time.monotonic()
     with pytest.raises(kafka.KafkaSourceError) as caught:
         await source.run(Collector())
@@ -459,7 +468,7 @@ async def test_lag_metric_follows_what_is_committed(kafka_broker: KafkaBroker) -
      '{"t":"é","f":2.5,"i":-7}'.encode()),
 ])
 def test_centrifugo_command_data_is_kept_exactly(record: bytes, data: bytes) -> None:
-    assert kafka.parse_centrifugo(record, {})["data"] == data
+    assert parse_publication(record, {}).data == data
 
 
 @pytest.mark.parametrize("record", [
@@ -468,4 +477,4 @@ def test_centrifugo_command_data_is_kept_exactly(record: bytes, data: bytes) -> 
 ])
 def test_centrifugo_command_data_that_is_not_json_is_refused(record: bytes) -> None:
     with pytest.raises(ValueError):
-        kafka.parse_centrifugo(record, {})
+        parse_publication(record, {})

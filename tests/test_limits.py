@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from relay.centrifugo_records import parse_publication as parse_centrifugo
 from relay.client_commands import _line
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, ConfigError, parse_config
 from relay.message import Message
 from relay.proto.centrifugo import api_pb2 as pb
 from relay.routing import Publication, Rejection, RoutingTable
-from relay.sources.kafka import parse_centrifugo
 from relay.templates import Template, TemplateError
 from tests.harness.embedded import EmbeddedServerFactory
 from tests.harness.history import history

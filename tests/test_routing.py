@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from relay.centrifugo_records import CentrifugoRecord
 from relay.config import parse_config
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
@@ -171,10 +172,18 @@ def test_source_error_attribute_is_a_rejection() -> None:
 
 def test_centrifugo_native_record_names_its_channels() -> None:
     routes = table("")
-    spec = {"channels": ["chat:a", "chat:b"], "data": b'{"x":1}', "idempotency_key": "k1",
-            "tags": {"t": "v"}, "delta": True, "version": 3, "version_epoch": "e"}
+    spec = CentrifugoRecord("broadcast", ("chat:a", "chat:b"), b'{"x":1}', idempotency_key="k1",
+                            tags={"t": "v"}, delta=True, version=3, version_epoch="e")
     pub = one(routes.route(Message(source="events", data=b"", attributes={"centrifugo": spec})))
     assert (pub.channels, pub.data, pub.idempotency_key, pub.tags, pub.delta, pub.version, pub.version_epoch) == (
         ["chat:a", "chat:b"], b'{"x":1}', "k1", {"t": "v"}, True, 3, "e")
-    _, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": {"channels": []}}))
+    no_channel = CentrifugoRecord("publish")
+    _, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": no_channel}))
     assert "no channel" in rejects[0].reason
+
+
+def test_a_centrifugo_command_other_than_publish_is_a_dead_letter_naming_the_method() -> None:
+    routes = table("")
+    record = CentrifugoRecord("unsubscribe", payload={"channel": "chat:a", "user": "42"})
+    pubs, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": record}))
+    assert pubs == [] and "'unsubscribe' is not supported" in rejects[0].reason

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -35,6 +34,7 @@ from relay.proto.centrifugo_v2 import api_pb2 as v2
 from relay.proto.centrifugo_v2 import api_pb2_grpc as v2_grpc
 from relay.routing import Publication
 from relay.secrets import Secret, SecretError, load_secret
+from relay.sinks import Failure, Failures
 from relay.tls import channel_credentials, diagnose
 
 log = logging.getLogger("relay.sink")
@@ -57,19 +57,6 @@ _TLS_WORDS = ("socket closed", "handshake", "ssl", "tsi_", "certificate", "hostn
               "connection reset")
 # A TLS problem is looked into again at most this often while it lasts.
 TLS_DIAGNOSE_INTERVAL = 5.0
-
-
-@dataclass(slots=True, frozen=True)
-class Failure:
-    """A publication (or one channel of a broadcast) that Centrifugo will not take."""
-
-    channel: str
-    code: int
-    message: str
-
-
-# Publication index in a delivered batch → what failed for good (one entry per channel).
-Failures = dict[int, list[Failure]]
 
 
 class _Temporary(Exception):

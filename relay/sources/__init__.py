@@ -22,6 +22,9 @@ from relay.sources.engine import ByteBudget, Emit, Reader, SourceEngine, chunked
 _NOT_SOURCES = frozenset({"engine"})
 # Fields every message has, whatever its source.
 COMMON_FIELDS = ("source",)
+# Until relay/sources/file.py declares FIELDS itself (it moves onto the engine next).
+_UNDECLARED_FIELDS: dict[str, tuple[str, ...]] = {
+    "file": ("file.path", "file.name", "file.line", "file.offset", "json.*")}
 
 
 def _discover() -> tuple[str, ...]:
@@ -58,9 +61,29 @@ def config_model(type_name: str) -> type[BaseModel]:
 
 
 def fields(type_name: str) -> tuple[str, ...]:
-    """Template fields and `when` keys that messages of this source type carry."""
-    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ())
+    """Template fields and `when` keys that messages of this source type carry ("json.*": any
+    name after the dot)."""
+    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ()) or _UNDECLARED_FIELDS.get(type_name, ())
     return COMMON_FIELDS + declared
+
+
+def all_fields() -> tuple[str, ...]:
+    """Every field some source type provides, each once, in a stable order."""
+    return tuple(dict.fromkeys(f for t in TYPES for f in fields(t)))
+
+
+def provides(available: tuple[str, ...], name: str) -> bool:
+    """Whether a field `name` is among `available` (where "header.*" stands for any header.NAME)."""
+    if name in available:
+        return True
+    head, dot, rest = name.partition(".")
+    return bool(dot and rest) and f"{head}.*" in available
+
+
+def describe_fields(available: tuple[str, ...]) -> str:
+    """The fields as a user writes them: "seq, now, json.PATH"."""
+    names = {"json.*": "json.PATH", "header.*": "header.NAME", "column.*": "column.NAME"}
+    return ", ".join(names.get(f, f.replace("*", "NAME")) for f in available)
 
 
 def build(name: str, config: BaseModel, state_dir: Path, budget: ByteBudget | None = None) -> Source:
@@ -72,5 +95,18 @@ def build(name: str, config: BaseModel, state_dir: Path, budget: ByteBudget | No
     return source
 
 
-__all__ = ["TYPES", "ByteBudget", "Emit", "Reader", "Source", "SourceEngine", "build", "chunked",
-           "config_model", "fields"]
+__all__ = [
+    "TYPES",
+    "ByteBudget",
+    "Emit",
+    "Reader",
+    "Source",
+    "SourceEngine",
+    "all_fields",
+    "build",
+    "chunked",
+    "config_model",
+    "describe_fields",
+    "fields",
+    "provides",
+]

@@ -13,7 +13,8 @@ A reader says what to read; the engine decides when (the Redpanda Connect input 
   of the input. `SourceUnavailable` = the connection is gone: the engine closes and reconnects.
 - `commit({stream: position})`: every message of those streams before `position` is settled.
 - `close()`: release the input (the engine commits first).
-Optional: `pause(stream)` / `resume(stream)` (stop fetching one stream; without them the engine
+Optional: `position_after(message)` (where reading resumes after one message; default offset + 1),
+`pause(stream)` / `resume(stream)` (stop fetching one stream; without them the engine
 stops calling `read()`), `bind(revoke)` (the reader gets `await revoke(streams)`, which commits and
 forgets those streams, ignoring late acks), `commit_interval` (seconds, default 1).
 
@@ -27,24 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential
 
-from relay.acks import ContiguousTracker
+from relay import events
+from relay.acks import Chunk, StreamAcks
 from relay.message import Message
-
-log = logging.getLogger("relay.sources")
 
 # Most messages handed to the pipeline in one call: small enough that the lanes get the loop back
 # often, large enough that the call overhead is shared. The one chunk size of the relay.
 EMIT_CHUNK = 50
-# Most messages one read() should return (a hint to readers: enough to share the call's cost).
+# Most messages, and about the most bytes, one read() should return (at least one message): enough
+# to share the call's cost, little enough that what is read beyond a cap or the byte budget is small.
 READ_MAX = 500
+READ_MAX_BYTES = 1024 * 1024
 # Default for `max_in_flight` when a reader does not set it.
 DEFAULT_MAX_IN_FLIGHT = 5000
 # Default byte budget of everything read and not yet settled, across all sources.
@@ -73,6 +75,10 @@ def chunked(emit: Emit) -> Emit:
 class SourceUnavailable(Exception):
     """The input cannot be reached now (connect) or the connection was lost (read): retry later."""
 
+    def fatal(self, seconds: float) -> Exception:
+        """The error to fail with when connecting did not succeed within `seconds`."""
+        return SourceFatal(f"{self} (still after {seconds:g}s)")
+
 
 class SourceFatal(Exception):
     """The input cannot run and waiting will not help (bad credentials, a missing secret)."""
@@ -80,9 +86,8 @@ class SourceFatal(Exception):
 
 @dataclass(slots=True)
 class Batch:
-    """Messages of one stream, in order. `messages[i].offset` is where message i starts (so the
-    position after message i is `messages[i+1].offset`); `end` is where reading resumes after the
-    last one."""
+    """Messages of one stream, in order; `end` is where reading resumes after the last one (the
+    position after any one message is the reader's `position_after(message)`, default offset + 1)."""
 
     stream: str
     messages: list[Message]
@@ -139,34 +144,21 @@ class ByteBudget:
 class _Stream:
     """One stream while the engine knows it: unsettled messages, held batches, pause state."""
 
-    __slots__ = ("gone", "held", "in_flight", "name", "nbytes", "paused")
+    __slots__ = ("acks", "gone", "held", "in_flight", "name", "nbytes", "partly", "paused")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.in_flight = 0
+        self.acks = StreamAcks()
+        self.in_flight = 0  # messages of chunks not settled completely
+        self.partly = 0  # of those, settled ones (counted only while paused, to resume on time)
         self.nbytes = 0
         self.held: deque[Batch] = deque()  # read beyond the cap, emitted once it has room
         self.paused = False
         self.gone = False
 
 
-class _Countdown:
-    """Settles a whole emitted batch when its last message is settled (one int per message)."""
-
-    __slots__ = ("end", "engine", "left", "nbytes", "size", "stream")
-
-    def __init__(self, engine: SourceEngine, stream: _Stream, left: int, end: int, nbytes: int) -> None:
-        self.engine = engine
-        self.stream = stream
-        self.size = left
-        self.left = left
-        self.end = end
-        self.nbytes = nbytes
-
-    def ack(self, _: Message) -> None:
-        self.left -= 1
-        if self.left == 0:
-            self.engine._batch_settled(self)
+def _next_offset(message: Message) -> int:
+    return message.offset + 1
 
 
 class SourceEngine:
@@ -180,8 +172,9 @@ class SourceEngine:
         self.cap = max_in_flight or getattr(reader, "max_in_flight", None) or DEFAULT_MAX_IN_FLIGHT
         self._resume_at = max(1, self.cap // 2)
         self._commit_interval = float(getattr(reader, "commit_interval", 1.0))
+        self._connect_timeout = float(getattr(reader, "connect_timeout", 0.0))
         self._can_pause = callable(getattr(reader, "pause", None)) and callable(getattr(reader, "resume", None))
-        self._tracker = ContiguousTracker()
+        self._after: Callable[[Message], int] = getattr(reader, "position_after", None) or _next_offset
         self._streams: dict[str, _Stream] = {}
         self._committed: dict[str, int] = {}
         self._queue: deque[tuple[_Stream, list[Message]]] = deque()
@@ -210,7 +203,7 @@ class SourceEngine:
 
     def in_flight(self) -> dict[str, int]:
         """Unsettled messages per stream (the cap counts these)."""
-        return {s.name: s.in_flight for s in self._streams.values()}
+        return {s.name: s.in_flight - s.partly for s in self._streams.values()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -254,14 +247,19 @@ class SourceEngine:
 
     async def _connect(self) -> None:
         self.connecting = True
+        timeout = self._connect_timeout
         retrying = AsyncRetrying(retry=retry_if_exception_type(SourceUnavailable),
                                  wait=wait_exponential(multiplier=CONNECT_BACKOFF_MIN, max=CONNECT_BACKOFF_MAX),
+                                 stop=stop_after_delay(timeout) if timeout > 0 else stop_never,
                                  before_sleep=self._connect_failed, reraise=True)
-        async for attempt in retrying:
-            with attempt:
-                if self._stopping.is_set():
-                    return
-                await self.reader.connect()
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if self._stopping.is_set():
+                        return
+                    await self.reader.connect()
+        except SourceUnavailable as err:
+            raise err.fatal(timeout) from None
         self._connected = True
         self.connecting = False
         self.last_error = ""
@@ -269,9 +267,7 @@ class SourceEngine:
     def _connect_failed(self, state: Any) -> None:
         error = state.outcome.exception() if state.outcome else None
         self.last_error = str(error) if error else ""
-        if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0:
-            log.warning("source %s: not reachable yet (%s); retrying", self.name, self.last_error,
-                        extra={"source": self.name, "attempt": state.attempt_number})
+        events.SourceUnreachable(self.name, self.last_error, state.attempt_number).emit()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -312,16 +308,14 @@ class SourceEngine:
         return False, None
 
     async def _reconnect(self, err: SourceUnavailable) -> None:
-        log.warning("source %s: connection lost (%s); reconnecting", self.name, err,
-                    extra={"source": self.name})
         self.last_error = str(err)
+        events.SourceUnreachable(self.name, self.last_error, lost=True).emit()
+        # Every stream starts again from its committed position: what is in flight is forgotten
+        # (its acks are ignored) and what was read and not emitted is read again.
+        await self.revoke(list(self._streams))
         self._connected = False
         with contextlib.suppress(Exception):
             await self.reader.close()
-        # What was read and not emitted is read again from the committed positions.
-        self._queue.clear()
-        for stream in list(self._streams.values()):
-            stream.held.clear()
         await self._connect()
 
     def _accept(self, batch: Batch) -> None:
@@ -332,39 +326,41 @@ class SourceEngine:
             stream = self._streams[batch.stream] = _Stream(batch.stream)
         stream.held.append(batch)
         self._release(stream)
-        if stream.held or stream.in_flight >= self.cap or self.budget.over:
+        if stream.held or stream.in_flight - stream.partly >= self.cap or self.budget.over:
             self._pause(stream)
             if self.budget.over:
                 self._pause_all_for_bytes()
 
     def _release(self, stream: _Stream) -> None:
         """Queue held batches of `stream` up to its cap; the rest stays held for the next acks."""
-        while stream.held and stream.in_flight < self.cap and not self.budget.over:
+        while stream.held and stream.in_flight - stream.partly < self.cap and not self.budget.over:
             batch = stream.held.popleft()
-            room = self.cap - stream.in_flight
+            room = self.cap - (stream.in_flight - stream.partly)
             messages = batch.messages
             if len(messages) > room:  # split at the cap; the tail waits, already read
                 rest = Batch(batch.stream, messages[room:], batch.end)
                 stream.held.appendleft(rest)
-                messages, end = messages[:room], messages[room].offset
+                messages, end = messages[:room], self._after(messages[room - 1])
             else:
                 end = batch.end
             self._queue_messages(stream, messages, end)
 
     def _queue_messages(self, stream: _Stream, messages: list[Message], end: int) -> None:
-        # One countdown per emitted chunk: acks cost one decrement, commits move chunk by chunk.
+        # One countdown per emitted chunk: an ack costs one decrement.
         for start in range(0, len(messages), EMIT_CHUNK):
             piece = messages[start:start + EMIT_CHUNK]
-            stop = start + EMIT_CHUNK
-            piece_end = messages[stop].offset if stop < len(messages) else end
+            piece_end = end if start + EMIT_CHUNK >= len(messages) else self._after(piece[-1])
             nbytes = sum(len(m.data) for m in piece)
-            ack = _Countdown(self, stream, len(piece), piece_end, nbytes).ack
+            chunk = Chunk(piece, piece_end, nbytes, partial(self._chunk_done, stream))
+            ack = chunk.ack
             for msg in piece:
                 msg.on_settled = ack
-            stream.in_flight += len(piece)
+            stream.in_flight += chunk.size
             stream.nbytes += nbytes
             self.budget.take(nbytes)
-            self._tracker.emitted(stream.name, piece_end)
+            if stream.paused:
+                chunk.watch = partial(self._chunk_progress, stream)
+            stream.acks.emitted(chunk)
             self._queue.append((stream, piece))
         self._queued.set()
 
@@ -374,6 +370,12 @@ class SourceEngine:
         if stream.paused:
             return
         stream.paused = True
+        # From now on every ack counts, so the stream resumes as soon as half of it settled.
+        watch = partial(self._chunk_progress, stream)
+        for chunk in stream.acks.chunks:
+            if chunk.left and chunk.watch is None:
+                chunk.watch = watch
+                stream.partly += chunk.size - chunk.left
         if self._can_pause:
             self.reader.pause(stream.name)  # type: ignore[attr-defined]
         else:
@@ -382,7 +384,7 @@ class SourceEngine:
     def _resume(self, stream: _Stream) -> None:
         if not stream.paused or stream.held or self._bytes_paused:
             return
-        stream.paused = False
+        stream.paused = False  # chunks watched so far stay watched: `partly` stays exact
         if self._can_pause:
             self.reader.resume(stream.name)  # type: ignore[attr-defined]
         elif not any(s.paused for s in self._streams.values()):
@@ -402,7 +404,7 @@ class SourceEngine:
         for stream in list(self._streams.values()):
             if not stream.gone:
                 self._release(stream)
-                if stream.in_flight <= self._resume_at:
+                if stream.in_flight - stream.partly <= self._resume_at:
                     self._resume(stream)
 
     # -- emitting ----------------------------------------------------------------------------
@@ -434,15 +436,25 @@ class SourceEngine:
 
     # -- settling and committing -----------------------------------------------------------------
 
-    def _batch_settled(self, countdown: _Countdown) -> None:
-        stream = countdown.stream
+    def _chunk_done(self, stream: _Stream, chunk: Chunk) -> None:
         if stream.gone:
             return  # revoked: the new owner reads it again
-        self._tracker.settled(stream.name, countdown.end)
-        stream.in_flight -= countdown.size
-        stream.nbytes -= countdown.nbytes
-        self.budget.give(countdown.nbytes)
-        if stream.paused and stream.in_flight <= self._resume_at:
+        stream.acks.chunk_done()
+        stream.in_flight -= chunk.size
+        if chunk.watch is not None:
+            stream.partly -= chunk.size - 1  # its earlier acks were counted one by one
+        stream.nbytes -= chunk.nbytes
+        self.budget.give(chunk.nbytes)
+        self._maybe_resume(stream)
+
+    def _chunk_progress(self, stream: _Stream, chunk: Chunk) -> None:
+        if stream.gone:
+            return
+        stream.partly += 1
+        self._maybe_resume(stream)
+
+    def _maybe_resume(self, stream: _Stream) -> None:
+        if stream.paused and stream.in_flight - stream.partly <= self._resume_at:
             self._release(stream)
             self._resume(stream)
 
@@ -457,12 +469,16 @@ class SourceEngine:
         async with self._commit_lock:
             positions: dict[str, int] = {}
             for stream in streams:
-                position = self._tracker.committable(stream.name)
+                position = stream.acks.position(self._after)
                 if position is not None and position != self._committed.get(stream.name):
                     positions[stream.name] = position
             if not positions:
                 return
-            await self.reader.commit(positions)
+            try:
+                await self.reader.commit(positions)
+            except Exception as err:  # not committed: the next commit tries again
+                events.SourceCommitFailed(self.name, str(err)).emit()
+                return
             self._committed.update(positions)
 
     async def revoke(self, names: Iterable[str]) -> None:
@@ -474,7 +490,6 @@ class SourceEngine:
         for stream in streams:
             stream.gone = True
             self.budget.give(stream.nbytes)
-            self._tracker.forget(stream.name)
             self._committed.pop(stream.name, None)
             del self._streams[stream.name]
         if streams:

@@ -19,35 +19,25 @@ does not make the consumer miss its poll deadline and leave the group.
 record has a `centrifugo-channels` header, publication data: the value is the data and the headers
 `centrifugo-channels` (comma-separated), `centrifugo-idempotency-key`, `centrifugo-delta`,
 `centrifugo-version`, `centrifugo-version-epoch` and `centrifugo-tag-<name>` carry the rest.
-The parsed intent is put in `Message.attributes["centrifugo"]`:
+The parsed record (relay/centrifugo_records.py, `CentrifugoRecord`) is put in
+`Message.attributes["centrifugo"]`. A record that cannot be understood (bad JSON, a method other
+than publish or broadcast, a bad header value) gets instead `Message.attributes["error"]` = the
+reason, and goes to the dead letter file. `Message.data` is always the record's value as read.
 
-    {"method": "publish" | "broadcast", "channels": [str, ...], "data": bytes,
-     "idempotency_key": str, "tags": {str: str}, "skip_history": bool, "delta": bool,
-     "version": int, "version_epoch": str}
-
-`data` is the payload's `data` as compact JSON text, or its `b64data` decoded. A record that cannot be
-understood (bad JSON, a method other than publish or broadcast, a bad header value) gets instead
-`Message.attributes["error"]` = the reason, and goes to the dead letter file. `Message.data` is always
-the record's value as it was read.
+Caps, pausing, emission, commits and connect retries are the source engine's
+(relay/sources/engine.py); this module says how to reach Kafka and what a record becomes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
-import math
 import re
 import ssl
 import time
-from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -60,25 +50,19 @@ from aiokafka.errors import (
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay import events
-from relay.acks import ContiguousTracker
 from relay.addresses import parse_host_port
+from relay.centrifugo_records import parse_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources import Emit
+from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.kafka")
 
-# Most records handed to the pipeline in one emit call.
-EMIT_BATCH = 1000
-# How long one poll waits for records; also how soon `stop()` is noticed.
+# The template fields and `when` keys of its messages.
+FIELDS = ("key", "topic", "partition", "offset", "timestamp", "header.*", "json.*")
+# How long one poll waits for records.
 POLL_TIMEOUT_MS = 100
-# Most records one poll returns; a paused partition holds at most this many beyond its cap.
-POLL_RECORDS = 500
-# After stop(), how long an emit under way may take before it is cancelled.
-STOP_GRACE = 2.0
-HEADER_PREFIX = "centrifugo-"
-SUPPORTED_METHODS = ("publish", "broadcast")
 
 
 class SaslConfig(BaseModel):
@@ -174,235 +158,126 @@ class Config(BaseModel):
         return self
 
 
-class KafkaSourceError(RuntimeError):
+class KafkaSourceError(SourceFatal):
     """The source cannot run: brokers unreachable, credentials refused, a secret missing."""
 
 
-# -- Centrifugo's consumer format -----------------------------------------------------------------
+class BrokersUnreachable(SourceUnavailable):
+    """No broker answered yet; after `connect_timeout` the engine gives up with `fatal()`."""
 
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+    def fatal(self, seconds: float) -> Exception:
+        return KafkaSourceError(f"{self.args[0]} within {seconds:g}s: {self.args[1]}")
 
-
-def _parse_bool(name: str, value: str) -> bool:
-    # Go's strconv.ParseBool, which Centrifugo uses for centrifugo-delta.
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"header {name}: {value!r} is not a boolean")
-
-
-# orjson reads integers past 64 bits as floats; values with such digit runs go the exact, slow way.
-_LONG_NUMBER = re.compile(rb"\d{19}")
-
-
-def _load_json(value: bytes | str) -> Any:
-    """JSON, fast where that is exact: orjson, else the standard library (big integers, 1e400,
-    lone surrogate escapes, and the error messages)."""
-    raw = value.encode() if isinstance(value, str) else value
-    if not _LONG_NUMBER.search(raw):
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise ValueError(f"number {text[:40]} is too large for JSON readers")
-    return number
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _compact_json(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError:  # an integer past 64 bits, read exactly by the standard library
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _from_headers(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    channels = [c.strip() for c in headers.get("centrifugo-channels", "").split(",") if c.strip()]
-    if not channels:
-        raise ValueError("header centrifugo-channels names no channel")
-    delta = headers.get("centrifugo-delta", "")
-    version = headers.get("centrifugo-version", "")
-    if version and not version.isdigit():
-        raise ValueError(f"header centrifugo-version: {version!r} is not an unsigned integer")
-    tag_prefix = HEADER_PREFIX + "tag-"
-    return {
-        "method": "publish" if len(channels) == 1 else "broadcast",
-        "channels": channels,
-        "data": value,
-        "idempotency_key": headers.get("centrifugo-idempotency-key", ""),
-        "tags": {k[len(tag_prefix):]: v for k, v in headers.items() if k.startswith(tag_prefix)},
-        "skip_history": False,
-        "delta": _parse_bool("centrifugo-delta", delta) if delta else False,
-        "version": int(version) if version else 0,
-        "version_epoch": headers.get("centrifugo-version-epoch", ""),
-    }
-
-
-def _from_command(method: str, payload: Any) -> dict[str, Any]:
-    if not method:
-        raise ValueError("Centrifugo command has no method")
-    if method not in SUPPORTED_METHODS:
-        raise ValueError(f"Centrifugo method {method!r} is not supported (only publish and broadcast)")
-    if isinstance(payload, str):  # Centrifugo also takes the payload as a JSON string (Debezium JSONB).
-        try:
-            payload = _load_json(payload)
-        except ValueError as err:
-            raise ValueError(f"{method} payload string is not JSON: {err}") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"{method} payload is not a JSON object")
-    if method == "publish":
-        channel = payload.get("channel")
-        if not isinstance(channel, str) or not channel:
-            raise ValueError("publish payload has no channel")
-        channels = [channel]
-    else:
-        listed = payload.get("channels")
-        if not isinstance(listed, list) or not listed or not all(isinstance(c, str) for c in listed):
-            raise ValueError("broadcast payload has no channels list")
-        channels = list(listed)
-    b64 = payload.get("b64data")
-    if b64:
-        try:
-            data = base64.b64decode(str(b64), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{method} payload b64data is not base64") from None
-    elif "data" in payload:
-        data = _compact_json(payload["data"])
-    else:
-        raise ValueError(f"{method} payload has no data")
-    tags = payload.get("tags") or {}
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
-        raise ValueError(f"{method} payload tags must map names to strings")
-    version = payload.get("version") or 0
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(f"{method} payload version must be an unsigned integer")
-    return {
-        "method": method,
-        "channels": channels,
-        "data": data,
-        "idempotency_key": str(payload.get("idempotency_key") or ""),
-        "tags": dict(tags),
-        "skip_history": bool(payload.get("skip_history", False)),
-        "delta": bool(payload.get("delta", False)),
-        "version": version,
-        "version_epoch": str(payload.get("version_epoch") or ""),
-    }
-
-
-def parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    """The publication a record in Centrifugo's consumer format asks for; ValueError says why not."""
-    try:
-        return _parse_centrifugo(value, headers)
-    except RecursionError:  # JSON nested deeper than Python's stack: a bad record, not a crash
-        raise ValueError("Centrifugo command is nested too deeply") from None
-
-
-def _parse_centrifugo(value: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    if "centrifugo-channels" in headers:
-        return _from_headers(value, headers)
-    method = headers.get("centrifugo-method", "")
-    try:
-        doc = _load_json(value)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"Centrifugo command is not JSON: {err}") from None
-    if method:
-        return _from_command(method, doc)
-    if not isinstance(doc, dict):
-        raise ValueError('Centrifugo command is not a {"method": ..., "payload": ...} object')
-    return _from_command(str(doc.get("method") or ""), doc.get("payload"))
+    def __str__(self) -> str:
+        return str(self.args[1])
 
 
 # -- the source ----------------------------------------------------------------------------------
 
 
 class _Partition:
-    """One partition while this relay owns it; acks for an older ownership are ignored."""
+    """One partition while this relay owns it."""
 
-    __slots__ = ("committed", "first_offset", "held", "owner", "paused", "revoked", "stream", "tp")
+    __slots__ = ("committed", "first_offset", "stream", "tp")
 
-    def __init__(self, owner: KafkaSource, tp: TopicPartition) -> None:
-        self.owner = owner
+    def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
         self.stream = f"{tp.topic}/{tp.partition}"
-        self.paused = False
-        self.revoked = False
         self.committed: int | None = None
         self.first_offset: int | None = None
-        self.held: list[Any] = []  # read, not yet emitted: over the cap (at most one poll's worth)
-
-    def ack(self, message: Message) -> None:
-        if not self.revoked:
-            self.owner._settled(self, message.offset + 1)
 
 
 class KafkaSource:
-    """Consumes topics in a consumer group; see the module docstring for the delivery rules."""
+    """Reads topics in a consumer group (a reader for relay/sources/engine.py); see the module
+    docstring for the delivery rules."""
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config = config
-        self._tracker = ContiguousTracker()
+        self.max_in_flight = config.max_in_flight_per_partition
+        self.commit_interval = config.commit_interval
+        self.connect_timeout = config.connect_timeout
         self._partitions: dict[TopicPartition, _Partition] = {}
-        self._queue: deque[tuple[_Partition, list[Message]]] = deque()
-        self._queued = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
+        self._by_stream: dict[str, _Partition] = {}
         self._consumer: AIOKafkaConsumer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._cap = config.max_in_flight_per_partition
-        self._resume_low = max(1, self._cap // 2)
+        self._revoke: Revoke | None = None
+        self._lag_at = 0.0
 
-    # -- public ------------------------------------------------------------------------------
+    # -- the reader contract -----------------------------------------------------------------
 
-    async def run(self, emit: Emit) -> None:
-        self._consumer = await self._connect()
-        self._tasks = [asyncio.create_task(self._emit_loop(emit), name=f"kafka-{self.name}-emit"),
-                       asyncio.create_task(self._commit_loop(), name=f"kafka-{self.name}-commit")]
+    def bind(self, revoke: Revoke) -> None:
+        self._revoke = revoke
+
+    async def connect(self) -> None:
+        consumer = self._new_consumer()
         try:
-            while not self._stopping.is_set():
-                try:
-                    batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                                           max_records=POLL_RECORDS)
-                except KafkaError as err:  # fatal for the client: authorization, a fenced member ...
-                    raise KafkaSourceError(f"kafka source {self.name!r}: {_describe(err)}") from err
-                for tp, records in batches.items():
-                    self._accept(tp, records)
-                for task in self._tasks:
-                    if task.done():
-                        task.result()  # a failed helper task fails the source
-        finally:
-            # An emit under way may finish (a batch cut in half would leave the pipeline waiting
-            # for messages it never got); one that the sink blocks is cancelled after the grace.
-            self._queued.set()
-            await asyncio.wait(self._tasks[:1], timeout=STOP_GRACE)
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks = []
+            await consumer.start()
+        except (KafkaError, OSError) as err:
+            await consumer.stop()
+            brokers = f"kafka source {self.name!r}: cannot connect to brokers {', '.join(self.config.brokers)} " \
+                      f"({self.config.security_protocol})"
+            refused = await self._refused()
+            if refused:
+                raise KafkaSourceError(f"{brokers}: {refused}") from None
+            raise BrokersUnreachable(brokers, _describe(err)) from None
+        self._consumer = consumer
+        log.info("kafka source %s: connected to %s, group %s", self.name, ",".join(self.config.brokers),
+                 self.config.group_id)
 
-    async def stop(self) -> None:
-        self._stopping.set()
+    async def read(self) -> list[Batch]:
+        assert self._consumer is not None
+        try:
+            polled = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=READ_MAX)
+        except KafkaError as err:  # fatal for the client: authorization, a fenced member ...
+            raise KafkaSourceError(f"kafka source {self.name!r}: {_describe(err)}") from err
+        batches = []
+        for tp, records in polled.items():
+            part = self._partitions.get(tp)
+            if part is None or not records:
+                continue  # not ours (any more): the owner reads them
+            if part.first_offset is None:
+                part.first_offset = records[0].offset
+            batches.append(Batch(part.stream, [self._message(part, r) for r in records], records[-1].offset + 1))
+        now = time.monotonic()
+        if now - self._lag_at >= self.commit_interval:
+            self._lag_at = now
+            events.KafkaLagMeasured(self.lag()).emit()
+        return batches
 
-    async def close(self) -> None:
-        consumer = self._consumer
-        if consumer is None:
+    async def commit(self, positions: dict[str, int]) -> None:
+        """Commit offsets of partitions still owned; raises when the group refused them."""
+        if self._consumer is None:
+            return
+        parts = [self._by_stream[s] for s in positions if s in self._by_stream]
+        offsets = {p.tp: positions[p.stream] for p in parts}
+        if not offsets:
             return
         try:
-            await self._commit(list(self._partitions.values()))
-        finally:
-            self._consumer = None
+            await self._consumer.commit(offsets)
+        except (KafkaError, IllegalStateError) as err:
+            raise KafkaSourceError(f"kafka source {self.name!r}: commit failed ({_describe(err)}); the "
+                                   "records will be read again unless a later commit succeeds") from None
+        for part in parts:
+            part.committed = offsets[part.tp]
+
+    def pause(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None and self._consumer is not None:
+            self._consumer.pause(part.tp)
+
+    def resume(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None and self._consumer is not None:
+            self._consumer.resume(part.tp)
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._partitions.clear()
+        self._by_stream.clear()
+        if consumer is not None:
             await consumer.stop()
+
+    # -- what operators and tests see -----------------------------------------------------------
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per owned partition: high watermark minus the committed (or first read) offset."""
@@ -419,10 +294,6 @@ class KafkaSource:
     def assigned(self) -> list[str]:
         """The partition streams ("topic/partition") this relay owns now."""
         return sorted(p.stream for p in self._partitions.values())
-
-    def in_flight(self) -> dict[str, int]:
-        """Unsettled (or not yet committable) records per owned partition stream."""
-        return {p.stream: self._tracker.in_flight(p.stream) for p in self._partitions.values()}
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -463,34 +334,6 @@ class KafkaSource:
             consumer.subscribe(topics=list(cfg.topics), listener=listener)
         return consumer
 
-    async def _connect(self) -> AIOKafkaConsumer:
-        """A started consumer; retries until `connect_timeout`, then a clear KafkaSourceError."""
-        deadline = time.monotonic() + self.config.connect_timeout
-        delay = 0.1
-        while True:
-            consumer = self._new_consumer()
-            try:
-                await consumer.start()
-                log.info("kafka source %s: connected to %s, group %s", self.name,
-                         ",".join(self.config.brokers), self.config.group_id)
-                return consumer
-            except (KafkaError, OSError) as err:
-                await consumer.stop()
-                why = _describe(err)
-                refused = await self._refused()
-                if refused:
-                    brokers = ", ".join(self.config.brokers)
-                    raise KafkaSourceError(f"kafka source {self.name!r}: cannot connect to brokers {brokers} "
-                                           f"({self.config.security_protocol}): {refused}") from None
-                if time.monotonic() + delay > deadline or self._stopping.is_set():
-                    raise KafkaSourceError(
-                        f"kafka source {self.name!r}: cannot connect to brokers "
-                        f"{', '.join(self.config.brokers)} ({self.config.security_protocol}) within "
-                        f"{self.config.connect_timeout:g}s: {why}") from None
-                log.warning("kafka source %s: brokers not reachable yet (%s); retrying", self.name, why)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
     async def _refused(self) -> str | None:
         """Why the first broker refuses this client for good (credentials, TLS trust), or None.
 
@@ -525,32 +368,7 @@ class KafkaSource:
         conn.close()
         return None
 
-    # -- reading -----------------------------------------------------------------------------
-
-    def _accept(self, tp: TopicPartition, records: Sequence[Any]) -> None:
-        part = self._partitions.get(tp)
-        if part is None or not records or self._consumer is None:
-            return  # not ours (any more): the owner reads them
-        if part.first_offset is None:
-            part.first_offset = records[0].offset
-        part.held.extend(records)
-        self._release(part)
-        if (part.held or self._tracker.in_flight(part.stream) >= self._cap) and not part.paused:
-            self._consumer.pause(tp)
-            part.paused = True
-
-    def _release(self, part: _Partition) -> None:
-        """Emit held records up to the cap. What is over it waits, already read, for acks: seeking
-        back instead would make the client fetch and decode it again."""
-        room = self._cap - self._tracker.in_flight(part.stream)
-        if room <= 0 or not part.held:
-            return
-        take, part.held = part.held[:room], part.held[room:]
-        messages = [self._message(part, record) for record in take]
-        for record in take:
-            self._tracker.emitted(part.stream, record.offset + 1)
-        self._queue.append((part, messages))
-        self._queued.set()
+    # -- records -----------------------------------------------------------------------------
 
     def _message(self, part: _Partition, record: Any) -> Message:
         headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (record.headers or ())}
@@ -559,85 +377,31 @@ class KafkaSource:
                                       "offset": record.offset, "timestamp": record.timestamp}
         if self.config.format == "centrifugo":
             try:
-                attributes["centrifugo"] = parse_centrifugo(value, headers)
+                attributes["centrifugo"] = parse_publication(value, headers)
             except ValueError as err:
                 attributes["error"] = str(err)
         key = record.key.decode("utf-8", "replace") if record.key is not None else None
         return Message(source=self.name, data=value, stream=part.stream, offset=record.offset, key=key,
-                       headers=headers, attributes=attributes, on_settled=part.ack)
-
-    async def _emit_loop(self, emit: Emit) -> None:
-        while True:
-            await self._queued.wait()
-            if self._stopping.is_set():
-                return  # what is still queued was never emitted: it is read again after a restart
-            batch: list[Message] = []
-            while self._queue and len(batch) < EMIT_BATCH:
-                part, messages = self._queue.popleft()
-                if not part.revoked:
-                    batch.extend(messages)
-            if not self._queue:
-                self._queued.clear()
-            if batch:
-                await emit(batch)
-
-    # -- acknowledging and committing ----------------------------------------------------------
-
-    def _settled(self, part: _Partition, next_offset: int) -> None:
-        self._tracker.settled(part.stream, next_offset)
-        if part.paused and self._tracker.in_flight(part.stream) <= self._resume_low:
-            self._release(part)
-            if not part.held and self._consumer is not None:
-                part.paused = False
-                self._consumer.resume(part.tp)
-
-    async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.commit_interval)
-            await self._commit(list(self._partitions.values()))
-            events.KafkaLagMeasured(self.lag()).emit()
-
-    async def _commit(self, parts: list[_Partition]) -> None:
-        """Commit the contiguous settled offset of each (still owned) partition that moved."""
-        async with self._commit_lock:
-            offsets: dict[TopicPartition, int] = {}
-            for part in parts:
-                position = self._tracker.committable(part.stream)
-                if not part.revoked and position is not None and position != part.committed:
-                    offsets[part.tp] = position
-            if not offsets or self._consumer is None:
-                return
-            try:
-                await self._consumer.commit(offsets)
-            except (KafkaError, IllegalStateError) as err:
-                log.warning("kafka source %s: commit failed (%s); the records will be read again "
-                            "unless a later commit succeeds", self.name, _describe(err))
-                return
-            for part in parts:
-                if part.tp in offsets:
-                    part.committed = offsets[part.tp]
+                       headers=headers, attributes=attributes)
 
     # -- rebalancing -------------------------------------------------------------------------
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         parts = [self._partitions[tp] for tp in revoked if tp in self._partitions]
-        await self._commit(parts)
+        if self._revoke is not None and parts:
+            await self._revoke([p.stream for p in parts])  # commits what settled, forgets the rest
         for part in parts:
-            part.revoked = True
-            self._tracker.forget(part.stream)
-            del self._partitions[part.tp]
+            del self._partitions[part.tp], self._by_stream[part.stream]
         events.KafkaLagMeasured({}, gone=[(p.tp.topic, p.tp.partition) for p in parts]).emit()
         if parts:
-            self._queue = deque(item for item in self._queue if not item[0].revoked)
             log.info("kafka source %s: partitions revoked: %s", self.name,
                      ", ".join(sorted(p.stream for p in parts)))
 
     def _assigned(self, assigned: set[TopicPartition]) -> None:
         fresh = [tp for tp in assigned if tp not in self._partitions]
         for tp in fresh:
-            part = _Partition(self, tp)
-            self._tracker.forget(part.stream)
-            self._partitions[tp] = part
+            part = self._partitions[tp] = _Partition(tp)
+            self._by_stream[part.stream] = part
         if fresh:
             log.info("kafka source %s: partitions assigned: %s", self.name,
                      ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in fresh)))

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.message import Message
-from relay.sources.engine import READ_MAX, Batch
+from relay.sources.engine import READ_MAX, READ_MAX_BYTES, Batch
 from relay.templates import Template
 from relay.units import Duration
 
@@ -33,7 +33,9 @@ class Config(BaseModel):
     @field_validator("data")
     @classmethod
     def _data(cls, value: str) -> str:
-        Template.compile(value)
+        for name in Template.compile(value).fields:
+            if name not in ("seq", "now", "source"):
+                raise ValueError(f"the ticker's data has no {{{{ {name} }}}} (it has seq, now, source)")
         return value
 
     @field_validator("cron")
@@ -65,6 +67,7 @@ class Ticker:
         self._stream = uuid.uuid4().hex[:12]
         self._seq = 0
         self._fast = not config.cron and config.interval == 0
+        self._read_max = max(1, min(READ_MAX, READ_MAX_BYTES // max(1, len(config.data))))
 
     def _message(self, seq: int) -> Message:
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -91,7 +94,7 @@ class Ticker:
             return None
         if not self._fast:
             await self._sleep_until_next()
-        n = min(READ_MAX, limit - self._seq) if (self._fast and limit) else (READ_MAX if self._fast else 1)
+        n = min(self._read_max, limit - self._seq) if (self._fast and limit) else (self._read_max if self._fast else 1)
         first = self._seq + 1
         self._seq += n
         return [Batch(self._stream, [self._message(seq) for seq in range(first, first + n)], end=self._seq + 1)]

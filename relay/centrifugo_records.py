@@ -1,0 +1,215 @@
+"""Centrifugo's consumer record forms, read into one typed value for every source.
+
+Centrifugo's own consumers (Kafka, PostgreSQL outbox, Redis Streams, NATS JetStream, ...) accept
+three forms (../shared/reference/centrifugo-consumers.md), and so does the relay:
+
+1. a command: the body is `{"method": "publish", "payload": {...}}`, the payload being the server
+   API request of that method (it may also be a JSON string: Debezium writes JSONB that way);
+2. the method beside the body: a header or field (`centrifugo-method` by default) names it and the
+   body is the bare request;
+3. publication data: when the record has a `centrifugo-channels` header or field, the body is the
+   data and `centrifugo-channels` (comma-separated: one channel is a publish, several a
+   broadcast), `centrifugo-idempotency-key`, `centrifugo-delta`, `centrifugo-version`,
+   `centrifugo-version-epoch` and `centrifugo-tag-<name>` carry the rest.
+
+`parse_record` returns a `CentrifugoRecord` for every method Centrifugo's consumers accept;
+`parse_publication` only for publish and broadcast (what the relay delivers today), with the reason
+in a ValueError for anything else, which the source turns into a dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+PREFIX = "centrifugo-"
+METHOD_FIELD = "centrifugo-method"
+CHANNELS_FIELD = "centrifugo-channels"
+PUBLICATION_METHODS = ("publish", "broadcast")
+# Other server API methods Centrifugo's consumers dispatch (read methods and `batch` they refuse).
+OTHER_METHODS = ("subscribe", "unsubscribe", "disconnect", "refresh", "history_remove",
+                 "update_user_status", "invalidate_user_tokens", "revoke_token",
+                 "send_push_notification", "update_push_status", "cancel_push",
+                 "device_register", "device_update", "device_remove", "device_topic_update",
+                 "user_topic_update")
+METHODS = PUBLICATION_METHODS + OTHER_METHODS
+
+
+@dataclass(frozen=True, slots=True)
+class CentrifugoRecord:
+    """What one record asks Centrifugo to do.
+
+    For publish and broadcast the publication fields are filled (`data` is the payload's `data` as
+    compact JSON text, or its `b64data` decoded); for other methods `payload` holds the request."""
+
+    method: str
+    channels: tuple[str, ...] = ()
+    data: bytes = b""
+    idempotency_key: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    skip_history: bool = False
+    delta: bool = False
+    version: int = 0
+    version_epoch: str = ""
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_publication(self) -> bool:
+        return self.method in PUBLICATION_METHODS
+
+
+def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
+    """The publish or broadcast a record asks for; ValueError says why it is none."""
+    record = parse_record(value, fields, method_field)
+    if not record.is_publication:
+        raise ValueError(f"Centrifugo method {record.method!r} is not supported (only publish and broadcast)")
+    return record
+
+
+def parse_record(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
+    """The command a record in any of Centrifugo's forms carries; ValueError says why it is not one.
+
+    `fields` are the record's headers (Kafka, NATS) or fields (Redis; columns of an outbox row)."""
+    try:
+        return _parse(value, fields, method_field)
+    except RecursionError:  # JSON nested deeper than Python's stack: a bad record, not a crash
+        raise ValueError("Centrifugo command is nested too deeply") from None
+
+
+def _parse(value: bytes, fields: Mapping[str, str], method_field: str) -> CentrifugoRecord:
+    if CHANNELS_FIELD in fields:
+        return _from_fields(value, fields)
+    method = fields.get(method_field, "")
+    try:
+        doc = load_json(value)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"Centrifugo command is not JSON: {err}") from None
+    if method:
+        return from_command(method, doc)
+    if not isinstance(doc, dict):
+        raise ValueError('Centrifugo command is not a {"method": ..., "payload": ...} object')
+    return from_command(str(doc.get("method") or ""), doc.get("payload"))
+
+
+def from_command(method: str, payload: Any) -> CentrifugoRecord:
+    """A command given as its method and its payload (a JSON object, or JSON text of one)."""
+    if not method:
+        raise ValueError("Centrifugo command has no method")
+    if method not in METHODS:
+        raise ValueError(f"Centrifugo method {method!r} is not supported (a consumer accepts "
+                         f"{', '.join(METHODS)})")
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = load_json(payload)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{method} payload string is not JSON: {err}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{method} payload is not a JSON object")
+    if method not in PUBLICATION_METHODS:
+        return CentrifugoRecord(method, payload=payload)
+    return _publication(method, payload)
+
+
+def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
+    if method == "publish":
+        channel = payload.get("channel")
+        if not isinstance(channel, str) or not channel:
+            raise ValueError("publish payload has no channel")
+        channels: tuple[str, ...] = (channel,)
+    else:
+        listed = payload.get("channels")
+        if not isinstance(listed, list) or not listed or not all(isinstance(c, str) for c in listed):
+            raise ValueError("broadcast payload has no channels list")
+        channels = tuple(listed)
+    b64 = payload.get("b64data")
+    if b64:
+        try:
+            data = base64.b64decode(str(b64), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{method} payload b64data is not base64") from None
+    elif "data" in payload:
+        data = _compact_json(payload["data"])
+    else:
+        raise ValueError(f"{method} payload has no data")
+    tags = payload.get("tags") or {}
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise ValueError(f"{method} payload tags must map names to strings")
+    version = payload.get("version") or 0
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{method} payload version must be an unsigned integer")
+    return CentrifugoRecord(
+        method, channels, data, idempotency_key=str(payload.get("idempotency_key") or ""), tags=dict(tags),
+        skip_history=bool(payload.get("skip_history", False)), delta=bool(payload.get("delta", False)),
+        version=version, version_epoch=str(payload.get("version_epoch") or ""))
+
+
+def _from_fields(value: bytes, fields: Mapping[str, str]) -> CentrifugoRecord:
+    channels = tuple(c.strip() for c in fields.get(CHANNELS_FIELD, "").split(",") if c.strip())
+    if not channels:
+        raise ValueError(f"header {CHANNELS_FIELD} names no channel")
+    delta = fields.get("centrifugo-delta", "")
+    version = fields.get("centrifugo-version", "")
+    if version and not version.isdigit():
+        raise ValueError(f"header centrifugo-version: {version!r} is not an unsigned integer")
+    tag_prefix = PREFIX + "tag-"
+    return CentrifugoRecord(
+        "publish" if len(channels) == 1 else "broadcast", channels, value,
+        idempotency_key=fields.get("centrifugo-idempotency-key", ""),
+        tags={k[len(tag_prefix):]: v for k, v in fields.items() if k.startswith(tag_prefix)},
+        delta=_parse_bool("centrifugo-delta", delta) if delta else False,
+        version=int(version) if version else 0, version_epoch=fields.get("centrifugo-version-epoch", ""))
+
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    # Go's strconv.ParseBool, which Centrifugo uses for centrifugo-delta.
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"header {name}: {value!r} is not a boolean")
+
+
+# orjson reads integers past 64 bits as floats; values with such digit runs go the exact, slow way.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def load_json(value: bytes | str) -> Any:
+    """JSON, fast where that is exact: orjson, else the standard library (big integers, 1e400,
+    lone surrogate escapes, and the error messages)."""
+    raw = value.encode() if isinstance(value, str) else value
+    if not _LONG_NUMBER.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"number {text[:40]} is too large for JSON readers")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _compact_json(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits, read exactly by the standard library
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

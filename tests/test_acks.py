@@ -1,0 +1,60 @@
+"""Contiguous acknowledgement tracking (relay/acks.py): what may be committed after which acks."""
+
+from __future__ import annotations
+
+from relay.acks import Chunk, ContiguousTracker, StreamAcks
+from relay.message import Message
+
+
+def chunk(acks: StreamAcks, first: int, n: int, done: list[Chunk]) -> list[Message]:
+    msgs = [Message("s", b"x", "a", offset=i) for i in range(first, first + n)]
+    c = Chunk(msgs, first + n, n, lambda c: (done.append(c), acks.chunk_done()))
+    for m in msgs:
+        m.on_settled = c.ack
+    acks.emitted(c)
+    return msgs
+
+
+def after(message: Message) -> int:
+    return message.offset + 1
+
+
+def test_out_of_order_acks_commit_only_the_settled_head() -> None:
+    acks, done = StreamAcks(), []
+    first = chunk(acks, 0, 5, done)
+    second = chunk(acks, 5, 5, done)
+    assert acks.position(after) is None
+    for m in second:
+        m.settle()  # the later chunk completes first: nothing before it is settled
+    assert len(done) == 1 and acks.position(after) is None
+    first[0].settle()
+    first[1].settle()
+    first[3].settle()
+    assert acks.position(after) == 2  # 2 is missing: 3 does not count
+    first[2].settle()
+    assert acks.position(after) == 4
+    first[4].settle()
+    assert acks.committable == 10 and acks.position(after) == 10 and acks.chunks == type(acks.chunks)()
+
+
+def test_a_chunk_counts_down_once_per_message() -> None:
+    acks, done = StreamAcks(), []
+    msgs = chunk(acks, 100, 3, done)
+    msgs[2].settle()
+    msgs[0].settle()
+    assert done == []
+    msgs[1].settle()
+    assert len(done) == 1 and acks.committable == 103
+
+
+def test_the_per_message_tracker_ignores_acks_of_a_forgotten_stream() -> None:
+    tracker = ContiguousTracker()
+    for end in (1, 2, 3):
+        tracker.emitted("t/0", end)
+    tracker.settled("t/0", 2)
+    assert tracker.committable("t/0") is None and tracker.in_flight("t/0") == 3
+    tracker.settled("t/0", 1)
+    assert tracker.committable("t/0") == 2
+    tracker.forget("t/0")
+    tracker.settled("t/0", 3)
+    assert tracker.committable("t/0") is None and tracker.streams() == []

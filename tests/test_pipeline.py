@@ -1,0 +1,124 @@
+"""The pipeline with an in-memory sink (the `Sink` protocol): order per channel, acks only after
+delivery, dead letters for what the sink refuses, bounded lanes, drain. The same guarantees against
+real servers: tests/test_sink.py, test_daemon.py, test_real_centrifugo*.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.config import parse_config
+from relay.dead_letter import DeadLetterFile
+from relay.message import Message
+from relay.pipeline import Pipeline
+from relay.routing import Publication, RoutingTable
+from relay.sinks import Failure, Failures, Sink
+
+
+class MemorySink:
+    """Keeps what it was given per channel; `gate` closed = the server does not answer."""
+
+    def __init__(self, refuse: Callable[[Publication], bool] = lambda pub: False) -> None:
+        self.healthy = True
+        self.last_error = ""
+        self.by_channel: dict[str, list[bytes]] = {}
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.refuse = refuse
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    async def deliver(self, pubs: list[Publication]) -> Failures:
+        await self.gate.wait()
+        self.calls += 1
+        failures: Failures = {}
+        for i, pub in enumerate(pubs):
+            if self.refuse(pub):
+                failures[i] = [Failure(c, 102, "unknown channel") for c in pub.channels]
+                continue
+            for channel in pub.channels:
+                self.by_channel.setdefault(channel, []).append(pub.data)
+        return failures
+
+
+def pipeline(sink: Sink, tmp_path: Path, lanes: int = 4, batch_max_size: int = 10) -> Pipeline:
+    config = parse_config('[sources.events]\ntype = "ticker"\n'
+                          '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.room }}"\n')
+    routes = RoutingTable(config.routes, config.relay.unmatched)
+    p = Pipeline(routes, sink, DeadLetterFile(tmp_path / "dead.jsonl"), lanes=lanes,
+                 batch_max_size=batch_max_size, batch_linger=0.0)
+    p.start()
+    return p
+
+
+def messages(n: int, rooms: int, settled: list[int]) -> list[Message]:
+    def ack(msg: Message) -> None:
+        settled.append(msg.offset)
+    return [Message("events", json.dumps({"room": i % rooms, "n": i}).encode(), "s", offset=i, on_settled=ack)
+            for i in range(n)]
+
+
+async def test_every_channel_gets_its_messages_in_order_and_each_is_acked_after_delivery(tmp_path: Path) -> None:
+    sink = MemorySink()
+    p = pipeline(sink, tmp_path)
+    settled: list[int] = []
+    batch = messages(1000, rooms=7, settled=settled)
+    for start in range(0, 1000, 50):
+        await p.emit(batch[start:start + 50])
+    assert await p.drain(5)
+    assert sorted(settled) == list(range(1000))
+    for room in range(7):
+        got = [json.loads(d)["n"] for d in sink.by_channel[f"chat:{room}"]]
+        assert got == list(range(room, 1000, 7))
+    await p.stop()
+
+
+async def test_nothing_is_acked_while_the_sink_does_not_answer_and_emit_blocks_at_the_lane_bound(
+        tmp_path: Path) -> None:
+    sink = MemorySink()
+    sink.gate.clear()
+    p = pipeline(sink, tmp_path, lanes=1, batch_max_size=10)  # a lane holds 4 batches: 40
+    settled: list[int] = []
+    batch = messages(200, rooms=1, settled=settled)
+    emitted = 0
+
+    async def feed() -> None:
+        nonlocal emitted
+        for start in range(0, 200, 10):
+            await p.emit(batch[start:start + 10])
+            emitted = start + 10
+
+    feeder = asyncio.create_task(feed())
+    await asyncio.sleep(0.1)
+    assert settled == [] and not feeder.done()
+    assert emitted <= 60, emitted  # 40 queued, 10 in the call that blocks, one put past the bound
+    assert not await p.drain(0.05)
+    sink.gate.set()
+    await feeder
+    assert await p.drain(5)
+    assert sorted(settled) == list(range(200))
+    await p.stop()
+
+
+async def test_a_refused_publication_is_a_dead_letter_and_still_settles(tmp_path: Path) -> None:
+    sink = MemorySink(refuse=lambda pub: pub.channels == ["chat:3"])
+    p = pipeline(sink, tmp_path)
+    settled: list[int] = []
+    await p.emit(messages(10, rooms=5, settled=settled))
+    assert await p.drain(5)
+    await p.stop()
+    assert sorted(settled) == list(range(10))
+    lines = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert sorted(json.loads(line["data"])["n"] for line in lines) == [3, 8]
+    assert all("unknown channel" in line["reason"] for line in lines)
+    assert "chat:3" not in sink.by_channel

@@ -183,13 +183,16 @@ def _parse_bool(name: str, value: str) -> bool:
 
 # orjson reads integers past 64 bits as floats; values with such digit runs go the exact, slow way.
 _LONG_NUMBER = re.compile(rb"\d{19}")
+_DIGITS = b"0123456789"
 
 
 def load_json(value: bytes | str) -> Any:
     """JSON, fast where that is exact: orjson, else the standard library (big integers, 1e400,
     lone surrogate escapes, and the error messages)."""
     raw = value.encode() if isinstance(value, str) else value
-    if not _LONG_NUMBER.search(raw):
+    # Counting digits (one C pass, 0.2 µs) spares most records the regex (1.1 µs): no run of 19
+    # digits without 19 digits.
+    if len(raw) - len(raw.translate(None, _DIGITS)) < 19 or not _LONG_NUMBER.search(raw):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -186,10 +186,13 @@ class SinkRetrying:
 
 @dataclass(slots=True, frozen=True)
 class BatchSent:
-    """One Batch request reached Centrifugo and was answered."""
+    """One Batch request of `size` publications reached Centrifugo and was answered."""
+
+    size: int
 
     def emit(self) -> None:
         metrics.SINK_BATCHES.inc()
+        metrics.SINK_BATCH_SIZE.observe(self.size)
 
 
 @dataclass(slots=True, frozen=True)

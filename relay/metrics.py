@@ -22,6 +22,9 @@ PUBLICATIONS = Counter(
     "letter line), retried (publications that needed at least one retry; each counts once).",
     ["result"], registry=REGISTRY)
 SINK_BATCHES = Counter("relay_sink_batches", "Batches sent to Centrifugo.", registry=REGISTRY)
+SINK_BATCH_SIZE = Histogram(
+    "relay_sink_batch_size", "Publications per Batch call Centrifugo answered.", registry=REGISTRY,
+    buckets=(1, 10, 50, 100, 200, 300, 400, 500, 1000, 2500, 10000))
 SINK_RETRIES = Counter(
     "relay_sink_retries", "Sink calls retried, by reason (unavailable, deadline_exceeded, unauthenticated, "
     "temporary_error ...).", ["reason"], registry=REGISTRY)

@@ -313,7 +313,7 @@ class GrpcCentrifugoSink:
             except grpc.aio.AioRpcError as err:
                 too_large = self._learn_limit(err, sum(sizes[i] for i in chunk))
                 raise too_large or await self._failed(err) from None
-            events.BatchSent().emit()
+            events.BatchSent(len(chunk)).emit()
             self._succeeded()
             if _accepted_replies(raw) == len(chunk):
                 for i in chunk:

@@ -59,6 +59,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str
         for name, r in compare.items():
             add(f"(3) relay ÷ Centrifugo's own consumer, {name}", r["relay_over_centrifugo"],
                 GOAL_OF_CENTRIFUGO, "{:.2f}")
+    outbox = _figures(results, "postgres")
+    for name, r in (outbox or {}).items():
+        add(f"(8) PostgreSQL outbox: relay ÷ Centrifugo's postgresql consumer, {name}", r["relay_over_centrifugo"],
+            GOAL_OF_CENTRIFUGO, "{:.2f}")
     for section in ("latency-file", "latency-kafka"):
         latency = _figures(results, section)
         for r in (latency or {}).values():
@@ -214,6 +218,20 @@ HOW = {
         worker; its group created at 0 first) and the relay (`format = "centrifugo"`, its defaults)
         each drain it into a fresh real Centrifugo with a group of their own, measured as in (3);
         after each drain the total and every channel's last publication are checked."""),
+    "nats": _text("""
+        Messages in Centrifugo's command form on a JetStream stream (12 channels, subjects
+        `chat.cmp-<c>`). Centrifugo's own `nats_jetstream` consumer (its defaults: max_ack_pending
+        100) and the relay (`type = "nats"`, `format = "centrifugo"`, its defaults) each drain it
+        into a fresh real Centrifugo, each time with a durable consumer of its own (deliver all),
+        counted as in (3); the median of the drains counts, and each drain is checked complete."""),
+    "postgres": _text("""
+        An outbox table in Centrifugo's layout (12 channels, each in one partition; 1 and 3
+        partitions), one fresh copy of the backlog per drain in PostgreSQL 15. Centrifugo's own
+        consumer (`consumers: [{type: "postgresql", postgresql: {dsn, outbox_table_name,
+        num_partitions}}]`, its defaults otherwise) and the relay (postgres source, `format =
+        "centrifugo"`, its defaults) each drain it into a fresh real Centrifugo; rates are measured as
+        in (3), and after each drain the total, every channel's last publication and the empty table
+        are checked."""),
     "latency": _text("""
         The bench process writes at a fixed rate, each message carrying the CLOCK_MONOTONIC time of
         its write (file: an unbuffered append; Kafka: just before the aiokafka producer's `send`,
@@ -315,11 +333,15 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
             if "latency" in plots:
                 out += ["", f"![latency]({plots['latency']})"]
         out += ["", f"How: {HOW['latency']}"]
-    section("7. ", "redis", "Redis Streams → real Centrifugo: the relay beside Centrifugo's own consumer",
-            _redis_table, "redis")
     section("6. ", "sizes", "Throughput against message size", _size_table, "sizes", "sizes")
     section("7. ", "fanout", "WebSocket fan-out: the embedded server beside real Centrifugo", _fanout_table,
             "fanout")
+    section("8. ", "postgres", "PostgreSQL outbox → real Centrifugo: the relay beside Centrifugo's own postgresql "
+            "consumer (goal 1.0)", _compare_table, "postgres")
+    section("9. ", "redis", "Redis Streams → real Centrifugo: the relay beside Centrifugo's own consumer "
+            "(goal 1.0)", _redis_table, "redis")
+    section("10. ", "nats", "NATS JetStream → real Centrifugo: the relay beside Centrifugo's own nats_jetstream "
+            "consumer (goal 1.0)", _compare_table, "nats")
     section("", "server", "Context: the embedded server alone", _server_table, "server")
     section("", "pipeline", "Context: ticker → relay serve", _pipeline_table, "pipeline")
     if "throughput" in plots:

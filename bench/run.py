@@ -35,7 +35,9 @@ from bench import (  # noqa: E402
     file_bench,
     kafka_bench,
     latency_bench,
+    nats_bench,
     pipeline_bench,
+    postgres_bench,
     redis_bench,
     report,
     rig,
@@ -56,6 +58,8 @@ class Params:
     kafka_count: int = 200_000
     compare_count: int = 200_000
     compare_repeats: int = 3
+    nats_count: int = 100_000
+    postgres_rows: int = 100_000
     partitions: tuple[int, ...] = (1, 6)
     latency_rates: tuple[float, ...] = (1000, 10000)
     latency_seconds: float = 10.0
@@ -72,7 +76,7 @@ FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
                compare_count=20_000, compare_repeats=1, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
                size_min_lines=200, fanout_subscribers=100, fanout_rate=200, fanout_seconds=1.0,
-               redis_count=10_000)
+               redis_count=10_000, nats_count=20_000, postgres_rows=20_000)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,14 @@ SECTIONS: dict[str, Section] = {
         "Redis Streams → real Centrifugo: relay vs Centrifugo's own redis_stream consumer", False,
         lambda p, _: redis_bench.run(p.redis_count, p.compare_repeats),
         lambda p: f"{PY} bench/redis_bench.py --count {p.redis_count} --repeats {p.compare_repeats}"),
+    "nats": Section(
+        "NATS JetStream → real Centrifugo: relay vs Centrifugo's own consumer", False,
+        lambda p, _: nats_bench.run(p.nats_count, p.compare_repeats),
+        lambda p: f"{PY} bench/nats_bench.py --count {p.nats_count} --repeats {p.compare_repeats}"),
+    "postgres": Section(
+        "PostgreSQL outbox → real Centrifugo: relay vs Centrifugo's own postgresql consumer", False,
+        lambda p, _: postgres_bench.run(p.postgres_rows, postgres_bench.PARTITIONS, p.compare_repeats),
+        lambda p: f"{PY} bench/postgres_bench.py --count {p.postgres_rows} --repeats {p.compare_repeats}"),
 }
 
 

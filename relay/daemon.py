@@ -102,8 +102,9 @@ class Relay:
         if ready:
             return (f"running: {len(self.sources)} source(s), {len(cfg.routes)} route(s), "
                     f"Centrifugo at {cfg.sink.address} answers")
-        if self.state == "running":
-            return f"waiting for Centrifugo at {cfg.sink.address}: {why}"
+        if self.state == "running" and (self.sink is None or not self.sink.healthy):
+            error = self.sink.last_error if self.sink is not None else ""
+            return f"waiting for Centrifugo at {cfg.sink.address}: sink not connected{': ' + error if error else ''}"
         return why
 
     async def _supervise(self) -> None:

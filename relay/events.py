@@ -210,6 +210,22 @@ class RedisGroupMeasured:
 
 
 @dataclass(slots=True, frozen=True)
+class SourceLagMeasured:
+    """What a source's streams have pending (its reader's `pending()`); streams gone stop being reported."""
+
+    source: str
+    lags: Mapping[str, int]
+    gone: Iterable[str] = ()
+
+    def emit(self) -> None:
+        for stream, lag in self.lags.items():
+            metrics.SOURCE_LAG.labels(source=self.source, stream=stream).set(lag)
+        for stream in self.gone:
+            with contextlib.suppress(KeyError):
+                metrics.SOURCE_LAG.remove(self.source, stream)
+
+
+@dataclass(slots=True, frozen=True)
 class KafkaLagMeasured:
     """Consumer lag of the partitions a Kafka source owns; partitions it gave up stop being reported."""
 
@@ -222,3 +238,17 @@ class KafkaLagMeasured:
         for topic, partition in self.gone:
             with contextlib.suppress(KeyError):
                 metrics.KAFKA_LAG.remove(topic, str(partition))
+
+
+@dataclass(slots=True, frozen=True)
+class NatsPendingMeasured:
+    """A NATS source's durable consumer: messages not yet delivered to it, and delivered but unacked."""
+
+    source: str
+    consumer: str
+    pending: int
+    ack_pending: int
+
+    def emit(self) -> None:
+        metrics.NATS_PENDING.labels(source=self.source, consumer=self.consumer).set(self.pending)
+        metrics.NATS_ACK_PENDING.labels(source=self.source, consumer=self.consumer).set(self.ack_pending)

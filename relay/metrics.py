@@ -37,6 +37,13 @@ KAFKA_LAG = Gauge("relay_kafka_lag", "High watermark minus committed offset.", [
 REDIS_PENDING = Gauge("relay_redis_pending", "Entries read by the group and not yet acknowledged.",
                       ["stream"], registry=REGISTRY)
 REDIS_LAG = Gauge("relay_redis_lag", "Entries not yet read by the group.", ["stream"], registry=REGISTRY)
+SOURCE_LAG = Gauge("relay_source_lag", "Messages of a stream not yet read or not yet committed, as its "
+                   "source counts them (rows pending in an outbox partition ...).", ["source", "stream"],
+                   registry=REGISTRY)
+NATS_PENDING = Gauge("relay_nats_pending", "Messages of the stream not yet delivered to the durable consumer.",
+                     ["source", "consumer"], registry=REGISTRY)
+NATS_ACK_PENDING = Gauge("relay_nats_ack_pending", "Messages delivered to the durable consumer and not yet acked.",
+                         ["source", "consumer"], registry=REGISTRY)
 FILE_CHECKPOINTS = Counter("relay_file_checkpoints", "Checkpoint files written.", registry=REGISTRY)
 FILES_WATCHED = Gauge("relay_files_watched", "Files being tailed.", registry=REGISTRY)
 DEAD_LETTERS = Counter("relay_dead_letters", "Dead letters written, by reason.", ["reason"],

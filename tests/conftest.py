@@ -3,6 +3,8 @@
 pytest_plugins = [
     "tests.harness.embedded",
     "tests.harness.kafka",
+    "tests.harness.nats",
+    "tests.harness.postgres",
     "tests.harness.centrifugo",
     "tests.harness.subscriber",
     "tests.harness.client_targets",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import centrifugo_bench, kafka_bench, latency_bench, report, run
+from bench import centrifugo_bench, kafka_bench, latency_bench, nats_bench, postgres_bench, report, run
 from tests.harness.kafka import KafkaBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +62,19 @@ def test_the_fanout_benchmark_runs(tmp_path: Path, centrifugo_bin: Path) -> None
     for server in ("embedded", "centrifugo"):
         assert figures[server]["deliveries"] == figures[server]["expected_deliveries"] == 100 * 200
     assert "WebSocket fan-out" in out.read_text()
+
+
+def test_the_nats_benchmark_runs(centrifugo_bin: Path, tmp_path: Path) -> None:
+    both = nats_bench.run(2000, repeats=1)["1 stream"]
+    assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 2000
+    text = report.markdown({**json.loads((ROOT / "bench" / "results.json").read_text())["machine"]},
+                           {"nats": {"figures": {"1 stream": both}, "seconds": 1, "command": "x"}}, {})
+    assert "NATS JetStream → real Centrifugo" in text
+def test_the_postgres_benchmark_runs(postgres_server: Any, centrifugo_bin: Path, tmp_path: Path) -> None:
+    compare = postgres_bench.run(2000, (2,), repeats=1)
+    both = compare["2 partitions"]
+    assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 2000
+    assert both["relay"]["rows_left"] == both["centrifugo"]["rows_left"] == 0
+    text = report.markdown(json.loads((ROOT / "bench" / "results.json").read_text())["machine"],
+                           {"postgres": {"command": "postgres_bench", "seconds": 1, "figures": compare}}, {})
+    assert "8. PostgreSQL outbox" in text and "(8) PostgreSQL outbox" in text

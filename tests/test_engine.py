@@ -274,3 +274,25 @@ def test_readyz_says_connecting_to_the_source_until_its_brokers_answer(tmp_path:
         assert relay.metric("relay_ready") == 0
     finally:
         relay.stop()
+
+
+async def test_a_readers_pending_counts_become_the_source_lag_metric() -> None:
+    from relay import metrics
+
+    class Pending(ListReader):
+        async def pending(self) -> dict[str, int]:
+            return {s: self.total - n for s, n in self.next.items()}
+
+    reader = Pending(streams=("p0", "p1"), total=100, size=10)
+    engine = SourceEngine("lagged", reader, max_in_flight=30)
+    task = asyncio.create_task(engine.run(Collect()))
+
+    def lag(stream: str) -> float | None:
+        return metrics.REGISTRY.get_sample_value("relay_source_lag", {"source": "lagged", "stream": stream})
+
+    await until(lambda: lag("p0") == 70 and lag("p1") == 70)  # 30 read (the cap), 70 to go
+    assert reader.revoke is not None
+    await reader.revoke(["p1"])
+    assert lag("p1") is None
+    await engine.stop()
+    await task

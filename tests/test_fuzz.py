@@ -111,7 +111,7 @@ VOCABULARY = sorted(_field_names(Config, set()).union(
     *(_field_names(sources.config_model(t), set()) for t in sources.TYPES)) | {"sources", "routes"})
 SCALARS = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["ticker", "file", "kafka", "5s", "0s", "1MiB", "chat:{{ key }}", "{{ json.a }}",
+    st.sampled_from(["ticker", "file", "kafka", "nats", "5s", "0s", "1MiB", "chat:{{ key }}", "{{ json.a }}",
                      "127.0.0.1:9092", "json", "raw", "wrap", "**/*.log", "PLAIN", "SASL_SSL", "*/5 * * * *",
                      "-1ms", "9" * 40 + "d"]),
     st.integers(min_value=-(2**63), max_value=2**63 - 1), st.booleans(),
@@ -120,10 +120,10 @@ KEYS = st.one_of(st.sampled_from(VOCABULARY), st.text(max_size=6))
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=5)), max_leaves=25)
 SOURCE_TABLE = st.fixed_dictionaries(
-    {"type": st.sampled_from(["ticker", "file", "kafka"])},
+    {"type": st.sampled_from(["ticker", "file", "kafka", "nats"])},
     optional={k: VALUES for k in ("interval", "count", "data", "paths", "brokers", "topics", "cron",
                                   "max_line_bytes", "sasl", "tls", "security_protocol", "read_from",
-                                  "format")})
+                                  "format", "stream", "url", "subjects", "durable", "ack_wait")})
 ROUTE_TABLE = st.fixed_dictionaries(
     {"source": st.sampled_from(["a", "b", "c"])},
     optional={k: VALUES for k in ("channel", "channels", "data", "tags", "when", "continue", "skip_history")})
@@ -381,11 +381,10 @@ address = "{server.address}"
 api_key_env = "FUZZ_SINK_KEY"
 max_message_bytes = "1MiB"
 retry = {{ initial_backoff = "1ms", max_backoff = "50ms" }}
-[sources.fuzz]  # never started: its type only says which fields the routes may use
+[sources.fuzz]
 type = "kafka"
-brokers = ["127.0.0.1:9"]
+brokers = ["127.0.0.1:9092"]
 topics = ["fuzz"]
-group_id = "fuzz"
 {PIPELINE_ROUTES}""")
     loop = asyncio.new_event_loop()
     sink = GrpcCentrifugoSink(config.sink)

@@ -128,7 +128,7 @@ def test_the_checks_see_what_they_must() -> None:
     """The graph is read right: known edges are there, and a cycle or an upward import is found."""
     edges = graph()
     assert "relay.pipeline" in edges["relay.daemon"] and "relay.daemon" in edges["relay.cli"]
-    assert "relay.sinks" in edges["relay.pipeline"] and "relay.sinks.grpc_centrifugo" in edges["relay.daemon"]
+    assert "relay.sinks" in edges["relay.pipeline"]  # the Sink protocol, not a sink
     assert "relay.server.app" in edges["relay.daemon"]  # an import inside a function counts too
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
     assert layer("relay.sources.file") > layer("relay.pipeline") > layer("relay.daemon") > layer("relay.cli")

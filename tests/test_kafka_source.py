@@ -291,7 +291,7 @@ async def test_start_from_latest_skips_the_backlog_and_earliest_reads_it(kafka_b
     source = source_for(kafka_broker, topic, unique("g"), start_from="latest")
     async with running(source, latest):
         await until(lambda: bool(reader(source).assigned()), what="assignment")
-        await asyncio.sleep(1.0)  # the start position is resolved after assignment
+        assert await reader(source).position(f"{topic}/0") == 5  # resolved to the end, after assignment
         await kafka_broker.produce(topic, [b"new-%d" % i for i in range(3)])
         await latest.wait_for(3)
         await asyncio.sleep(0.3)

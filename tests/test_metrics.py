@@ -22,7 +22,8 @@ SPEC_METRICS = {
     "relay_file_checkpoints_total": "counter", "relay_files_watched": "gauge",
     "relay_dead_letters_total": "counter", "relay_ready": "gauge",
     "relay_dead_letter_write_errors_total": "counter",
-    "relay_redis_pending": "gauge", "relay_redis_lag": "gauge",
+    "relay_redis_pending": "gauge", "relay_redis_lag": "gauge", "relay_source_lag": "gauge",
+    "relay_nats_pending": "gauge", "relay_nats_ack_pending": "gauge",  # issue 18: pending per consumer
 }
 
 

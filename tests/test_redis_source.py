@@ -201,7 +201,7 @@ async def test_centrifugo_forms_and_poison_entries(redis_server: RedisServer) ->
     assert intents[0] is not None and (intents[0].channels, intents[0].data) == (("chat:a",), b'{"n":1}')
     assert intents[1] is not None and (intents[1].method, intents[1].channels) == (
         "broadcast", ("chat:a", "chat:b"))
-    assert intents[2] is not None and (intents[2].channels, intents[2].tags) == (("chat:c",), {"region": "eu"})
+    assert intents[2] is not None and (intents[2].channels, dict(intents[2].tags)) == (("chat:c",), {"region": "eu"})
     assert "not JSON" in messages[3].attributes["error"]
     assert messages[4].attributes["error"] == "entry has no field 'payload'"
 

@@ -11,7 +11,9 @@ from relay.config import parse_config
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
 
-SOURCES = '[sources.events]\ntype = "ticker"\n[sources.logs]\ntype = "ticker"\n'
+# Routes may use only the fields their source provides: events are Kafka records, logs file lines.
+SOURCES = ('[sources.events]\ntype = "kafka"\nbrokers = ["127.0.0.1:9092"]\ntopics = ["chat-events"]\n'
+           '[sources.logs]\ntype = "file"\npaths = ["/var/log/app/*.log"]\n[sources.tick]\ntype = "ticker"\n')
 
 
 def table(routes: str, unmatched: str = "drop") -> RoutingTable:
@@ -59,14 +61,20 @@ def test_file_and_ticker_fields() -> None:
 [[routes]]
 source = "logs"
 channel = "chat:{{ file.name }}"
-tags = { path = "{{ file.path }}", line = "{{ file.line }}", seq = "{{ seq }}", now = "{{ now }}" }
+tags = { path = "{{ file.path }}", line = "{{ file.line }}" }
+[[routes]]
+source = "tick"
+channel = "chat:tick"
+tags = { seq = "{{ seq }}", now = "{{ now }}" }
 ''')
     msg = Message(source="logs", data=b"{}", stream="f1", offset=10,
-                  attributes={"file.path": "/var/log/app.log", "file.name": "app.log", "file.line": 3,
-                              "seq": 9, "now": "2026-01-01T00:00:00Z"})
+                  attributes={"file.path": "/var/log/app.log", "file.name": "app.log", "file.line": 3})
     pub = one(routes.route(msg))
     assert pub.channels == ["chat:app.log"]
-    assert pub.tags == {"path": "/var/log/app.log", "line": "3", "seq": "9", "now": "2026-01-01T00:00:00Z"}
+    assert pub.tags == {"path": "/var/log/app.log", "line": "3"}
+    tick = Message(source="tick", data=b"{}", stream="run", offset=9,
+                   attributes={"seq": 9, "now": "2026-01-01T00:00:00Z"})
+    assert one(routes.route(tick)).tags == {"seq": "9", "now": "2026-01-01T00:00:00Z"}
 
 
 def test_missing_field_is_a_rejection_with_reason() -> None:
@@ -156,11 +164,12 @@ def test_data_modes() -> None:
     assert raw.data == b"plain \xff line"
     _, rejects = table(base + 'data = "raw"\n').route(Message(source="logs", data=b""))
     assert "empty" in rejects[0].reason
-    templated = one(table(base + 'data = \'{"seq": {{ seq }}, "src": "{{ source }}"}\'\n').route(
-        Message(source="logs", data=b"", attributes={"seq": 5})))
-    assert json.loads(templated.data) == {"seq": 5, "src": "logs"}
-    _, rejects = table(base + "data = '{\"k\": {{ seq }}'\n").route(Message(source="logs", data=b"",
-                                                                           attributes={"seq": 5}))
+    ticks = '[[routes]]\nsource = "tick"\nchannel = "chat:x"\n'
+    templated = one(table(ticks + 'data = \'{"seq": {{ seq }}, "src": "{{ source }}"}\'\n').route(
+        Message(source="tick", data=b"", attributes={"seq": 5})))
+    assert json.loads(templated.data) == {"seq": 5, "src": "tick"}
+    _, rejects = table(ticks + "data = '{\"k\": {{ seq }}'\n").route(Message(source="tick", data=b"",
+                                                                            attributes={"seq": 5}))
     assert "rendered data is not JSON" in rejects[0].reason
 
 

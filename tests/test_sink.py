@@ -36,6 +36,19 @@ def dead_letters(relay: RelayProcess) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def settled_history(server: Any, timeout: float = 10.0) -> list[int]:
+    """The channel's seqs once the frozen relay's last requests were answered: the same twice in a row."""
+    deadline = time.monotonic() + timeout
+    last = seqs(server.address, "chat:index", server.api_key)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = seqs(server.address, "chat:index", server.api_key)
+        if now == last:
+            return now
+        last = now
+    raise TimeoutError("the channel's history kept changing with the relay stopped")
+
+
 def test_sink_frozen_for_5s_loses_nothing_and_keeps_order(embedded_server: Any, tmp_path: Path) -> None:
     """The server stops answering (SIGSTOP) mid-stream for 5 s: every tick arrives once, in order."""
     n = 400
@@ -65,8 +78,7 @@ def test_sink_restarted_mid_stream_loses_nothing(embedded_server: Any, tmp_path:
     # Freeze the relay so nothing more reaches the server, read what the server holds, kill it.
     assert relay.process is not None
     os.kill(relay.process.pid, signal.SIGSTOP)
-    time.sleep(0.5)  # requests already on the wire are answered
-    first_life = seqs(embedded_server.address, "chat:index", embedded_server.api_key)
+    first_life = settled_history(embedded_server)  # requests already on the wire are answered
     embedded_server.kill()
     os.kill(relay.process.pid, signal.SIGCONT)
     time.sleep(5)

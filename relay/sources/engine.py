@@ -14,14 +14,17 @@ A reader says what to read; the engine decides when (the Redpanda Connect input 
 - `commit({stream: position})`: every message of those streams before `position` is settled.
 - `close()`: release the input (the engine commits first).
 Optional: `position_after(message)` (where reading resumes after one message; default offset + 1),
+`async pending() -> {stream: n}` (what is left to read per stream: the `relay_source_lag` metric),
 `pause(stream)` / `resume(stream)` (stop fetching one stream; without them the engine
 stops calling `read()`), `bind(revoke)` (the reader gets `await revoke(streams)`, which commits and
-forgets those streams, ignoring late acks), `commit_interval` (seconds, default 1).
+forgets those streams, ignoring late acks); attributes `max_in_flight` (the per-stream cap, default
+5000), `commit_interval` (seconds, default 1), `connect_timeout` (seconds; 0 = retry forever).
 
 The engine owns: per-stream caps in messages (pause at `max_in_flight`, resume at half) and a
 byte budget shared by every source (`relay.max_buffer_bytes`), contiguous commits (periodic,
 on revoke, at close), connecting with backoff, emission in chunks of `EMIT_CHUNK`, the tasks and
-their stop. Acks are counted once per batch, not per message: the hot path stays short.
+their stop. An ack is one countdown per emitted chunk, not per-message bookkeeping; where the
+settled run ends inside a chunk is found only when committing (relay/acks.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ EMIT_CHUNK = 50
 # to share the call's cost, little enough that what is read beyond a cap or the byte budget is small.
 READ_MAX = 500
 READ_MAX_BYTES = 1024 * 1024
+# Caps up to this resume exactly at half (see SourceEngine._exact).
+EXACT_CAP = 20 * EMIT_CHUNK
 # Default for `max_in_flight` when a reader does not set it.
 DEFAULT_MAX_IN_FLIGHT = 5000
 # Default byte budget of everything read and not yet settled, across all sources.
@@ -171,6 +176,10 @@ class SourceEngine:
         self.budget = budget or ByteBudget()
         self.cap = max_in_flight or getattr(reader, "max_in_flight", None) or DEFAULT_MAX_IN_FLIGHT
         self._resume_at = max(1, self.cap // 2)
+        # With a small cap a chunk is a large share of it: a paused stream then counts its acks one
+        # by one to resume exactly at half. With a large one, whole chunks are counted (cheaper; it
+        # may resume a few chunks late).
+        self._exact = self.cap <= EXACT_CAP
         self._commit_interval = float(getattr(reader, "commit_interval", 1.0))
         self._connect_timeout = float(getattr(reader, "connect_timeout", 0.0))
         self._can_pause = callable(getattr(reader, "pause", None)) and callable(getattr(reader, "resume", None))
@@ -179,6 +188,7 @@ class SourceEngine:
         self._committed: dict[str, int] = {}
         self._queue: deque[tuple[_Stream, list[Message]]] = deque()
         self._queued = asyncio.Event()
+        self._emptied = asyncio.Event()  # the emitter handed over everything queued
         self._room = asyncio.Event()  # set while reading may go on (readers without pause)
         self._room.set()
         self._stopping = asyncio.Event()
@@ -212,11 +222,13 @@ class SourceEngine:
         emitter = asyncio.create_task(self._emit_loop(emit), name=f"source-{self.name}-emit")
         committer = asyncio.create_task(self._commit_loop(), name=f"source-{self.name}-commit")
         try:
-            await self._read_loop(emitter)
-            # The end of the input: what was read still goes out before run returns.
-            self._queued.set()
-            while (self._queue or any(s.held for s in self._streams.values())) and not emitter.done():
-                await asyncio.sleep(0.01)
+            ended = await self._read_loop(emitter)
+            # At the end of the input, what was read still goes out before run returns.
+            while ended and (self._queue or any(s.held for s in self._streams.values())) and not emitter.done():
+                self._emptied.clear()
+                emptied = asyncio.ensure_future(self._emptied.wait())
+                await asyncio.wait([emitter, emptied], return_when=asyncio.FIRST_COMPLETED)
+                emptied.cancel()
         finally:
             self._stopping.set()
             self._queued.set()
@@ -232,6 +244,7 @@ class SourceEngine:
         """Stop reading soon; run returns. What was emitted keeps settling."""
         self._stopping.set()
         self._room.set()
+        self._queued.set()  # the emitter wakes up, and returns
 
     async def close(self) -> None:
         """After the drain: commit what settled, then close the reader."""
@@ -271,7 +284,8 @@ class SourceEngine:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read_loop(self, emitter: asyncio.Task[None]) -> None:
+    async def _read_loop(self, emitter: asyncio.Task[None]) -> bool:
+        """Read until stop (False) or the end of the input (True)."""
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await self._race(self._connect(), stop)
@@ -280,18 +294,20 @@ class SourceEngine:
                     await self._race(self._room.wait(), stop)
                     continue
                 if emitter.done():
-                    return  # the emitter failed: run() raises its error
+                    return False  # the emitter failed: run() raises its error
                 try:
                     done, batches = await self._race(self.reader.read(), stop)
                 except SourceUnavailable as err:
-                    await self._reconnect(err)
+                    await self._lost(err)
+                    await self._race(self._connect(), stop)
                     continue
                 if not done:
-                    return
+                    return False
                 if batches is None:
-                    return  # end of the input
+                    return True
                 for batch in batches:
                     self._accept(batch)
+            return False
         finally:
             stop.cancel()
 
@@ -307,7 +323,7 @@ class SourceEngine:
             await task
         return False, None
 
-    async def _reconnect(self, err: SourceUnavailable) -> None:
+    async def _lost(self, err: SourceUnavailable) -> None:
         self.last_error = str(err)
         events.SourceUnreachable(self.name, self.last_error, lost=True).emit()
         # Every stream starts again from its committed position: what is in flight is forgotten
@@ -316,7 +332,6 @@ class SourceEngine:
         self._connected = False
         with contextlib.suppress(Exception):
             await self.reader.close()
-        await self._connect()
 
     def _accept(self, batch: Batch) -> None:
         if not batch.messages:
@@ -350,15 +365,17 @@ class SourceEngine:
         for start in range(0, len(messages), EMIT_CHUNK):
             piece = messages[start:start + EMIT_CHUNK]
             piece_end = end if start + EMIT_CHUNK >= len(messages) else self._after(piece[-1])
-            nbytes = sum(len(m.data) for m in piece)
-            chunk = Chunk(piece, piece_end, nbytes, partial(self._chunk_done, stream))
+            chunk = Chunk(piece, piece_end, 0, partial(self._chunk_done, stream))
             ack = chunk.ack
+            nbytes = 0
             for msg in piece:
                 msg.on_settled = ack
+                nbytes += len(msg.data)
+            chunk.nbytes = nbytes
             stream.in_flight += chunk.size
             stream.nbytes += nbytes
             self.budget.take(nbytes)
-            if stream.paused:
+            if stream.paused and self._exact:
                 chunk.watch = partial(self._chunk_progress, stream)
             stream.acks.emitted(chunk)
             self._queue.append((stream, piece))
@@ -370,12 +387,17 @@ class SourceEngine:
         if stream.paused:
             return
         stream.paused = True
+        if not self._exact:
+            return self._stop_fetching(stream)
         # From now on every ack counts, so the stream resumes as soon as half of it settled.
         watch = partial(self._chunk_progress, stream)
         for chunk in stream.acks.chunks:
             if chunk.left and chunk.watch is None:
                 chunk.watch = watch
                 stream.partly += chunk.size - chunk.left
+        self._stop_fetching(stream)
+
+    def _stop_fetching(self, stream: _Stream) -> None:
         if self._can_pause:
             self.reader.pause(stream.name)  # type: ignore[attr-defined]
         else:
@@ -414,25 +436,39 @@ class SourceEngine:
             await self._queued.wait()
             if self._stopping.is_set() and not self._queue:
                 return
-            chunk: list[Message] = []
-            while self._queue and len(chunk) < EMIT_CHUNK:
-                stream, messages = self._queue[0]
-                if stream.gone:
-                    self._queue.popleft()
-                    continue
-                room = EMIT_CHUNK - len(chunk)
-                if len(messages) <= room:
-                    chunk.extend(messages)
-                    self._queue.popleft()
-                else:
-                    chunk.extend(messages[:room])
-                    self._queue[0] = (stream, messages[room:])
+            chunk = self._next_chunk()
             if not self._queue:
                 self._queued.clear()
             if chunk:
                 await emit(chunk)
+                # Routing chunk after chunk would hold the loop while a lane's reply waits; a lane
+                # that can send its next batch right away keeps the server busy.
+                await asyncio.sleep(0)
+            if not self._queue:
+                self._emptied.set()
             if self._stopping.is_set():
                 return  # what is still queued was never emitted: read again after a restart
+
+    def _next_chunk(self) -> list[Message]:
+        """Up to EMIT_CHUNK queued messages: a full piece as it is, small pieces put together."""
+        queue = self._queue
+        chunk: list[Message] = []
+        while queue and len(chunk) < EMIT_CHUNK:
+            stream, messages = queue[0]
+            if stream.gone:
+                queue.popleft()
+                continue
+            if not chunk and len(messages) == EMIT_CHUNK:
+                queue.popleft()
+                return messages
+            room = EMIT_CHUNK - len(chunk)
+            if len(messages) <= room:
+                chunk += messages
+                queue.popleft()
+            else:
+                chunk += messages[:room]
+                queue[0] = (stream, messages[room:])
+        return chunk
 
     # -- settling and committing -----------------------------------------------------------------
 
@@ -459,10 +495,13 @@ class SourceEngine:
             self._resume(stream)
 
     async def _commit_loop(self) -> None:
+        pending = getattr(self.reader, "pending", None)
         while True:
             await asyncio.sleep(self._commit_interval)
             if self._connected:
                 await self._commit(list(self._streams.values()))
+                if callable(pending):
+                    events.SourceLagMeasured(self.name, await pending()).emit()
 
     async def _commit(self, streams: list[_Stream]) -> None:
         """Commit the contiguous settled position of each known stream that moved."""
@@ -487,6 +526,8 @@ class SourceEngine:
         streams = [self._streams[n] for n in names if n in self._streams]
         if self._connected:
             await self._commit(streams)
+        if streams and callable(getattr(self.reader, "pending", None)):
+            events.SourceLagMeasured(self.name, {}, gone=[s.name for s in streams]).emit()
         for stream in streams:
             stream.gone = True
             self.budget.give(stream.nbytes)

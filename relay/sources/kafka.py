@@ -291,6 +291,13 @@ class KafkaSource:
                 out[(tp.topic, tp.partition)] = max(0, high - base)
         return out
 
+    async def position(self, stream: str) -> int:
+        """The offset this relay reads next in an owned partition (waits until it is resolved)."""
+        part = self._by_stream[stream]
+        assert self._consumer is not None
+        offset: int = await self._consumer.position(part.tp)
+        return offset
+
     def assigned(self) -> list[str]:
         """The partition streams ("topic/partition") this relay owns now."""
         return sorted(p.stream for p in self._partitions.values())

@@ -24,7 +24,7 @@ reads them in id order, then new ones: strict order per stream even with several
 `format = "centrifugo"` reads what Centrifugo's `redis_stream` consumer reads: field `payload`
 holding `{"method": ..., "payload": {...}}`; or field `method` beside a bare request in `payload`;
 or publication data mode: `payload` is the data and the fields `centrifugo-channels`, ... carry the
-rest (see relay/centrifugo_records.py). `format = "data"`: field `payload` is the data.
+rest (relay/centrifugo_records.py). `format = "data"`: field `payload` is the data.
 An entry without the field, or one Centrifugo could not take, goes to the dead letter file (and is
 XACKed).
 """
@@ -53,7 +53,7 @@ from redis.exceptions import (
 )
 
 from relay import events
-from relay.centrifugo_records import parse_record
+from relay.centrifugo_records import parse_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, SourceUnavailable
@@ -364,14 +364,14 @@ class RedisReader:
             attributes["error"] = f"entry has no field {self.config.payload_field!r}"
         elif self.config.format == "centrifugo":
             try:
-                attributes["centrifugo"] = parse_record(data, self._headers(fields))
+                attributes["centrifugo"] = parse_publication(data, self._headers(fields))
             except ValueError as err:
                 attributes["error"] = str(err)
         return Message(source=self.name, data=data, stream=stream.name, offset=entry_offset(entry_id),
                        attributes=attributes)
 
     def _headers(self, fields: dict[str, bytes]) -> dict[str, str]:
-        """The entry's fields in the shape parse_record reads (centrifugo-* and the method)."""
+        """The entry's fields in the shape parse_publication reads (centrifugo-* and the method)."""
         headers = {k: v.decode("utf-8", "replace") for k, v in fields.items() if k.startswith(FIELD_PREFIX)}
         method = fields.get(self.config.method_field)
         if method is not None and "centrifugo-channels" not in headers:

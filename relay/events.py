@@ -88,12 +88,9 @@ class MessagesSettled:
 
     def emit(self) -> None:
         now = time.monotonic()
-        per_source: Counter[str] = Counter()
-        latencies = []
-        for msg in self.messages:
-            latencies.append(now - msg.read_at)
-            per_source[msg.source] += 1
-        metrics.observe_latencies(latencies)
+        messages = self.messages if isinstance(self.messages, list) else list(self.messages)
+        per_source = Counter(msg.source for msg in messages)
+        metrics.observe_latencies([now - msg.read_at for msg in messages])
         for source, count in per_source.items():
             metrics.IN_FLIGHT.labels(source=source).dec(count)
 

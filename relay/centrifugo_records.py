@@ -121,6 +121,10 @@ def from_command(method: str, payload: Any) -> CentrifugoRecord:
 
 
 def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
+    if len(payload) == 2 and method == "publish":  # the common {"channel", "data"}: nothing optional
+        channel = payload.get("channel")
+        if isinstance(channel, str) and channel and "data" in payload:
+            return CentrifugoRecord(method, (channel,), _compact_json(payload["data"]))
     if method == "publish":
         channel = payload.get("channel")
         if not isinstance(channel, str) or not channel:

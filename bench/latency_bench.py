@@ -11,6 +11,10 @@ A History follower in a process of its own (bench/rig.py `Tail`) asks the server
 its last position every millisecond and notes, per publication, arrival minus `t`: p50, p99, p99.9
 and max. The follower's polling adds up to about a millisecond (the interval plus one History call).
 
+For Kafka, the same records at the same rate are also read by a bare aiokafka consumer in a process
+of its own (no group, no commits, the relay's fetch_max_wait of 100 ms), on a topic of its own, in the
+same run: producer → consumer, the floor any Kafka reader has here (`bare_p99_ms` beside `p99_ms`).
+
 Beside it, the relay's own histogram `relay_publish_latency_seconds` (from the source read to
 accepted, no polling in it): the share of publications within 10 ms, one of its bucket bounds.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,12 +174,76 @@ def kafka_latency(address: str, broker: Any, rate: float, seconds: float, workdi
             return loop.run_until_complete(produce(count, rate))
 
         warm_ups = _wait_first(address, channel, relay, warm_up)
-        return {"source": "kafka", **_measure(address, channel, relay, rate, seconds, drive, warm_ups)}
+        measured = _measure(address, channel, relay, rate, seconds, drive, warm_ups)
+        relay.stop()
+        bare = bare_kafka_latency(broker, rate, seconds, loop, producer)
+        return {"source": "kafka", **measured, **{f"bare_{k}": v for k, v in bare.items()}}
     finally:
         if producer is not None:
             loop.run_until_complete(producer.stop())
         loop.close()
         relay.stop()
+
+
+def bare_kafka_latency(broker: Any, rate: float, seconds: float, loop: asyncio.AbstractEventLoop,
+                       producer: Any) -> dict[str, float]:
+    """The same records at the same rate read by a bare aiokafka consumer in another process:
+    produce → consumed, the floor of any Kafka reader on this machine."""
+    from tests.harness.kafka import run_sync
+
+    topic = f"latency-bare-{int(rate)}-{time.monotonic_ns()}"
+    run_sync(broker.create_topic(topic, 1))
+    count = max(1, int(rate * seconds))
+    consumer = subprocess.Popen([sys.executable, __file__, "--bare-consumer", broker.bootstrap, topic, str(count)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert consumer.stdout is not None
+        if consumer.stdout.readline().strip() != "ready":
+            raise RuntimeError("the bare Kafka consumer did not start")
+
+        async def produce() -> None:
+            started = time.monotonic()
+            pending = []
+            for i in range(count):
+                pause = started + i / rate - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                pending.append(await producer.send(topic, b'{"t": %.6f, "n": %d}' % (time.monotonic(), i)))
+            await asyncio.gather(*pending)
+
+        loop.run_until_complete(produce())
+        out, _ = consumer.communicate(timeout=seconds + 90)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+    return rig.percentiles(json.loads(out))
+
+
+def _bare_consumer(bootstrap: str, topic: str, count: int) -> None:
+    """Read `count` records of partition 0 from the start; print their latencies (s) as JSON."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def consume() -> list[float]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    fetch_max_wait_ms=100, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            await consumer.position(tp)
+            print("ready", flush=True)
+            latencies: list[float] = []
+            while len(latencies) < count:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.monotonic()
+                    latencies.extend(now - json.loads(r.value)["t"] for r in records)
+            return latencies
+        finally:
+            await consumer.stop()
+
+    print(json.dumps(asyncio.run(consume())), flush=True)
 
 
 def run(rates: tuple[float, ...] = RATES, seconds: float = 10.0, sources: tuple[str, ...] = SOURCES,
@@ -202,11 +271,11 @@ def run(rates: tuple[float, ...] = RATES, seconds: float = 10.0, sources: tuple[
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'source at rate':<16} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>9} {'max ms':>7} "
-             f"{'≤10ms (histogram)':>18}"]
+             f"{'≤10ms (histogram)':>18} {'bare aiokafka p99 ms':>21}"]
     for name, r in results.items():
         share = r["histogram_within_10ms"]
         lines.append(f"{name:<16} {r['p50_ms']:>7} {r['p99_ms']:>7} {r['p999_ms']:>9} {r['max_ms']:>7} "
-                     f"{'' if share is None else f'{share:.2%}':>18}")
+                     f"{'' if share is None else f'{share:.2%}':>18} {r.get('bare_p99_ms', ''):>21}")
     return "\n".join(lines)
 
 
@@ -217,7 +286,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--source", choices=SOURCES, action="append", help="default: file and kafka")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--bare-consumer", nargs=3, metavar=("BOOTSTRAP", "TOPIC", "COUNT"),
+                        help=argparse.SUPPRESS)  # the bare aiokafka consumer's own process
     args = parser.parse_args()
+    if args.bare_consumer:
+        _bare_consumer(args.bare_consumer[0], args.bare_consumer[1], int(args.bare_consumer[2]))
+        return
     results = run(tuple(args.rate or RATES), args.seconds, tuple(args.source or SOURCES))
     print(json.dumps(results, indent=2) if args.json else table(results))
 

@@ -223,7 +223,8 @@ class SinkSection(Model):
     tls: SinkTls = Field(default_factory=lambda: SinkTls.model_validate({}))
     timeout: Annotated[Duration, Field(gt=0)] = Field(5.0, description="Per-call deadline.")
     batch_max_size: int = Field(500, ge=1, le=10000)
-    batch_linger: Duration = Field(0.0, description="How long a lane waits to fill a batch that is not full.")
+    batch_linger: Duration = Field(0.0, description="How long a lane waits to fill a batch that is not full "
+                                                    "(0: only while the sources keep adding to it).")
     max_in_flight: int = Field(4, ge=1, le=256, description="Batches in flight at once (ordered lanes).")
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig.model_validate({}))
     idempotency: bool = Field(True, description="Every publication carries an idempotency key.")

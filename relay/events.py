@@ -88,12 +88,9 @@ class MessagesSettled:
 
     def emit(self) -> None:
         now = time.monotonic()
-        per_source: Counter[str] = Counter()
-        latencies = []
-        for msg in self.messages:
-            latencies.append(now - msg.read_at)
-            per_source[msg.source] += 1
-        metrics.observe_latencies(latencies)
+        messages = self.messages if isinstance(self.messages, list) else list(self.messages)
+        per_source = Counter(msg.source for msg in messages)
+        metrics.observe_latencies([now - msg.read_at for msg in messages])
         for source, count in per_source.items():
             metrics.IN_FLIGHT.labels(source=source).dec(count)
 
@@ -186,10 +183,13 @@ class SinkRetrying:
 
 @dataclass(slots=True, frozen=True)
 class BatchSent:
-    """One Batch request reached Centrifugo and was answered."""
+    """One Batch request of `size` publications reached Centrifugo and was answered."""
+
+    size: int
 
     def emit(self) -> None:
         metrics.SINK_BATCHES.inc()
+        metrics.SINK_BATCH_SIZE.observe(self.size)
 
 
 @dataclass(slots=True, frozen=True)

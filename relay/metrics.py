@@ -7,7 +7,7 @@ topics and partitions.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -22,6 +22,9 @@ PUBLICATIONS = Counter(
     "letter line), retried (publications that needed at least one retry; each counts once).",
     ["result"], registry=REGISTRY)
 SINK_BATCHES = Counter("relay_sink_batches", "Batches sent to Centrifugo.", registry=REGISTRY)
+SINK_BATCH_SIZE = Histogram(
+    "relay_sink_batch_size", "Publications per Batch call Centrifugo answered.", registry=REGISTRY,
+    buckets=(1, 10, 50, 100, 200, 300, 400, 500, 1000, 2500, 10000))
 SINK_RETRIES = Counter(
     "relay_sink_retries", "Sink calls retried, by reason (unavailable, deadline_exceeded, unauthenticated, "
     "temporary_error ...).", ["reason"], registry=REGISTRY)
@@ -71,11 +74,11 @@ def observe_latencies(seconds: list[float]) -> None:
     exported histogram, so a change there fails a test rather than skewing figures.
     """
     hist = PUBLISH_LATENCY
-    bounds = hist._upper_bounds
-    counts = [0] * len(bounds)
-    for value in seconds:
-        counts[bisect_left(bounds, value)] += 1
-    hist._sum.inc(sum(seconds))
-    for i, n in enumerate(counts):
-        if n:
-            hist._buckets[i].inc(n)
+    ordered = sorted(seconds)  # then one search per bucket bound, not one per message
+    below = 0
+    for bucket, bound in zip(hist._buckets, hist._upper_bounds, strict=True):
+        upto = bisect_right(ordered, bound)  # values <= bound, as Prometheus' `le` counts them
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
+    hist._sum.inc(sum(ordered))

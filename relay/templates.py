@@ -73,6 +73,13 @@ class Template:
         """
         if not self.fields:
             text = self.literals[0]
+        elif len(self.fields) == 1:  # the common `chat:{{ key }}`: no list, no join
+            value = lookup(self.fields[0])
+            if value is None:
+                raise TemplateError(f"template {self.source!r}: message has no {self.fields[0]!r}")
+            text = self.literals[0] + value + self.literals[1]
+            if limit is not None and len(text) > limit:
+                raise self._too_long(limit)
         else:
             out = [self.literals[0]]
             length = len(self.literals[0])

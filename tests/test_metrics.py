@@ -16,7 +16,8 @@ from tests.harness.relay_process import RelayProcess
 
 SPEC_METRICS = {
     "relay_source_messages_total": "counter", "relay_publications_total": "counter",
-    "relay_sink_batches_total": "counter", "relay_sink_retries_total": "counter",
+    "relay_sink_batches_total": "counter", "relay_sink_batch_size": "histogram",
+    "relay_sink_retries_total": "counter",
     "relay_publish_latency_seconds": "histogram", "relay_in_flight": "gauge", "relay_kafka_lag": "gauge",
     "relay_file_checkpoints_total": "counter", "relay_files_watched": "gauge",
     "relay_dead_letters_total": "counter", "relay_ready": "gauge",

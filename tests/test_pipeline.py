@@ -122,3 +122,47 @@ async def test_a_refused_publication_is_a_dead_letter_and_still_settles(tmp_path
     assert sorted(json.loads(line["data"])["n"] for line in lines) == [3, 8]
     assert all("unknown channel" in line["reason"] for line in lines)
     assert "chat:3" not in sink.by_channel
+
+
+class SizesSink(MemorySink):
+    """A MemorySink that notes how many publications each call carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def deliver(self, pubs: list[Publication]) -> Failures:
+        self.sizes.append(len(pubs))
+        await asyncio.sleep(0.001)  # a server's round trip: the source goes on meanwhile
+        return await super().deliver(pubs)
+
+
+async def test_batches_fill_under_a_backlog(tmp_path: Path) -> None:
+    """A source that keeps emitting chunks of 50, one chunk per loop turn (as the source engine
+    does), fills the lane's batches to batch_max_size instead of sending what the first chunks held."""
+    sink = SizesSink()
+    p = pipeline(sink, tmp_path, lanes=1, batch_max_size=500)
+    settled: list[int] = []
+    batch = messages(5000, rooms=1, settled=settled)
+    for start in range(0, 5000, 50):
+        await p.emit(batch[start:start + 50])
+        await asyncio.sleep(0)
+    assert await p.drain(5)
+    assert len(settled) == 5000
+    assert sum(sink.sizes) == 5000
+    assert sum(sink.sizes) / len(sink.sizes) >= 400, sink.sizes
+
+
+async def test_a_lone_message_is_sent_at_once(tmp_path: Path) -> None:
+    """Filling a batch waits only while more keeps coming: one message does not wait for company."""
+    sink = SizesSink()
+    p = pipeline(sink, tmp_path, lanes=1, batch_max_size=500)
+    settled: list[int] = []
+    await p.emit(messages(1, rooms=1, settled=settled))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not settled:
+        await asyncio.sleep(0)
+    assert sink.sizes == [1]
+    assert loop.time() - started < 0.05
+    await p.stop()

@@ -313,11 +313,14 @@ class GrpcCentrifugoSink:
             except grpc.aio.AioRpcError as err:
                 too_large = self._learn_limit(err, sum(sizes[i] for i in chunk))
                 raise too_large or await self._failed(err) from None
-            events.BatchSent().emit()
+            events.BatchSent(len(chunk)).emit()
             self._succeeded()
             if _accepted_replies(raw) == len(chunk):
-                for i in chunk:
-                    del owed[i]
+                if len(chunk) == len(owed):
+                    owed.clear()
+                else:
+                    for i in chunk:
+                        del owed[i]
                 continue
             response = v6.BatchResponse.FromString(raw)
             if len(response.replies) != len(chunk):
@@ -352,11 +355,12 @@ class GrpcCentrifugoSink:
     def _chunks(self, sizes: list[int], owed: dict[int, list[str]]) -> list[list[int]]:
         """Split what is owed into Batch requests that fit max_message_bytes, keeping order."""
         limit = self._limit
-        if sum(sizes[i] for i in owed) <= limit:
-            return [sorted(owed)]
+        # `owed` keeps its keys in order: they were added in order and are only ever removed.
+        if (sum(sizes) if len(owed) == len(sizes) else sum(sizes[i] for i in owed)) <= limit:
+            return [list(owed)]
         chunks: list[list[int]] = [[]]
         size = 0
-        for i in sorted(owed):
+        for i in owed:
             item = sizes[i]
             if chunks[-1] and size + item > limit:
                 chunks.append([])
@@ -416,13 +420,20 @@ def _accepted_replies(raw: bytes) -> int:
 
 def _size(pub: Publication, channels: list[str]) -> int:
     """An upper bound of the bytes one command takes in a request (strings count in UTF-8)."""
-    size = len(pub.data) + COMMAND_OVERHEAD + len(pub.idempotency_key.encode())
-    size += len(pub.version_epoch.encode())
+    size = len(pub.data) + COMMAND_OVERHEAD + _utf8_len(pub.idempotency_key)
+    if pub.version_epoch:
+        size += _utf8_len(pub.version_epoch)
     for channel in channels:
-        size += len(channel.encode()) + CHANNEL_OVERHEAD
-    for key, value in pub.tags.items():
-        size += len(key.encode()) + len(value.encode()) + TAG_OVERHEAD
+        size += _utf8_len(channel) + CHANNEL_OVERHEAD
+    if pub.tags:
+        for key, value in pub.tags.items():
+            size += _utf8_len(key) + _utf8_len(value) + TAG_OVERHEAD
     return size
+
+
+def _utf8_len(text: str) -> int:
+    # An ASCII string is as long in UTF-8 (isascii() reads a flag; encode() copies).
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _batch(pubs: list[Publication], owed: dict[int, list[str]], chunk: list[int],

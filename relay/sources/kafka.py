@@ -237,7 +237,7 @@ class KafkaSource:
                 continue  # not ours (any more): the owner reads them
             if part.first_offset is None:
                 part.first_offset = records[0].offset
-            batches.append(Batch(part.stream, [self._message(part, r) for r in records], records[-1].offset + 1))
+            batches.append(Batch(part.stream, self._messages(part, records), records[-1].offset + 1))
         now = time.monotonic()
         if now - self._lag_at >= self.commit_interval:
             self._lag_at = now
@@ -377,19 +377,30 @@ class KafkaSource:
 
     # -- records -----------------------------------------------------------------------------
 
-    def _message(self, part: _Partition, record: Any) -> Message:
-        headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (record.headers or ())}
-        value: bytes = record.value or b""
-        attributes: dict[str, Any] = {"topic": record.topic, "partition": record.partition,
-                                      "offset": record.offset, "timestamp": record.timestamp}
-        if self.config.format == "centrifugo":
-            try:
-                attributes["centrifugo"] = parse_publication(value, headers)
-            except ValueError as err:
-                attributes["error"] = str(err)
-        key = record.key.decode("utf-8", "replace") if record.key is not None else None
-        return Message(source=self.name, data=value, stream=part.stream, offset=record.offset, key=key,
-                       headers=headers, attributes=attributes)
+    def _messages(self, part: _Partition, records: list[Any]) -> list[Message]:
+        """The messages of one partition's records. This runs for every record: what is the same
+        for all of them is looked up once, and nothing is built that no route can read."""
+        name, stream, topic, partition = self.name, part.stream, part.tp.topic, part.tp.partition
+        centrifugo = self.config.format == "centrifugo"
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        append = messages.append
+        for record in records:
+            raw_headers = record.headers
+            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in raw_headers} if raw_headers else {}
+            value: bytes = record.value or b""
+            offset = record.offset
+            attributes: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
+                                          "timestamp": record.timestamp}
+            if centrifugo:
+                try:
+                    attributes["centrifugo"] = parse_publication(value, headers)
+                except ValueError as err:
+                    attributes["error"] = str(err)
+            key = record.key
+            append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
+                           headers, attributes, read_at=read_at))
+        return messages
 
     # -- rebalancing -------------------------------------------------------------------------
 

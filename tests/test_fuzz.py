@@ -372,6 +372,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
     server = EmbeddedServerProcess(workdir / "server", namespaces=[{"name": "chat", "history_size": 100,
                                                                     "history_ttl": "600s"}],
                                    max_message_bytes="64KiB").start()
+    request.addfinalizer(server.stop)  # runs even when the setup below fails
     os.environ["FUZZ_SINK_KEY"] = server.api_key
     config = parse_config(f"""
 [relay]
@@ -410,7 +411,6 @@ topics = ["fuzz"]
         loop.run_until_complete(sink.close())
         loop.close()
         chan.close()
-        server.stop()
 
 
 def _route_of(channel: str, run: str) -> int:

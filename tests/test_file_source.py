@@ -19,6 +19,7 @@ from relay.config import ConfigError, parse_config
 from relay.message import Message
 from relay.sources.engine import EMIT_CHUNK, READ_MAX, SourceEngine
 from relay.sources.file import Config, FileTail
+from relay.sources.file.identity import CHUNK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -606,7 +607,7 @@ async def test_a_blocked_emit_stops_reading_at_the_cap(tmp_path: Path) -> None:
     """The pipeline takes nothing: the engine hands over one chunk, and the file is read no further
     than its cap of unsettled lines (plus at most one read); all of it once the pipeline moves."""
     log = tmp_path / "a.log"
-    log.write_bytes(numbered(0, 5_000))
+    log.write_bytes(numbered(0, 50_000))
     gate = asyncio.Event()
     calls: list[int] = []
 
@@ -626,10 +627,11 @@ async def test_a_blocked_emit_stops_reading_at_the_cap(tmp_path: Path) -> None:
         await asyncio.sleep(0)
     assert calls == [EMIT_CHUNK]  # one chunk handed over, then nothing more is read
     assert f.read_pos == read_pos
-    assert f.line_no <= 1_000 + READ_MAX + 1_000  # the cap, one read beyond it, one chunk's lines
+    # The cap, then one read beyond it: READ_MAX lines and the rest of the chunk that crossed it.
+    assert f.line_no <= 1_000 + READ_MAX + CHUNK // len(b"line 0\n")
     assert read_pos < log.stat().st_size
     gate.set()
-    await wait_until(lambda: sum(calls) == 5_000)
+    await wait_until(lambda: sum(calls) == 50_000)
     await engine.stop()
     await task
     await engine.close()

@@ -63,6 +63,7 @@ class FileTail:
         self._splitter = LineSplitter(name, config.max_line_bytes)
         self._paused: set[str] = set()  # streams at the engine's cap: not read until resumed
         self._revoke: Revoke | None = None
+        self._retired: list[str] = []  # streams of forgotten files the engine has yet to forget
         self._generations = Generations()
         self._fds = Descriptors()
         self._watcher = Watcher(name, self._paths, self._on_changes, config.glob_interval, config.poll_interval)
@@ -514,12 +515,11 @@ class FileTail:
 
     async def _retire_finished(self) -> None:
         """Forget finished files whose lines all settled; the engine forgets their streams too."""
-        before = len(self._finishing)
-        gone = self._retire_settled()
+        if self._finishing:
+            await self._flush()
+        gone, self._retired = self._retired, []
         if gone and self._revoke is not None:
             await self._revoke(gone)
-        if len(self._finishing) < before:
-            await self._flush()  # their entries are gone from the checkpoint file too
 
     def _retire_settled(self) -> list[str]:
         """Finished files whose lines are all committed are forgotten (their generation is
@@ -534,6 +534,7 @@ class FileTail:
                 self._checkpoints.remove(pending_key(f.key))
             else:
                 gone.append(f.stream)
+                self._retired.append(f.stream)
                 self._paused.discard(f.stream)
                 self._by_stream.pop(f.stream, None)
                 self._checkpoints.remove(f.stream)
@@ -542,7 +543,9 @@ class FileTail:
         return gone
 
     async def _flush(self) -> None:
-        """Write the checkpoint file if anything changed (retired entries past their time go)."""
+        """Write the checkpoint file if anything changed: finished files whose lines all settled are
+        forgotten first (never written beside their next generation); retired entries past their time go."""
+        self._retire_settled()
         for key in self._checkpoints.expire_retired():
             if key not in self._files:
                 self._generations.forget(key)

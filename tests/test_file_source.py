@@ -17,7 +17,7 @@ import pytest
 
 from relay.config import ConfigError, parse_config
 from relay.message import Message
-from relay.sources.engine import EMIT_CHUNK, READ_MAX, SourceEngine
+from relay.sources.engine import EMIT_CHUNK, READ_MAX, READ_MAX_BYTES, ByteBudget, SourceEngine
 from relay.sources.file import Config, FileTail
 from relay.sources.file.identity import CHUNK
 
@@ -635,6 +635,40 @@ async def test_a_blocked_emit_stops_reading_at_the_cap(tmp_path: Path) -> None:
     await engine.stop()
     await task
     await engine.close()
+
+
+async def test_line_data_counts_in_the_byte_budget(tmp_path: Path) -> None:
+    """Three files of 1 KB lines, nothing settles: reading stops once the relay-wide byte budget
+    (1 MiB here) is used, whatever each file's cap; the budget holds exactly the unsettled line
+    bytes, and is given back as they settle."""
+    line = b"x" * 1023 + b"\n"
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.log").write_bytes(line * 4_000)  # 4 MB each
+    collector = Collector(hold=lambda m: True)
+    budget = ByteBudget(1024 * 1024)
+    source = FileTail("logs", make_config(str(tmp_path / "*.log")), tmp_path / "state")
+    engine = SourceEngine("logs", source, budget)
+    task = asyncio.create_task(engine.run(collector))
+    await started(source, task)
+    try:
+        await wait_until(lambda: len(source._paused) == 3)
+        read = sum(f.read_pos for f in source._files.values())
+        for _ in range(200):  # every chance to read on; it must not
+            await asyncio.sleep(0)
+        assert sum(f.read_pos for f in source._files.values()) == read
+        assert budget.used == sum(len(m.data) for m in collector.held)
+        assert budget.limit <= budget.used <= budget.limit + READ_MAX_BYTES  # at most one read beyond it
+        while len(collector.messages) < 12_000:
+            collector.release()
+            await asyncio.sleep(0.002)
+        collector.release()
+        await wait_until(lambda: budget.used == 0)
+    finally:
+        await engine.stop()
+        await asyncio.wait_for(task, 10)
+        await engine.close()
+    assert sorted(collector.lines()) == [line[:-1]] * 12_000
+    assert len({m.position for m in collector.messages}) == 12_000
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from relay import events
 from relay.checkpoints import instance_id
 from relay.message import Message
-from relay.sources.engine import READ_MAX, Batch, Revoke
+from relay.sources.engine import READ_MAX, READ_MAX_BYTES, Batch, Revoke
 from relay.sources.file.checkpoints import FileCheckpoints, FileEntry, PendingEntry
 from relay.sources.file.config import Config
 from relay.sources.file.descriptors import Descriptors, fd_budget, reopen_path
@@ -182,12 +182,14 @@ class FileTail:
     # -- reading ---------------------------------------------------------------------------------
 
     async def _read_due(self) -> list[Batch]:
+        """One turn: up to CHUNKS_PER_TURN chunks of each due file, until about READ_MAX lines or
+        READ_MAX_BYTES were read; files left over keep their turn for the next read."""
         batches: list[Batch] = []
-        count = 0
+        count = nbytes = 0
         files = list(self._due)
         self._due.clear()
         for i, f in enumerate(files):
-            if count >= READ_MAX:  # the rest keep their turn for the next read
+            if count >= READ_MAX or nbytes >= READ_MAX_BYTES:
                 for rest in files[i:]:
                     self._due[rest] = None
                 break
@@ -195,8 +197,10 @@ class FileTail:
                 continue
             out: list[Message] = []
             for _ in range(CHUNKS_PER_TURN):
+                before = f.read_pos
                 more = await self._read_chunk(f, out)
-                if not more or f.done or count + len(out) >= READ_MAX:
+                nbytes += max(0, f.read_pos - before)
+                if not more or f.done or count + len(out) >= READ_MAX or nbytes >= READ_MAX_BYTES:
                     if more and not f.done:
                         self._due[f] = None
                     break

@@ -80,6 +80,7 @@ class Chunk:
         message.pending = SETTLED
         self.left -= 1
         if self.left == 0:
+            self.messages = []  # each message refers to this chunk (its ack): no cycle left for the GC
             self.on_done(self)
         elif self.watch is not None:
             self.watch(self)

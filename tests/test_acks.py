@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from relay.acks import Chunk, ContiguousTracker, StreamAcks
+from relay.acks import Chunk, StreamAcks
 from relay.message import Message
 
 
@@ -48,19 +48,6 @@ def test_a_chunk_counts_down_once_per_message() -> None:
     assert done == []
     msgs[1].settle()
     assert len(done) == 1 and acks.committable == 103
-
-
-def test_the_per_message_tracker_ignores_acks_of_a_forgotten_stream() -> None:
-    tracker = ContiguousTracker()
-    for end in (1, 2, 3):
-        tracker.emitted("t/0", end)
-    tracker.settled("t/0", 2)
-    assert tracker.committable("t/0") is None and tracker.in_flight("t/0") == 3
-    tracker.settled("t/0", 1)
-    assert tracker.committable("t/0") == 2
-    tracker.forget("t/0")
-    tracker.settled("t/0", 3)
-    assert tracker.committable("t/0") is None and tracker.streams() == []
 
 
 class _Attributes(dict[str, object]):

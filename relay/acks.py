@@ -12,50 +12,6 @@ from collections.abc import Callable
 
 from relay.message import Message
 
-
-class ContiguousTracker:
-    """Per-stream record of emitted offsets and which of them are settled."""
-
-    def __init__(self) -> None:
-        self._emitted: dict[str, deque[int]] = {}
-        self._settled: dict[str, set[int]] = {}
-        self._committable: dict[str, int] = {}
-
-    def emitted(self, stream: str, next_offset: int) -> None:
-        """Record a message handed to the pipeline; `next_offset` is where reading resumes after it
-        (Kafka offset + 1, a file's byte offset past the line)."""
-        self._emitted.setdefault(stream, deque()).append(next_offset)
-
-    def settled(self, stream: str, next_offset: int) -> None:
-        """Record that the message that ends at `next_offset` is delivered or dead-lettered."""
-        queue = self._emitted.get(stream)
-        if queue is None:
-            return  # the stream was dropped (revoked partition, forgotten file): a late ack
-        done = self._settled.setdefault(stream, set())
-        done.add(next_offset)
-        while queue and queue[0] in done:
-            done.discard(queue[0])
-            self._committable[stream] = queue.popleft()
-
-    def in_flight(self, stream: str) -> int:
-        """How many messages of the stream are emitted and not yet committable."""
-        queue = self._emitted.get(stream)
-        return len(queue) if queue else 0
-
-    def committable(self, stream: str) -> int | None:
-        """The highest position up to which everything is settled, or None if nothing is."""
-        return self._committable.get(stream)
-
-    def streams(self) -> list[str]:
-        return list(self._emitted)
-
-    def forget(self, stream: str) -> None:
-        """Drop a stream (partition revoked, file gone); later acks for it are ignored."""
-        self._emitted.pop(stream, None)
-        self._settled.pop(stream, None)
-        self._committable.pop(stream, None)
-
-
 # `Message.pending` of a message whose chunk heard its ack (the pipeline is done with it by then).
 SETTLED = -1
 
@@ -80,6 +36,7 @@ class Chunk:
         message.pending = SETTLED
         self.left -= 1
         if self.left == 0:
+            self.messages = []  # each message refers to this chunk (its ack): no cycle left for the GC
             self.on_done(self)
         elif self.watch is not None:
             self.watch(self)

@@ -26,7 +26,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from relay import metrics
+from relay import events
 
 log = logging.getLogger("relay.checkpoints")
 
@@ -162,7 +162,7 @@ class Checkpoints(Generic[Entry]):
 
     @staticmethod
     def _written() -> None:
-        metrics.FILE_CHECKPOINTS.inc()
+        events.CheckpointsWritten().emit()
 
 
 def _replace_atomically(path: Path, text: str) -> None:

@@ -63,7 +63,7 @@ class Relay:
         self.status: StatusServer | None = None
         self.sink: GrpcCentrifugoSink | None = None
         self.pipeline: Pipeline | None = None
-        self.sources: dict[str, sources.Source] = {}
+        self.sources: dict[str, sources.SourceEngine] = {}
         self.source_tasks: dict[str, asyncio.Task[None]] = {}
         self.state = "starting"  # starting | running | reloading | draining
         self._door = asyncio.Event()  # set while sources may hand messages to the pipeline
@@ -79,10 +79,9 @@ class Relay:
         if self.state != "running":
             return False, self.state
         for source in list(self.sources.values()):
-            if isinstance(source, sources.SourceEngine):
-                up, why = source.readiness()
-                if not up:
-                    return False, why
+            up, why = source.readiness()
+            if not up:
+                return False, why
         if self.sink is None or not self.sink.healthy:
             why = self.sink.last_error if self.sink is not None else ""
             return False, f"sink not connected{': ' + why if why else ''}"
@@ -159,10 +158,7 @@ class Relay:
             except Exception as err:
                 raise StartError(f"sources.{name}: {err}") from None
             self.sources[name] = source
-            emit = self._emit_from(name)
-            if not isinstance(source, sources.SourceEngine):
-                emit = sources.chunked(emit)  # the engine chunks what it emits; older sources do not
-            self.source_tasks[name] = asyncio.create_task(source.run(emit),
+            self.source_tasks[name] = asyncio.create_task(source.run(self._emit_from(name)),
                                                           name=f"source-{name}")
 
     @staticmethod

@@ -193,6 +193,24 @@ class BatchSent:
 
 
 @dataclass(slots=True, frozen=True)
+class FilesWatched:
+    """A file source follows `change` more (or, negative, fewer) files."""
+
+    change: int
+
+    def emit(self) -> None:
+        metrics.FILES_WATCHED.inc(self.change)
+
+
+@dataclass(slots=True, frozen=True)
+class CheckpointsWritten:
+    """A checkpoint file was written (and synced) to disk."""
+
+    def emit(self) -> None:
+        metrics.FILE_CHECKPOINTS.inc()
+
+
+@dataclass(slots=True, frozen=True)
 class RedisGroupMeasured:
     """Pending entries and lag of a Redis source's consumer group, per stream."""
 

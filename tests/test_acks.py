@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from relay.acks import Chunk, ContiguousTracker, StreamAcks
+import gc
+import weakref
+
+from relay.acks import Chunk, StreamAcks
 from relay.message import Message
 
 
@@ -47,14 +50,26 @@ def test_a_chunk_counts_down_once_per_message() -> None:
     assert len(done) == 1 and acks.committable == 103
 
 
-def test_the_per_message_tracker_ignores_acks_of_a_forgotten_stream() -> None:
-    tracker = ContiguousTracker()
-    for end in (1, 2, 3):
-        tracker.emitted("t/0", end)
-    tracker.settled("t/0", 2)
-    assert tracker.committable("t/0") is None and tracker.in_flight("t/0") == 3
-    tracker.settled("t/0", 1)
-    assert tracker.committable("t/0") == 2
-    tracker.forget("t/0")
-    tracker.settled("t/0", 3)
-    assert tracker.committable("t/0") is None and tracker.streams() == []
+class _Attributes(dict[str, object]):
+    """A message's attributes that can be watched with a weak reference."""
+
+
+def test_settled_messages_are_freed_without_the_cycle_collector() -> None:
+    """A message refers to its chunk (its ack); once the chunk settled, the chunk no longer refers
+    to its messages, so they are freed as soon as the pipeline drops them: memory does not pile up
+    until the next full garbage collection (relay file→serve went from 79 to 190 MiB peak RSS)."""
+    acks, done = StreamAcks(), []
+    msgs = chunk(acks, 0, 3, done)
+    watched = []
+    for m in msgs:
+        m.attributes = _Attributes()
+        watched.append(weakref.ref(m.attributes))
+    gc.disable()
+    try:
+        for m in msgs:
+            m.settle()
+        del m, msgs
+        assert acks.position(after) == 3
+        assert [ref() for ref in watched] == [None, None, None]
+    finally:
+        gc.enable()

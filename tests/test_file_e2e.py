@@ -3,6 +3,7 @@ SIGKILL twice, every line counted back from the embedded server's History, exact
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.embedded import KEY_ENV, EmbeddedServerFactory
+from relay.proto.centrifugo import api_pb2
+from tests.harness.embedded import KEY_ENV, EmbeddedServerFactory, open_stubs
 from tests.harness.history import history, wait_for_count
 from tests.harness.require import unavailable
 
@@ -450,5 +452,52 @@ def test_a_checkpoint_of_the_wrong_shape_does_not_stop_relay_run(
         assert delivered(server, "logs:app") == [(n,) for n in range(4)]
         assert relay.logs().count("checkpoint file") == 1
         assert [p.name.split(".corrupt-")[0] for p in state.parent.glob("*.corrupt-*")] == ["file-applog.json"]
+    finally:
+        relay.stop()
+
+
+def test_a_checkpoint_written_before_the_source_engine_resumes_under_the_same_keys(
+        tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
+    """An upgrade: the state directory as the file tail wrote it before it ran on the source engine
+    (main 4598186: instance file, checkpoint at the byte past line 2) after a kill -9 that came once
+    lines 0-5 were published under that tail's keys (`applog/<stream>/<byte past the line>#0`). The
+    new relay reads lines 3-5 again under the same keys (the server drops them), then line 6: History
+    holds every line once, and the checkpoint keeps its stream and its meaning (the byte past a line)."""
+    server = embedded_server_factory(namespaces=[{"name": "logs", "history_size": 1000, "history_ttl": "600s"}])
+    logs, work, state = tmp_path / "logs", tmp_path / "relay", tmp_path / "relay" / "state"
+    logs.mkdir()
+    state.mkdir(parents=True)
+    app = logs / "app.log"
+    content = json_lines(0, 6)
+    app.write_bytes(content)
+    ends = [i + 1 for i, byte in enumerate(content) if byte == ord("\n")]  # the byte past each line
+    st = app.stat()
+    blake = lambda data: hashlib.blake2b(data, digest_size=8).hexdigest()  # noqa: E731
+    window = min(256, len(content))
+    instance = "c0ffee01"
+    stream = f"{instance}.{st.st_dev:x}.{st.st_ino:x}.{blake(content[:window])[:12]}"
+    # The old format, written out literally (not with the current code's models).
+    (state / "file-applog.instance").write_text(instance + "\n")
+    (state / "file-applog.json").write_text(json.dumps({"version": 1, "written_at": time.time(), "entries": {
+        stream: {"dev": st.st_dev, "ino": st.st_ino, "path": str(app), "window": window,
+                 "digest": blake(content[:window]), "gen": 0, "offset": ends[2],
+                 "tail": blake(content[ends[2] - 32:ends[2]])}}}))
+    with open_stubs(server.address, server.api_key) as stubs:
+        for n, line in enumerate(content.splitlines()):
+            reply = stubs.v6.Publish(api_pb2.PublishRequest(
+                channel="logs:app", data=line, idempotency_key=f"applog/{stream}/{ends[n]}#0"),
+                metadata=stubs.metadata, timeout=10)
+            assert not reply.HasField("error"), reply
+    relay = Relay(work, file_config(work, server, logs, "logs:app", **FAST), {**os.environ, KEY_ENV: server.api_key})
+    relay.start()
+    try:
+        wait_until(lambda: checkpoint_entries(state / "file-applog.json").get(stream, {}).get("offset") == ends[5])
+        with open(app, "ab") as out:
+            out.write(json_lines(6, 7))
+        wait_for_count(server.address, "logs:app", 7, server.api_key)
+        assert relay.stop() == 0
+        assert delivered(server, "logs:app") == [(n,) for n in range(7)], relay.logs()[-3000:]
+        entries = checkpoint_entries(state / "file-applog.json")
+        assert list(entries) == [stream] and entries[stream]["offset"] == app.stat().st_size
     finally:
         relay.stop()

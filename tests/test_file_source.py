@@ -1,4 +1,4 @@
-"""The file tail driven directly, on real files: a fake pipeline collects and settles what it emits."""
+"""The file tail on the source engine, on real files: a fake pipeline collects and settles what it emits."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import pytest
 
 from relay.config import ConfigError, parse_config
 from relay.message import Message
+from relay.sources.engine import EMIT_CHUNK, READ_MAX, READ_MAX_BYTES, ByteBudget, SourceEngine
 from relay.sources.file import Config, FileTail
+from relay.sources.file.identity import CHUNK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,9 +73,11 @@ def make_config(pattern: str | list[str], **options: Any) -> Config:
 @contextlib.asynccontextmanager
 async def tailing(config: Config, state: Path, collector: Collector, name: str = "logs",
                   crash: bool = False) -> AsyncIterator[FileTail]:
-    """Runs a FileTail; on exit stops and closes it, or with `crash` abandons it as kill -9 would."""
+    """Runs a FileTail on the engine; on exit stops and closes it, or with `crash` abandons it as kill -9
+    would."""
     source = FileTail(name, config, state)
-    task = asyncio.create_task(source.run(collector))
+    engine = SourceEngine(name, source)
+    task = asyncio.create_task(engine.run(collector))
     await started(source, task)
     try:
         yield source
@@ -86,9 +90,9 @@ async def tailing(config: Config, state: Path, collector: Collector, name: str =
                 if f.fd >= 0:
                     os.close(f.fd)
         else:
-            await source.stop()
+            await engine.stop()
             await asyncio.wait_for(task, 10)
-            await source.close()
+            await engine.close()
 
 
 async def started(source: FileTail, task: asyncio.Task[None]) -> None:
@@ -209,7 +213,7 @@ async def test_5mb_line_becomes_one_oversized_message_and_the_next_line_is_fine(
         append(log, b"\nlast\n")
         await collector.wait_for(5)
         stream = collector.messages[0].stream
-        await wait_until(lambda: source._flow.tracker.committable(stream) == log.stat().st_size)
+        await wait_until(lambda: source._by_stream[stream].committed == log.stat().st_size)
     before, oversized, after, oversized2, last = collector.messages
     assert before.data == b"before" and after.data == b"after" and last.data == b"last"
     assert oversized.attributes["error"].startswith(
@@ -599,9 +603,11 @@ async def test_in_flight_lines_per_file_are_capped(tmp_path: Path) -> None:
     assert collector.lines() == numbered(0, 20_000).splitlines()
 
 
-async def test_a_blocked_emit_stops_reading(tmp_path: Path) -> None:
+async def test_a_blocked_emit_stops_reading_at_the_cap(tmp_path: Path) -> None:
+    """The pipeline takes nothing: the engine hands over one chunk, and the file is read no further
+    than its cap of unsettled lines (plus at most one read); all of it once the pipeline moves."""
     log = tmp_path / "a.log"
-    log.write_bytes(numbered(0, 5_000))
+    log.write_bytes(numbered(0, 50_000))
     gate = asyncio.Event()
     calls: list[int] = []
 
@@ -611,20 +617,58 @@ async def test_a_blocked_emit_stops_reading(tmp_path: Path) -> None:
         for m in batch:
             m.settle()
 
-    source = FileTail("logs", make_config(str(tmp_path / "*.log")), tmp_path / "state")
-    task = asyncio.create_task(source.run(slow_emit))
-    await wait_until(lambda: bool(calls))
+    source = FileTail("logs", make_config(str(tmp_path / "*.log"), max_in_flight=1_000), tmp_path / "state")
+    engine = SourceEngine("logs", source)
+    task = asyncio.create_task(engine.run(slow_emit))
+    await wait_until(lambda: bool(calls) and bool(source._paused))
     (f,) = source._files.values()
     read_pos = f.read_pos
     for _ in range(200):  # the loop gets every chance to read on; it must not
         await asyncio.sleep(0)
-    assert calls == [500]  # one batch handed over, then nothing more is read
+    assert calls == [EMIT_CHUNK]  # one chunk handed over, then nothing more is read
     assert f.read_pos == read_pos
+    # The cap, then one read beyond it: READ_MAX lines and the rest of the chunk that crossed it.
+    assert f.line_no <= 1_000 + READ_MAX + CHUNK // len(b"line 0\n")
+    assert read_pos < log.stat().st_size
     gate.set()
-    await wait_until(lambda: sum(calls) == 5_000)
-    await source.stop()
+    await wait_until(lambda: sum(calls) == 50_000)
+    await engine.stop()
     await task
-    await source.close()
+    await engine.close()
+
+
+async def test_line_data_counts_in_the_byte_budget(tmp_path: Path) -> None:
+    """Three files of 1 KB lines, nothing settles: reading stops once the relay-wide byte budget
+    (1 MiB here) is used, whatever each file's cap; the budget holds exactly the unsettled line
+    bytes, and is given back as they settle."""
+    line = b"x" * 1023 + b"\n"
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.log").write_bytes(line * 4_000)  # 4 MB each
+    collector = Collector(hold=lambda m: True)
+    budget = ByteBudget(1024 * 1024)
+    source = FileTail("logs", make_config(str(tmp_path / "*.log")), tmp_path / "state")
+    engine = SourceEngine("logs", source, budget)
+    task = asyncio.create_task(engine.run(collector))
+    await started(source, task)
+    try:
+        await wait_until(lambda: len(source._paused) == 3)
+        read = sum(f.read_pos for f in source._files.values())
+        for _ in range(200):  # every chance to read on; it must not
+            await asyncio.sleep(0)
+        assert sum(f.read_pos for f in source._files.values()) == read
+        assert budget.used == sum(len(m.data) for m in collector.held)
+        assert budget.limit <= budget.used <= budget.limit + READ_MAX_BYTES  # at most one read beyond it
+        while len(collector.messages) < 12_000:
+            collector.release()
+            await asyncio.sleep(0.002)
+        collector.release()
+        await wait_until(lambda: budget.used == 0)
+    finally:
+        await engine.stop()
+        await asyncio.wait_for(task, 10)
+        await engine.close()
+    assert sorted(collector.lines()) == [line[:-1]] * 12_000
+    assert len({m.position for m in collector.messages}) == 12_000
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -770,7 +814,8 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
     collector = Collector()
     source = FileTail("logs", make_config(str(folder / "*.log")), state)
     source._fds.budget = 8
-    task = asyncio.create_task(source.run(collector))
+    engine = SourceEngine("logs", source)
+    task = asyncio.create_task(engine.run(collector))
     await started(source, task)
     try:
         await collector.wait_for(80)
@@ -786,9 +831,9 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
         assert source._fds.held == len([f for f in source._files.values() if f.fd >= 0]) + len(
             [f for f in source._finishing if f.fd >= 0])
     finally:
-        await source.stop()
+        await engine.stop()
         await asyncio.wait_for(task, 10)
-        await source.close()
+        await engine.close()
     expected = [b"%d %s" % (i, s) for i in range(40) for s in (b"a", b"b")]
     expected += [b"%d c" % i for i in range(0, 40, 3)] + [b"1 late", b"e 1"]
     assert sorted(collector.lines()) == sorted(expected)

@@ -12,19 +12,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel
 
-from relay.sources.engine import ByteBudget, Emit, Reader, SourceEngine, chunked
+from relay.sources.engine import ByteBudget, Emit, Reader, SourceEngine
 
 # Modules of this package that are not sources.
 _NOT_SOURCES = frozenset({"engine"})
 # Fields every message has, whatever its source.
 COMMON_FIELDS = ("source",)
-# Until relay/sources/file.py declares FIELDS itself (it moves onto the engine next).
-_UNDECLARED_FIELDS: dict[str, tuple[str, ...]] = {
-    "file": ("file.path", "file.name", "file.line", "file.offset", "json.*")}
 
 
 def _discover() -> tuple[str, ...]:
@@ -33,22 +30,6 @@ def _discover() -> tuple[str, ...]:
 
 
 TYPES = _discover()
-
-
-class Source(Protocol):
-    """What the daemon runs for one `[sources.NAME]`: a `SourceEngine` (or, until the file source
-    moves onto the engine, a source that runs its own loop)."""
-
-    name: str
-
-    async def run(self, emit: Emit) -> None:
-        """Read and emit until `stop()` is called or the input is exhausted."""
-
-    async def stop(self) -> None:
-        """Stop reading soon; `run` returns. Messages already emitted keep settling."""
-
-    async def close(self) -> None:
-        """After the pipeline drained: commit what was settled and release resources."""
 
 
 def _module(type_name: str) -> Any:
@@ -63,7 +44,7 @@ def config_model(type_name: str) -> type[BaseModel]:
 def fields(type_name: str) -> tuple[str, ...]:
     """Template fields and `when` keys that messages of this source type carry ("json.*": any
     name after the dot)."""
-    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ()) or _UNDECLARED_FIELDS.get(type_name, ())
+    declared: tuple[str, ...] = getattr(_module(type_name), "FIELDS", ())
     return COMMON_FIELDS + declared
 
 
@@ -86,13 +67,10 @@ def describe_fields(available: tuple[str, ...]) -> str:
     return ", ".join(names.get(f, f.replace("*", "NAME")) for f in available)
 
 
-def build(name: str, config: BaseModel, state_dir: Path, budget: ByteBudget | None = None) -> Source:
+def build(name: str, config: BaseModel, state_dir: Path, budget: ByteBudget | None = None) -> SourceEngine:
     type_name: str = config.type  # type: ignore[attr-defined]  # every source Config has `type`
-    built = _module(type_name).build(name, config, state_dir)
-    if isinstance(built, Reader):
-        return SourceEngine(name, built, budget)
-    source: Source = built
-    return source
+    reader: Reader = _module(type_name).build(name, config, state_dir)
+    return SourceEngine(name, reader, budget)
 
 
 __all__ = [
@@ -100,11 +78,9 @@ __all__ = [
     "ByteBudget",
     "Emit",
     "Reader",
-    "Source",
     "SourceEngine",
     "all_fields",
     "build",
-    "chunked",
     "config_model",
     "describe_fields",
     "fields",

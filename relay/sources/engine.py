@@ -67,16 +67,6 @@ Emit = Callable[[list[Message]], Awaitable[None]]
 Revoke = Callable[[Iterable[str]], Awaitable[None]]
 
 
-def chunked(emit: Emit) -> Emit:
-    """`emit` fed at most EMIT_CHUNK messages per call, for sources that emit larger batches."""
-    async def emit_in_chunks(batch: list[Message]) -> None:
-        for start in range(0, len(batch), EMIT_CHUNK):
-            if start:
-                await asyncio.sleep(0)  # let the lanes send between chunks
-            await emit(batch[start:start + EMIT_CHUNK])
-    return emit_in_chunks
-
-
 class SourceUnavailable(Exception):
     """The input cannot be reached now (connect) or the connection was lost (read): retry later."""
 

@@ -9,8 +9,9 @@ Split by concern, as Vector's file source is:
 - `rotation`: where a rotated or truncated file's rest is (the renamed file, copytruncate's copy);
 - `checkpoints`: the checkpoint entries and their models (storage is relay/checkpoints.py);
 - `descriptors`: how many files may be held open, and closing idle ones beyond that;
-- `flow`: the cap of unsettled lines per file, settled offsets, batches (a source engine's part);
-- `tail`: `FileTail`, the source: the read loop, scans, resuming, rotation, the commit loop.
+- `tail`: `FileTail`, the reader the source engine runs (relay/sources/engine.py: it owns the cap of
+  unsettled lines per file, the byte budget, chunks and when to commit): scans, reads, resuming,
+  rotation, checkpoints moved by `commit`.
 
 A line's position is (source, file identity, byte offset past the line), stable across restarts, so
 a line delivered again after a crash carries the same idempotency key.

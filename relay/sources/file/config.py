@@ -33,8 +33,10 @@ class Config(BaseModel):
         "How long a file that left the glob (renamed or deleted) is followed after reaching its end."))
     checkpoint_interval: Duration = Field(1.0, description="How often settled positions are saved.")
     max_in_flight: int = Field(10_000, ge=1, description=(
-        "Lines of one file emitted and not yet settled before reading that file pauses."))
-    batch_size: int = Field(500, ge=1, le=10_000, description="Most lines handed to the pipeline at once.")
+        "Lines of one file emitted and not yet settled before reading that file pauses (resumed at half)."))
+    batch_size: int = Field(500, ge=1, le=10_000, description=(
+        "No longer used (the source engine hands lines to the pipeline in its own chunks); accepted so "
+        "older configs still load."))
 
     @field_validator("paths", "exclude")
     @classmethod

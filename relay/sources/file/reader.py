@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.message import Message
@@ -48,7 +47,8 @@ class TailedFile:
     pending: bytes = b""
     tail: bytes = b""  # the bytes just before read_pos
     skip: Skip | None = None
-    committed: int = 0
+    committed: int = 0  # the checkpoint: every line before it settled
+    emitted: int = 0    # the end of the last line handed over (all settled once committed reaches it)
     eof_since: float | None = None
     at_eof: bool = False  # read to its end: a candidate to close while descriptors are short
     start_at_end: bool = False  # read_from = "end" applies when it is identified
@@ -74,24 +74,19 @@ def read_next(f: TailedFile) -> bytes | None:
 
 
 class LineSplitter:
-    """Cuts chunks of one source's files into messages, and tells the tracker what was emitted."""
+    """Cuts chunks of one source's files into messages; a message's offset is the byte past its line."""
 
-    def __init__(self, source: str, max_line_bytes: int, on_settled: Callable[[Message], None],
-                 emitted: Callable[[str, int], None]) -> None:
+    def __init__(self, source: str, max_line_bytes: int) -> None:
         self.source = source
         self.max_line_bytes = max_line_bytes
-        self.on_settled = on_settled
-        self.emitted = emitted
 
-    def split(self, f: TailedFile, data: bytes, out: list[Message], budget: int) -> None:
-        """Split a chunk into lines, at most `budget` of them; the unfinished last line waits in
-        `pending` for its newline."""
+    def split(self, f: TailedFile, data: bytes, out: list[Message]) -> None:
+        """Split a chunk into lines; the unfinished last line waits in `pending` for its newline."""
         start = f.read_pos - len(f.pending)
         f.read_pos += len(data)
         f.tail = data[-TAIL:] if len(data) >= TAIL else (f.tail + data)[-TAIL:]
         buf = f.pending + data if f.pending else data
         stream = f.stream
-        emitted = self.emitted
         if f.skip is not None:
             i = buf.find(b"\n")
             if i < 0:
@@ -101,21 +96,17 @@ class LineSplitter:
             end = start + i + 1
             f.line_no += 1
             out.append(self.oversized(f, skip.start, end, skip.length + i, skip.preview))
-            emitted(stream, end)
+            f.emitted = end
             buf, start = buf[i + 1:], end
         last = buf.rfind(b"\n")
         rest, rest_start = buf, start
         if last >= 0:
             rest, rest_start = buf[last + 1:], start + last + 1
-            name, path, file_name, ack = self.source, f.path, f.name, self.on_settled
+            name, path, file_name = self.source, f.path, f.name
             limit = self.max_line_bytes
             append = out.append
             n, pos = f.line_no, start
-            lines = buf[:last].split(b"\n")
-            if len(lines) > budget:
-                del lines[max(budget, 1):]
-                last = -1  # the rest is read again once lines settle
-            for line in lines:
+            for line in buf[:last].split(b"\n"):
                 n += 1
                 length = len(line)
                 end = pos + length + 1
@@ -126,15 +117,9 @@ class LineSplitter:
                     if line[-1:] == b"\r":
                         line = line[:-1]
                     append(Message(name, line, stream, end, None, {}, {
-                        "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, ack))
-                emitted(stream, end)
+                        "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}))
                 pos = end
-            f.line_no = n
-            if last < 0:
-                f.read_pos, f.pending = pos, b""
-                t = min(TAIL, pos)
-                f.tail = os.pread(f.fd, t, pos - t)
-                return
+            f.line_no, f.emitted = n, pos
         if len(rest) > self.max_line_bytes:
             f.skip = Skip(start=rest_start, length=len(rest), preview=rest[:PREVIEW])
             f.pending = b""
@@ -153,8 +138,8 @@ class LineSplitter:
             line = f.pending[:-1] if f.pending.endswith(b"\r") else f.pending
             out.append(Message(self.source, line, f.stream, end, attributes={
                 "file.path": f.path, "file.name": f.name, "file.line": f.line_no,
-                "file.offset": end - len(f.pending)}, on_settled=self.on_settled))
-        self.emitted(f.stream, end)
+                "file.offset": end - len(f.pending)}))
+        f.emitted = end
         f.pending, f.skip = b"", None
 
     def oversized(self, f: TailedFile, start: int, end: int, length: int, preview: bytes) -> Message:
@@ -164,4 +149,4 @@ class LineSplitter:
         log.warning("%s: %s", self.source, error)
         return Message(self.source, preview[:PREVIEW], f.stream, end, attributes={
             "file.path": f.path, "file.name": f.name, "file.line": f.line_no, "file.offset": start,
-            "error": error}, on_settled=self.on_settled)
+            "error": error})

@@ -1,8 +1,9 @@
-"""The file source itself: finds files (discovery), reads each (reader), follows rotation, keeps
-checkpoints, and hands lines to the pipeline through `Flow` (a cap of unsettled lines per file).
+"""The file source's reader on the source engine (relay/sources/engine.py): finds files (discovery),
+reads each (reader), follows rotation and keeps checkpoints.
 
-What a source engine would own (issue 13) is kept apart so it can move there whole: the cap and the
-batches in flow.py, the commit loop in the section "checkpoints: the commit loop" below.
+The engine owns the cap of unsettled lines per file (it calls `pause`/`resume`), the byte budget,
+the chunks handed to the pipeline and when to commit; `commit` moves checkpoints. A line's
+`Message.offset` is the byte offset past it (its idempotency key), so `position_after` is that offset.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from relay import metrics
+from relay import events
 from relay.checkpoints import instance_id
 from relay.message import Message
-from relay.sources import Emit
+from relay.sources.engine import READ_MAX, READ_MAX_BYTES, Batch, Revoke
 from relay.sources.file.checkpoints import FileCheckpoints, FileEntry, PendingEntry
 from relay.sources.file.config import Config
 from relay.sources.file.descriptors import Descriptors, fd_budget, reopen_path
 from relay.sources.file.discovery import Paths, Watcher
-from relay.sources.file.flow import Flow
 from relay.sources.file.identity import (
     CHUNK,
     TAIL,
@@ -54,12 +54,16 @@ class FileTail:
     def __init__(self, name: str, config: Config, state_dir: Path) -> None:
         self.name = name
         self.config = config
+        self.max_in_flight = config.max_in_flight  # the engine's cap of unsettled lines per file
+        self.commit_interval = config.checkpoint_interval
         self._paths = Paths(name, config.paths, config.exclude)
         self._checkpoints = FileCheckpoints(state_dir / f"file-{name}.json")
         self._instance_path = state_dir / f"file-{name}.instance"
         self._instance = ""
-        self._flow = Flow(config.max_in_flight, config.batch_size, self._resume_stream)
-        self._splitter = LineSplitter(name, config.max_line_bytes, self._flow.settled, self._flow.tracker.emitted)
+        self._splitter = LineSplitter(name, config.max_line_bytes)
+        self._paused: set[str] = set()  # streams at the engine's cap: not read until resumed
+        self._revoke: Revoke | None = None
+        self._retired: list[str] = []  # streams of forgotten files the engine has yet to forget
         self._generations = Generations()
         self._fds = Descriptors()
         self._watcher = Watcher(name, self._paths, self._on_changes, config.glob_interval, config.poll_interval)
@@ -74,30 +78,91 @@ class FileTail:
         self._unsaved = False  # identities not yet in the checkpoint file: saved before their lines go out
         self._rescan_wanted = False
         self._last_scan = 0.0
+        self._next_glob = self._next_poll = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: set[str] = set()
         self._watched = 0
         self.started = asyncio.Event()  # set once the first scan is done
 
-    # -- the Source protocol -------------------------------------------------------------------
+    # -- the Reader protocol (relay/sources/engine.py) ------------------------------------------
 
-    async def run(self, emit: Emit) -> None:
+    def bind(self, revoke: Revoke) -> None:
+        """The engine's `revoke`: finished files are forgotten by it once all their lines settled."""
+        self._revoke = revoke
+
+    @staticmethod
+    def position_after(message: Message) -> int:
+        """A line's offset is already the byte past it: where reading resumes (keys stay as they were)."""
+        return message.offset
+
+    async def connect(self) -> None:
+        if self.started.is_set():
+            return  # files never disconnect: nothing to open again
         self._instance = instance_id(self._instance_path)
         self._fds.budget = self._fds.budget or fd_budget()
         self._checkpoints.load()
         await self._scan(initial=True)
-        self._tasks = [asyncio.create_task(self._watcher.run(), name=f"file-{self.name}-watch"),
-                       asyncio.create_task(self._checkpoint_loop(), name=f"file-{self.name}-checkpoints")]
+        self._tasks = [asyncio.create_task(self._watcher.run(), name=f"file-{self.name}-watch")]
+        self._next_glob = self._next_poll = time.monotonic() + self.config.poll_interval
         self.started.set()
-        try:
-            await self._loop(emit)
-        finally:
-            self._watcher.stop()
 
-    async def stop(self) -> None:
-        self._stopped = True
-        self._watcher.stop()
-        self._wake.set()
+    async def read(self) -> list[Batch]:
+        """The lines of the files due now (up to about READ_MAX), one batch per file; [] after waiting
+        for a change, a poll or a scan."""
+        self._wake.clear()
+        cfg = self.config
+        now = time.monotonic()
+        if now >= self._next_glob or (self._rescan_wanted and now - self._last_scan >= RESCAN_MIN_GAP):
+            await self._scan()
+            self._next_glob = now + cfg.glob_interval
+        if now >= self._next_poll:
+            for f in self._files.values():
+                self._due[f] = None
+            await self._retire_finished()
+            self._fds.retry()
+            self._next_poll = now + cfg.poll_interval
+        batches = await self._read_due()
+        if batches:
+            if self._unsaved:  # identities are saved before any of their lines goes out
+                self._unsaved = False
+                await self._flush()
+            return batches
+        if self._due:
+            await asyncio.sleep(0)
+            return []
+        until = min(self._next_glob, self._next_poll)
+        if self._rescan_wanted:
+            until = min(until, self._last_scan + RESCAN_MIN_GAP)
+        timeout = until - time.monotonic()
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        return []
+
+    def pause(self, stream: str) -> None:
+        self._paused.add(stream)
+
+    def resume(self, stream: str) -> None:
+        self._paused.discard(stream)
+        f = self._by_stream.get(stream)
+        if f is not None and not f.done:
+            self._due[f] = None
+            self._wake.set()
+
+    async def commit(self, positions: dict[str, int]) -> None:
+        """Move each file's checkpoint to the line end up to which everything settled, and write them."""
+        for stream, offset in positions.items():
+            f = self._by_stream.get(stream)
+            if f is None:
+                continue
+            if f.done or f.fd < 0:
+                f.committed = max(f.committed, offset)  # finished: its entry goes when it is retired
+                continue
+            try:
+                self._checkpoints.save(f, offset)
+            except OSError as err:
+                log.error("%s: checkpoint of %s: %s", self.name, f.path, err)
+        await self._flush()
 
     async def close(self) -> None:
         self._stopped = True
@@ -106,8 +171,7 @@ class FileTail:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._retire_finished()
-        self._snapshot()
+        self._retire_settled()
         try:
             self._checkpoints.write()
         finally:
@@ -115,57 +179,37 @@ class FileTail:
                 self._close_fd(f)
             self._set_watched(0)
 
-    # -- the read loop ---------------------------------------------------------------------------
+    # -- reading ---------------------------------------------------------------------------------
 
-    async def _loop(self, emit: Emit) -> None:
-        cfg = self.config
-        next_glob = next_poll = time.monotonic() + cfg.poll_interval
-        while not self._stopped:
-            self._wake.clear()
-            now = time.monotonic()
-            if now >= next_glob or (self._rescan_wanted and now - self._last_scan >= RESCAN_MIN_GAP):
-                await self._scan()
-                next_glob = now + cfg.glob_interval
-            if now >= next_poll:
-                for f in self._files.values():
-                    self._due[f] = None
-                self._retire_finished()
-                self._fds.retry()
-                next_poll = now + cfg.poll_interval
-            await self._read_due(emit)
-            if self._due:
-                await asyncio.sleep(0)
-                continue
-            until = min(next_glob, next_poll)
-            if self._rescan_wanted:
-                until = min(until, self._last_scan + RESCAN_MIN_GAP)
-            timeout = until - time.monotonic()
-            if timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-
-    async def _read_due(self, emit: Emit) -> None:
-        out: list[Message] = []
+    async def _read_due(self) -> list[Batch]:
+        """One turn: up to CHUNKS_PER_TURN chunks of each due file, until about READ_MAX lines or
+        READ_MAX_BYTES were read; files left over keep their turn for the next read."""
+        batches: list[Batch] = []
+        count = nbytes = 0
         files = list(self._due)
         self._due.clear()
-        for f in files:
-            if self._stopped:
+        for i, f in enumerate(files):
+            if count >= READ_MAX or nbytes >= READ_MAX_BYTES:
+                for rest in files[i:]:
+                    self._due[rest] = None
                 break
-            if f.done or (f.fd < 0 and not await self._unpark(f)):
+            if f.done or f.stream in self._paused or (f.fd < 0 and not await self._unpark(f)):
                 continue
+            out: list[Message] = []
             for _ in range(CHUNKS_PER_TURN):
-                if f.stream and self._flow.pause_if_full(f.stream):
-                    break
+                before = f.read_pos
                 more = await self._read_chunk(f, out)
-                if len(out) >= self.config.batch_size:
-                    await self._emit(emit, out)
-                    out = []
-                if not more or f.done or self._stopped:
+                nbytes += max(0, f.read_pos - before)
+                if not more or f.done or count + len(out) >= READ_MAX or nbytes >= READ_MAX_BYTES:
+                    if more and not f.done:
+                        self._due[f] = None
                     break
             else:
                 self._due[f] = None
-        if out:
-            await self._emit(emit, out)
+            if out:
+                batches.append(Batch(f.stream, out, out[-1].offset))
+                count += len(out)
+        return batches
 
     async def _read_chunk(self, f: TailedFile, out: list[Message]) -> bool:
         """Read the next chunk of a file into messages; False at its end."""
@@ -186,7 +230,7 @@ class FileTail:
         if not data:
             return self._at_end(f, out)
         f.eof_since, f.at_eof = None, False
-        self._splitter.split(f, data, out, self._flow.room(f.stream))
+        self._splitter.split(f, data, out)
         return True
 
     def _at_end(self, f: TailedFile, out: list[Message]) -> bool:
@@ -198,20 +242,6 @@ class FileTail:
             elif now - f.eof_since >= self.config.rotate_wait:
                 self._finish(f, out)
         return False
-
-    # -- emitting (the cap per file and the batches are flow.py's) -------------------------------
-
-    async def _emit(self, emit: Emit, out: list[Message]) -> None:
-        if self._unsaved:  # identities are saved before any of their lines goes out
-            self._unsaved = False
-            await self._save()
-        await self._flow.emit(emit, out)
-
-    def _resume_stream(self, stream: str) -> None:
-        f = self._by_stream.get(stream)
-        if f is not None and not f.done:
-            self._due[f] = None
-            self._wake.set()
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -233,7 +263,7 @@ class FileTail:
 
     @staticmethod
     async def _position(f: TailedFile, offset: int) -> None:
-        f.read_pos = f.committed = offset
+        f.read_pos = f.committed = f.emitted = offset
         t = min(TAIL, offset)
         f.tail = os.pread(f.fd, t, offset - t)
         if offset > 8 * CHUNK:
@@ -262,7 +292,7 @@ class FileTail:
             return False
         if not f.stream:
             return f.at_eof
-        return self._flow.idle(f.stream, f.committed)
+        return f.committed >= f.emitted
 
     async def _unpark(self, f: TailedFile) -> bool:
         """Open a file closed to save descriptors again, if it has anything to read; True if open."""
@@ -319,7 +349,7 @@ class FileTail:
         self._set_watched(len(self._files))
         if self._unsaved:
             self._unsaved = False
-            await self._save()
+            await self._flush()
         self._watcher.roots_changed()
 
     async def _discover(self, key: Key, path: str, at_end: bool, initial: bool) -> None:
@@ -487,53 +517,46 @@ class FileTail:
         self._set_watched(len(self._files))
         log.info("%s: done with %s", self.name, f.path)
 
-    def _retire_finished(self) -> None:
-        """Forget finished files once all their lines settled; their generation is remembered."""
-        keep = []
+    async def _retire_finished(self) -> None:
+        """Forget finished files whose lines all settled; the engine forgets their streams too."""
+        if self._finishing:
+            await self._flush()
+        gone, self._retired = self._retired, []
+        if gone and self._revoke is not None:
+            await self._revoke(gone)
+
+    def _retire_settled(self) -> list[str]:
+        """Finished files whose lines are all committed are forgotten (their generation is
+        remembered); their streams."""
+        keep, gone = [], []
         for f in self._finishing:
-            if f.stream and self._flow.tracker.in_flight(f.stream):
+            if f.stream and f.committed < f.emitted:
                 keep.append(f)
                 continue
             self._close_fd(f)
             if not f.stream:
                 self._checkpoints.remove(pending_key(f.key))
             else:
-                self._flow.forget(f.stream)
+                gone.append(f.stream)
+                self._retired.append(f.stream)
+                self._paused.discard(f.stream)
                 self._by_stream.pop(f.stream, None)
                 self._checkpoints.remove(f.stream)
                 self._checkpoints.retire(f.key, f.gen)
         self._finishing = keep
+        return gone
 
-    # -- checkpoints: the commit loop ------------------------------------------------------------
-
-    def _snapshot(self) -> None:
-        """Move each file's checkpoint to the position up to which everything is settled."""
-        for f in self._by_stream.values():
-            if f.done or f.fd < 0:
-                continue
-            offset = self._flow.tracker.committable(f.stream)
-            if offset is None or offset == f.committed:
-                continue
-            try:
-                self._checkpoints.save(f, offset)
-            except OSError as err:
-                log.error("%s: checkpoint of %s: %s", self.name, f.path, err)
+    async def _flush(self) -> None:
+        """Write the checkpoint file if anything changed: finished files whose lines all settled are
+        forgotten first (never written beside their next generation); retired entries past their time go."""
+        self._retire_settled()
         for key in self._checkpoints.expire_retired():
             if key not in self._files:
                 self._generations.forget(key)
-
-    async def _save(self) -> None:
-        self._snapshot()
         try:
             await self._checkpoints.flush()
         except OSError as err:
             log.error("%s: cannot write checkpoints to %s: %s", self.name, self._checkpoints.path, err)
-
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.checkpoint_interval)
-            self._retire_finished()
-            await self._save()
 
     # -- change events ---------------------------------------------------------------------------
 
@@ -553,5 +576,6 @@ class FileTail:
         self._wake.set()
 
     def _set_watched(self, count: int) -> None:
-        metrics.FILES_WATCHED.inc(count - self._watched)
+        if count != self._watched:
+            events.FilesWatched(count - self._watched).emit()
         self._watched = count

@@ -150,7 +150,8 @@ class ServerSection(Model):
         default_factory=lambda: ChannelOptions.model_validate({"history_size": 0}),
         description="Options of channels without a namespace (Centrifugo's channel.without_namespace).")
     client_token_hmac_secret_env: str = Field(
-        "", description="Environment variable holding the HS256 secret of connection and subscription JWTs.")
+        "", description="Environment variable holding the HMAC secret (HS256, HS384, HS512) of connection "
+                        "and subscription JWTs.")
     client_token_hmac_secret_file: str = Field("", description="File holding that secret.")
     subscribe_to_user_personal_channel: PersonalChannel = Field(
         default_factory=lambda: PersonalChannel.model_validate({}),

@@ -37,7 +37,8 @@ def generate(out: Path) -> None:
 
 
 def differences(a: Path, b: Path) -> list[str]:
-    names = sorted({p.relative_to(a) for p in a.rglob("*.py*")} | {p.relative_to(b) for p in b.rglob("*.py*")})
+    names = sorted({p.relative_to(root) for root in (a, b) for p in root.rglob("*.py*")
+                    if "__pycache__" not in p.parts})  # bytecode caches are not generated code
     same = [n for n in names if (a / n).exists() and (b / n).exists() and filecmp.cmp(a / n, b / n, shallow=False)]
     return [str(n) for n in names if n not in same]
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from relay.proto.centrifugo import api_pb2
-from tests.harness.embedded import KEY_ENV, EmbeddedServerFactory, open_stubs
+from tests.harness.embedded import KEY_ENV, EmbeddedServerFactory, EmbeddedServerProcess, open_stubs
 from tests.harness.history import history, wait_for_count
 from tests.harness.require import unavailable
 
@@ -319,13 +319,10 @@ FAST = {"glob_interval": "100ms", "poll_interval": "100ms", "rotate_wait": "300m
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
-def test_a_directory_that_cannot_be_listed_is_not_an_empty_one(
-        tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
-    """The tailed directory chmod 000 for far longer than rotate_wait, then readable again: its file
-    is kept (not forgotten and re-read under new keys), and each line arrives once.
-
-    Tests run as root, whom chmod does not stop; the relay runs as root without CAP_DAC_OVERRIDE and
-    CAP_DAC_READ_SEARCH (setpriv drops them from its bounding set), so the mode bits hold for it."""
+def _tail_without_dac_override(tmp_path: Path, embedded_server_factory: EmbeddedServerFactory
+                               ) -> tuple[EmbeddedServerProcess, Path, Path, Relay]:
+    """A relay (not started) tailing logs/app.log, which holds lines 0-2, as root without the
+    capabilities that let root ignore file modes, so that a chmod 000 stops it."""
     if shutil.which("setpriv") is None:
         unavailable("setpriv (util-linux) is not installed")
     server = embedded_server_factory(namespaces=[{"name": "logs", "history_size": 1000, "history_ttl": "600s"}])
@@ -336,6 +333,17 @@ def test_a_directory_that_cannot_be_listed_is_not_an_empty_one(
     app.write_bytes(json_lines(0, 3))
     relay = Relay(work, file_config(work, server, logs, "logs:app", **FAST),
                   {**os.environ, KEY_ENV: server.api_key}, wrapper=NO_DAC)
+    return server, logs, app, relay
+
+
+def test_a_directory_that_cannot_be_listed_is_not_an_empty_one(
+        tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
+    """The tailed directory chmod 000 for far longer than rotate_wait, then readable again: its file
+    is kept (not forgotten and re-read under new keys), and each line arrives once.
+
+    Tests run as root, whom chmod does not stop; the relay runs as root without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (setpriv drops them from its bounding set), so the mode bits hold for it."""
+    server, logs, app, relay = _tail_without_dac_override(tmp_path, embedded_server_factory)
     relay.start()
     try:
         wait_for_count(server.address, "logs:app", 3, server.api_key)
@@ -364,16 +372,7 @@ def test_a_restart_while_the_directory_cannot_be_listed_keeps_the_checkpoint(
         tmp_path: Path, embedded_server_factory: EmbeddedServerFactory) -> None:
     """The relay restarts while the tailed directory is chmod 000: the checkpoint is kept (not taken
     for a file that is gone), and once the directory can be read the file goes on where it was."""
-    if shutil.which("setpriv") is None:
-        unavailable("setpriv (util-linux) is not installed")
-    server = embedded_server_factory(namespaces=[{"name": "logs", "history_size": 1000, "history_ttl": "600s"}])
-    logs, work = tmp_path / "logs", tmp_path / "relay"
-    logs.mkdir()
-    work.mkdir()
-    app = logs / "app.log"
-    app.write_bytes(json_lines(0, 3))
-    relay = Relay(work, file_config(work, server, logs, "logs:app", **FAST),
-                  {**os.environ, KEY_ENV: server.api_key}, wrapper=NO_DAC)
+    server, logs, app, relay = _tail_without_dac_override(tmp_path, embedded_server_factory)
     relay.start()
     try:
         wait_for_count(server.address, "logs:app", 3, server.api_key)

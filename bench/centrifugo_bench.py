@@ -133,14 +133,16 @@ def consumer_rate(consumer: dict[str, Any], count: int, workdir: Path, *, timeli
             "cpu_seconds": round(cpu, 2), **checked, **timelines}
 
 
-def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
-    """The relay with the source table `body` drains it into a Centrifugo with no consumer of its own."""
+def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The relay with the source table `body` (and `env`, its secrets) drains it into a Centrifugo with
+    no consumer of its own."""
     server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
     try:
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
             cpu_server = rig.cpu_seconds(server.process.pid)
-            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key)
+            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key, env=env)
             try:
                 result = counter.wait_for(count, alive=relay.alive, timeout=900,
                                           cpu_of=relay.process.pid)  # type: ignore[union-attr]

@@ -31,11 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import rig  # noqa: E402
-from bench.centrifugo_bench import CHANNELS, check_delivery, median_run  # noqa: E402
-from bench.rig import cpu_seconds  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, source_rate  # noqa: E402
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer  # noqa: E402
-from tests.harness.relay_process import RelayProcess  # noqa: E402
 
 PARTITIONS = (1, 3)
 DSN_ENV = "RELAY_BENCH_PG_DSN"
@@ -62,63 +59,15 @@ def centrifugo_rate(pg: PostgresServer, db: str, count: int, partitions: int, wo
     """Centrifugo's own consumer drains the table; counted from its start."""
     consumer = {"name": "bench", "enabled": True, "type": "postgresql",
                 "postgresql": {"dsn": pg.dsn(db), "outbox_table_name": "outbox", "num_partitions": partitions}}
-    server = rig.centrifugo(workdir, {"consumers": [consumer], "log": {"level": "warn"}}, start=False)
-    try:
-        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key, base=0) as counter:
-            started = time.perf_counter()
-            rate = rig.in_thread(lambda: counter.wait_for(
-                count, alive=lambda: server.process is None or server.running(), timeout=900))
-            server.start()
-            cpu_before = cpu_seconds(server.process.pid)
-            result: rig.Rate = rate()
-            cpu = cpu_seconds(server.process.pid) - cpu_before
-            checked = check_delivery(server, count, counter)
-    except BaseException:
-        print(server.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        server.stop()
-    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu, 2), **checked, "rows_left": remaining(pg, db)}
-
-
-def start_relay(workdir: Path, address: str, body: str, api_key: str, dsn: str) -> RelayProcess:
-    """`relay run` as rig.start_relay starts it, with the DSN in its environment."""
-    config = "\n".join(["[relay]", f'state_dir = "{workdir}/state"', 'log_level = "warning"',
-                        "[sink]", f'address = "{address}"', f'api_key_env = "{rig.KEY_ENV}"', body])
-    return RelayProcess(workdir, config, env={rig.KEY_ENV: api_key, DSN_ENV: dsn}, metrics=False).start()
+    return {**consumer_rate(consumer, count, workdir), "rows_left": remaining(pg, db)}
 
 
 def relay_rate(pg: PostgresServer, db: str, count: int, partitions: int, workdir: Path) -> dict[str, Any]:
-    """The relay drains the table into a Centrifugo with no consumer of its own."""
-    server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
+    """The relay drains the table into a Centrifugo with no consumer of its own; it deletes the last
+    rows when it stops (its final commit), so the table is checked after that."""
     body = "\n".join(["[sources.outbox]", 'type = "postgres"', f'dsn_env = "{DSN_ENV}"', 'table = "outbox"',
                       'format = "centrifugo"', f"partitions = {partitions}"])
-    try:
-        with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
-            started = time.perf_counter()
-            cpu_server = cpu_seconds(server.process.pid)
-            relay = start_relay(workdir / "relay", server.grpc_address, body, server.api_key, pg.dsn(db))
-            try:
-                result = counter.wait_for(count, alive=relay.alive, timeout=900)
-                cpu_relay = cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
-                peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
-                deadline = time.monotonic() + 30
-                while remaining(pg, db) and time.monotonic() < deadline:
-                    time.sleep(0.1)  # the last deletes follow the last acks
-            except BaseException:
-                print(relay.logs()[-3000:], file=sys.stderr)
-                raise
-            finally:
-                relay.stop()
-            cpu_server = cpu_seconds(server.process.pid) - cpu_server
-            checked = check_delivery(server, count, counter)
-    finally:
-        server.stop()
-    return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
-            "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
-            "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked,
-            "rows_left": remaining(pg, db)}
+    return {**source_rate(body, count, workdir, env={DSN_ENV: pg.dsn(db)}), "rows_left": remaining(pg, db)}
 
 
 def run(count: int = 100_000, partitions: tuple[int, ...] = PARTITIONS, repeats: int = 3) -> dict[str, dict[str, Any]]:

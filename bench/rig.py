@@ -98,12 +98,13 @@ class ServerProcess:
 
 
 def start_relay(workdir: Path, address: str, body: str, api_key: str = API_KEY, sink: str = "",
-                metrics: bool = False) -> RelayProcess:
-    """`relay run` with `body` (sources and routes) publishing to `address`; its log is in workdir."""
+                metrics: bool = False, env: dict[str, str] | None = None) -> RelayProcess:
+    """`relay run` with `body` (sources and routes) publishing to `address`; its log is in workdir;
+    `env` adds variables (a source's secrets)."""
     config = "\n".join([
         "[relay]", f'state_dir = "{workdir}/state"', 'log_level = "warning"',
         "[sink]", f'address = "{address}"', f'api_key_env = "{KEY_ENV}"', sink, body])
-    return RelayProcess(workdir, config, env={KEY_ENV: api_key}, metrics=metrics).start()
+    return RelayProcess(workdir, config, env={KEY_ENV: api_key, **(env or {})}, metrics=metrics).start()
 
 
 def cpu_seconds(pid: int) -> float:

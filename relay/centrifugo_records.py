@@ -70,10 +70,34 @@ class CentrifugoRecord(NamedTuple):
 
 def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
     """The publish or broadcast a record asks for; ValueError says why it is none."""
+    if not fields:
+        plain = _plain_publish(value)
+        if plain is not None:
+            return plain
     record = parse_record(value, fields, method_field)
     if not record.is_publication:
         raise ValueError(f"Centrifugo method {record.method!r} is not supported (only publish and broadcast)")
     return record
+
+
+def _plain_publish(value: bytes) -> CentrifugoRecord | None:
+    """The record most producers write, `{"method": "publish", "payload": {"channel": C, "data": D}}`,
+    read in one pass (this runs for every record); None for anything else, which takes the full way."""
+    if len(value) - len(value.translate(None, _DIGITS)) >= 19:
+        return None  # maybe an integer past 64 bits: load_json reads those exactly
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or len(doc) != 2 or doc.get("method") != "publish":
+        return None
+    payload = doc.get("payload")
+    if type(payload) is not dict or len(payload) != 2:
+        return None
+    channel = payload.get("channel")
+    if type(channel) is not str or not channel or "data" not in payload:
+        return None
+    return CentrifugoRecord("publish", (channel,), orjson.dumps(payload["data"]))
 
 
 def parse_record(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:

@@ -89,9 +89,14 @@ class MessagesSettled:
     def emit(self) -> None:
         now = time.monotonic()
         messages = self.messages if isinstance(self.messages, list) else list(self.messages)
-        per_source = Counter(msg.source for msg in messages)
+        if not messages:
+            return
         metrics.observe_latencies([now - msg.read_at for msg in messages])
-        for source, count in per_source.items():
+        source = messages[0].source
+        if all(msg.source == source for msg in messages):  # the usual case: one source
+            metrics.IN_FLIGHT.labels(source=source).dec(len(messages))
+            return
+        for source, count in Counter(msg.source for msg in messages).items():
             metrics.IN_FLIGHT.labels(source=source).dec(count)
 
 

@@ -41,6 +41,11 @@ class Message:
     read_at: float = field(default_factory=time.monotonic)
     # Publications made from this message that are not yet settled (set by the pipeline).
     pending: int = 0
+    # A record in Centrifugo's own consumer format, read by the source (relay/centrifugo_records.py,
+    # a CentrifugoRecord): it names its channels itself and no route applies.
+    record: Any = None
+    # Why the source could not read this message (a dead letter says so); "" when it could.
+    error: str = ""
 
     @property
     def position(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
 from typing import Any
@@ -44,11 +45,11 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 class Publication:
     """What the sink sends: one channel → Publish, several → one Broadcast."""
 
-    channels: list[str]
+    channels: Sequence[str]
     data: bytes
     message: Message
     idempotency_key: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
     skip_history: bool = False
     delta: bool = False
     version: int = 0
@@ -237,15 +238,22 @@ class RoutingTable:
 
     def route(self, message: Message) -> tuple[list[Publication], list[Rejection]]:
         """The publications made from a message and the rejections (dead letters) it caused."""
-        error = message.attributes.get("error")
-        if error:
-            return [], [Rejection(message, str(error))]
-        native = message.attributes.get("centrifugo")
-        if native is not None:
-            return self._native(message, native)
-        fields = _Fields(message)
         pubs: list[Publication] = []
         rejects: list[Rejection] = []
+        self.route_into(message, pubs, rejects)
+        return pubs, rejects
+
+    def route_into(self, message: Message, pubs: list[Publication], rejects: list[Rejection]) -> None:
+        """`route`, appending to the caller's lists: the pipeline routes a whole chunk into one pair."""
+        if message.error:
+            rejects.append(Rejection(message, message.error))
+            return
+        record = message.record
+        if record is not None:
+            self._native(message, record, pubs, rejects)
+            return
+        fields = _Fields(message)
+        before = len(pubs), len(rejects)
         for route in self._by_source.get(message.source, ()):
             if not route.matches(fields):
                 continue
@@ -253,27 +261,34 @@ class RoutingTable:
             (pubs if isinstance(result, Publication) else rejects).append(result)  # type: ignore[arg-type]
             if not route.continue_:
                 break
-        if not pubs and not rejects and self.unmatched == "dead_letter":
+        if before == (len(pubs), len(rejects)) and self.unmatched == "dead_letter":
             rejects.append(Rejection(message, "no route matched"))
-        return pubs, rejects
 
     @staticmethod
-    def _native(message: Message, record: CentrifugoRecord) -> tuple[list[Publication], list[Rejection]]:
-        """A record in Centrifugo's own consumer format names its own channels and options."""
+    def _native(message: Message, record: CentrifugoRecord, pubs: list[Publication],
+                rejects: list[Rejection]) -> None:
+        """A record in Centrifugo's own consumer format names its own channels and options.
+
+        This runs for every record of such a source: the common case (known channels, no options)
+        costs a few lookups and one Publication."""
         if not record.is_publication:
-            return [], [Rejection(message, f"Centrifugo method {record.method!r} is not supported "
-                                           "(only publish and broadcast)")]
-        channels = list(record.channels)
+            rejects.append(Rejection(message, f"Centrifugo method {record.method!r} is not supported "
+                                              "(only publish and broadcast)"))
+            return
+        channels = record.channels
         if len(channels) > MAX_CHANNELS_PER_PUBLICATION:
-            return [], [Rejection(message, f"record names {len(channels)} channels, more than the "
-                                           f"{MAX_CHANNELS_PER_PUBLICATION} one publication may have")]
-        for channel in channels:
-            problem = _channel_problem(channel)
-            if problem:
-                return [], [Rejection(message, problem, channel=channel)]
+            rejects.append(Rejection(message, f"record names {len(channels)} channels, more than the "
+                                              f"{MAX_CHANNELS_PER_PUBLICATION} one publication may have"))
+            return
         if not channels:
-            return [], [Rejection(message, "record names no channel")]
-        key = record.idempotency_key or f"{message.position}#c"
-        tags = dict(record.tags) if record.tags else {}
-        return [Publication(channels, record.data, message, key, tags, record.skip_history, record.delta,
-                            record.version, record.version_epoch)], []
+            rejects.append(Rejection(message, "record names no channel"))
+            return
+        for channel in channels:
+            if channel not in _GOOD_CHANNELS:
+                problem = _channel_problem(channel)
+                if problem:
+                    rejects.append(Rejection(message, problem, channel=channel))
+                    return
+        key = record.idempotency_key or message.position + "#c"
+        pubs.append(Publication(channels, record.data, message, key, record.tags, record.skip_history,
+                                record.delta, record.version, record.version_epoch))

@@ -196,7 +196,7 @@ async def test_invalid_utf8_passes_through_as_bytes(tmp_path: Path) -> None:
     async with tailing(make_config(str(tmp_path / "*.log")), tmp_path / "state", collector):
         await collector.wait_for(4)
     assert collector.lines() == raw
-    assert not any("error" in m.attributes for m in collector.messages)
+    assert not any(m.error for m in collector.messages)
 
 
 async def test_5mb_line_becomes_one_oversized_message_and_the_next_line_is_fine(tmp_path: Path) -> None:
@@ -216,16 +216,16 @@ async def test_5mb_line_becomes_one_oversized_message_and_the_next_line_is_fine(
         await wait_until(lambda: source._by_stream[stream].committed == log.stat().st_size)
     before, oversized, after, oversized2, last = collector.messages
     assert before.data == b"before" and after.data == b"after" and last.data == b"last"
-    assert oversized.attributes["error"].startswith(
+    assert oversized.error.startswith(
         f"line over max_line_bytes ({len(big)} bytes, limit {1024 * 1024})")
-    assert "xxxx" in oversized.attributes["error"]
+    assert "xxxx" in oversized.error
     assert oversized.data == b"x" * 1024  # a short preview, not 5 MB
     assert oversized.offset == 7 + len(big) + 1
     assert oversized.attributes["file.offset"] == 7 and oversized.attributes["file.line"] == 2
     assert after.attributes["file.line"] == 3 and after.attributes["file.offset"] == oversized.offset
-    assert oversized2.attributes["error"].startswith("line over max_line_bytes (2000000 bytes")
+    assert oversized2.error.startswith("line over max_line_bytes (2000000 bytes")
     assert oversized2.data == b"y" * 1024 and last.attributes["file.line"] == 5
-    assert "error" not in after.attributes and "error" not in last.attributes
+    assert not after.error and not last.error
 
 
 # -- where reading starts ----------------------------------------------------------------------

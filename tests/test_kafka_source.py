@@ -343,8 +343,8 @@ async def test_centrifugo_format_both_forms(kafka_broker: KafkaBroker) -> None:
     emit = Collector()
     async with running(source_for(kafka_broker, topic, unique("g"), format="centrifugo"), emit):
         got = await emit.wait_for(len(records))
-    intents = [m.attributes.get("centrifugo") for m in got]
-    errors = [m.attributes.get("error") for m in got]
+    intents = [m.record for m in got]
+    errors = [(m.error or None) for m in got]
     assert intents[0] == CentrifugoRecord("publish", ("chat:a",), b'{"text":"hi"}', idempotency_key="k1",
                                           tags={"t": "v"}, skip_history=True)
     assert intents[1] is not None

@@ -163,7 +163,7 @@ def test_reader_deletes_only_what_the_engine_says_is_settled(postgres_server: Po
     assert sum(len(v) for v in got.values()) == 23  # 30 rows less the 7 with id % 4 == 0, each read once
     assert pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db) == "0"
     assert remaining(pg, db) == 23 - 7  # partitions 1 and 2 untouched
-    assert got["outbox/0"][0].attributes["centrifugo"].channels == ("chat:room-0",)
+    assert got["outbox/0"][0].record.channels == ("chat:room-0",)
 
 
 def test_a_row_whose_transaction_commits_late_is_delivered_not_deleted_unread(

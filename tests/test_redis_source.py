@@ -197,13 +197,13 @@ async def test_centrifugo_forms_and_poison_entries(redis_server: RedisServer) ->
     ])
     async with running(RedisSource("events", config(redis_server, [stream], format="centrifugo"))) as got:
         messages = await got.wait_for(5)
-    intents = [m.attributes.get("centrifugo") for m in messages]
+    intents = [m.record for m in messages]
     assert intents[0] is not None and (intents[0].channels, intents[0].data) == (("chat:a",), b'{"n":1}')
     assert intents[1] is not None and (intents[1].method, intents[1].channels) == (
         "broadcast", ("chat:a", "chat:b"))
     assert intents[2] is not None and (intents[2].channels, dict(intents[2].tags)) == (("chat:c",), {"region": "eu"})
-    assert "not JSON" in messages[3].attributes["error"]
-    assert messages[4].attributes["error"] == "entry has no field 'payload'"
+    assert "not JSON" in messages[3].error
+    assert messages[4].error == "entry has no field 'payload'"
 
 
 async def test_template_fields_stream_offset_field_and_json(redis_server: RedisServer) -> None:

@@ -175,7 +175,7 @@ def test_data_modes() -> None:
 
 def test_source_error_attribute_is_a_rejection() -> None:
     routes = table('[[routes]]\nsource = "logs"\nchannel = "chat:x"\n')
-    _, rejects = routes.route(Message(source="logs", data=b"x" * 10, attributes={"error": "line too long"}))
+    _, rejects = routes.route(Message(source="logs", data=b"x" * 10, error="line too long"))
     assert rejects[0].reason == "line too long"
 
 
@@ -183,16 +183,16 @@ def test_centrifugo_native_record_names_its_channels() -> None:
     routes = table("")
     spec = CentrifugoRecord("broadcast", ("chat:a", "chat:b"), b'{"x":1}', idempotency_key="k1",
                             tags={"t": "v"}, delta=True, version=3, version_epoch="e")
-    pub = one(routes.route(Message(source="events", data=b"", attributes={"centrifugo": spec})))
-    assert (pub.channels, pub.data, pub.idempotency_key, pub.tags, pub.delta, pub.version, pub.version_epoch) == (
+    pub = one(routes.route(Message(source="events", data=b"", record=spec)))
+    assert (list(pub.channels), pub.data, pub.idempotency_key, pub.tags, pub.delta, pub.version, pub.version_epoch) == (
         ["chat:a", "chat:b"], b'{"x":1}', "k1", {"t": "v"}, True, 3, "e")
     no_channel = CentrifugoRecord("publish")
-    _, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": no_channel}))
+    _, rejects = routes.route(Message(source="events", data=b"", record=no_channel))
     assert "no channel" in rejects[0].reason
 
 
 def test_a_centrifugo_command_other_than_publish_is_a_dead_letter_naming_the_method() -> None:
     routes = table("")
     record = CentrifugoRecord("unsubscribe", payload={"channel": "chat:a", "user": "42"})
-    pubs, rejects = routes.route(Message(source="events", data=b"", attributes={"centrifugo": record}))
+    pubs, rejects = routes.route(Message(source="events", data=b"", record=record))
     assert pubs == [] and "'unsubscribe' is not supported" in rejects[0].reason

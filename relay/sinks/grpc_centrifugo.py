@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -45,11 +46,6 @@ AUTH_STATUSES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERM
 # Centrifugo's transport error mode puts API errors into the GRPC status; map them back.
 STATUS_TO_CODE = {grpc.StatusCode.NOT_FOUND: 102, grpc.StatusCode.INVALID_ARGUMENT: 107,
                   grpc.StatusCode.OUT_OF_RANGE: 112}
-# Per-command overhead on the wire besides data, channels, tags and key (generous), and per
-# channel and per tag (field tags and lengths).
-COMMAND_OVERHEAD = 64
-CHANNEL_OVERHEAD = 4
-TAG_OVERHEAD = 12
 BATCH_METHOD = "/centrifugal.centrifugo.api.CentrifugoApi/Batch"
 # grpc-go: "received message larger than max (N vs. LIMIT)"; grpc core: "... larger than max (N vs. LIMIT)".
 _TOO_LARGE = re.compile(r"larger than max \(\d+ vs\. (\d+)\)", re.IGNORECASE)
@@ -136,9 +132,10 @@ class GrpcCentrifugoSink:
         self._channel = open_channel(self.config.address, self.config.tls)
         self._v6 = v6_grpc.CentrifugoApiStub(self._channel)  # type: ignore[no-untyped-call]
         self._v2 = v2_grpc.CentrifugoStub(self._channel)  # type: ignore[no-untyped-call]
-        # Batch with the reply left as bytes: accepted replies are recognised without decoding.
+        # Batch sent as the bytes _Commands joined, and the reply left as bytes: accepted replies are
+        # recognised without decoding.
         self._batch_call = self._channel.unary_unary(
-            BATCH_METHOD, request_serializer=v6.BatchRequest.SerializeToString, response_deserializer=None)
+            BATCH_METHOD, request_serializer=None, response_deserializer=None)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -167,19 +164,19 @@ class GrpcCentrifugoSink:
         failures: Failures = defaultdict(list)
         # What is still owed: publication index → channels not yet accepted.
         # The lists are never changed in place (a partly accepted broadcast gets a new one).
-        owed: dict[int, list[str]] = dict(enumerate(pub.channels for pub in pubs))
-        # Sizes of the whole publications: an upper bound once a broadcast is partly accepted.
-        sizes = [_size(pub, pub.channels) for pub in pubs]
+        owed: dict[int, Sequence[str]] = dict(enumerate(pub.channels for pub in pubs))
+        # Each publication as a command on the wire, encoded once; the sizes are exact.
+        commands = _Commands(pubs, self.config.idempotency)
         try:
-            await self._attempt(pubs, sizes, owed, failures)
+            await self._attempt(commands, owed, failures)
         except _Temporary as first:
             # Retrying machinery costs about as much as the call itself, so only a batch that
             # failed once pays for it.
-            await self._retry(pubs, sizes, owed, failures, first)
+            await self._retry(commands, owed, failures, first)
         return failures
 
-    async def _retry(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
-                     failures: Failures, first: _Temporary) -> None:
+    async def _retry(self, commands: _Commands, owed: dict[int, Sequence[str]], failures: Failures,
+                     first: _Temporary) -> None:
         """Retry what is owed after `first` failed the first attempt, until it is settled or
         `retry.max_elapsed` runs out (then it is failed for good)."""
         retry = self.config.retry
@@ -205,34 +202,37 @@ class GrpcCentrifugoSink:
                 with attempt:
                     if known:  # the attempt already made: tenacity counts it as attempt 1
                         raise known.pop()
-                    await self._attempt(pubs, sizes, owed, failures)
+                    await self._attempt(commands, owed, failures)
         except RetryError as err:
             last = err.last_attempt.exception()
             for i, channels in owed.items():
                 failures[i].extend(Failure(c, 0, f"retries exhausted after {retry.max_elapsed:g}s: {last}")
                                    for c in channels)
 
-    async def _attempt(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
-                       failures: Failures) -> None:
+    async def _attempt(self, commands: _Commands, owed: dict[int, Sequence[str]], failures: Failures) -> None:
         """One pass over what is owed; raises _Temporary if anything is left to retry."""
-        self._drop_oversized(sizes, owed, failures)
+        sizes = self._drop_oversized(commands.sizes(owed), owed, failures)
         if self.config.api == "v6":
-            await self._attempt_v6(pubs, sizes, owed, failures)
+            await self._attempt_v6(commands, sizes, owed, failures)
         else:
-            await self._attempt_v2(pubs, owed, failures)
+            await self._attempt_v2(commands.pubs, sizes, owed, failures)
         if owed:
             raise _Temporary("temporary_error")
 
-    def _drop_oversized(self, sizes: list[int], owed: dict[int, list[str]],
-                        failures: Failures) -> None:
-        """What can never fit in a request goes to the dead letter file instead of blocking its lane."""
+    def _drop_oversized(self, sizes: dict[int, int], owed: dict[int, Sequence[str]],
+                        failures: Failures) -> dict[int, int]:
+        """What can never fit in a request goes to the dead letter file instead of blocking its lane;
+        returns the sizes of the rest."""
         limit = self._limit
+        if commands_total(sizes) <= limit:
+            return sizes
         for i in [i for i in owed if sizes[i] > limit]:
             if limit < self.config.max_message_bytes:
                 why = f"publication is larger than the {limit} bytes Centrifugo accepts"
             else:
                 why = f"publication is larger than sink.max_message_bytes ({limit})"
             failures[i].extend(Failure(c, 0, why) for c in owed.pop(i))
+        return {i: sizes[i] for i in owed}
 
     def _learn_limit(self, err: grpc.aio.AioRpcError, sent: int) -> _Temporary | None:
         """A request refused for its size: lower the limit below it (to what the server says, if
@@ -304,14 +304,14 @@ class GrpcCentrifugoSink:
         self.healthy = True
         self.last_error = ""
 
-    async def _attempt_v6(self, pubs: list[Publication], sizes: list[int], owed: dict[int, list[str]],
+    async def _attempt_v6(self, commands: _Commands, sizes: dict[int, int], owed: dict[int, Sequence[str]],
                           failures: Failures) -> None:
         for chunk in self._chunks(sizes, owed):
-            request = _batch(pubs, owed, chunk, self.config.idempotency)
+            request = commands.request(chunk, owed)
             try:
                 raw: bytes = await self._batch_call(request, metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
-                too_large = self._learn_limit(err, sum(sizes[i] for i in chunk))
+                too_large = self._learn_limit(err, len(request))
                 raise too_large or await self._failed(err) from None
             events.BatchSent(len(chunk)).emit()
             self._succeeded()
@@ -332,7 +332,7 @@ class GrpcCentrifugoSink:
                     del owed[i]  # the common case, accepted: kept inline, it runs per publication
 
     @staticmethod
-    def _settle_reply(i: int, reply: Any, owed: dict[int, list[str]], failures: Failures) -> None:
+    def _settle_reply(i: int, reply: Any, owed: dict[int, Sequence[str]], failures: Failures) -> None:
         channels = owed[i]
         if reply.HasField("error") and reply.error.code:
             if reply.error.code not in TEMPORARY_CODES:
@@ -352,11 +352,11 @@ class GrpcCentrifugoSink:
                 return
         del owed[i]
 
-    def _chunks(self, sizes: list[int], owed: dict[int, list[str]]) -> list[list[int]]:
+    def _chunks(self, sizes: dict[int, int], owed: dict[int, Sequence[str]]) -> list[list[int]]:
         """Split what is owed into Batch requests that fit max_message_bytes, keeping order."""
         limit = self._limit
         # `owed` keeps its keys in order: they were added in order and are only ever removed.
-        if (sum(sizes) if len(owed) == len(sizes) else sum(sizes[i] for i in owed)) <= limit:
+        if commands_total(sizes) <= limit:
             return [list(owed)]
         chunks: list[list[int]] = [[]]
         size = 0
@@ -369,7 +369,7 @@ class GrpcCentrifugoSink:
             size += item
         return [c for c in chunks if c]
 
-    async def _attempt_v2(self, pubs: list[Publication], owed: dict[int, list[str]],
+    async def _attempt_v2(self, pubs: list[Publication], sizes: dict[int, int], owed: dict[int, Sequence[str]],
                           failures: Failures) -> None:
         """Legacy API: no Batch, so one call per publication, in order."""
         assert self._v2 is not None
@@ -383,7 +383,7 @@ class GrpcCentrifugoSink:
                     resp = await self._v2.Broadcast(v2.BroadcastRequest(channels=channels, data=pub.data),
                                                     metadata=self._metadata, timeout=self.config.timeout)
             except grpc.aio.AioRpcError as err:
-                too_large = self._learn_limit(err, _size(pub, channels))
+                too_large = self._learn_limit(err, sizes[i])
                 if too_large is not None:
                     raise too_large from None
                 api_code = STATUS_TO_CODE.get(err.code())
@@ -418,48 +418,120 @@ def _accepted_replies(raw: bytes) -> int:
     return count if pos == end else -1
 
 
-def _size(pub: Publication, channels: list[str]) -> int:
-    """An upper bound of the bytes one command takes in a request (strings count in UTF-8)."""
-    size = len(pub.data) + COMMAND_OVERHEAD + _utf8_len(pub.idempotency_key)
-    if pub.version_epoch:
-        size += _utf8_len(pub.version_epoch)
-    for channel in channels:
-        size += _utf8_len(channel) + CHANNEL_OVERHEAD
-    if pub.tags:
-        for key, value in pub.tags.items():
-            size += _utf8_len(key) + _utf8_len(value) + TAG_OVERHEAD
-    return size
+def commands_total(sizes: dict[int, int]) -> int:
+    """The size of a Batch request holding these commands."""
+    return sum(sizes.values())
 
 
-def _utf8_len(text: str) -> int:
-    # An ASCII string is as long in UTF-8 (isascii() reads a flag; encode() copies).
-    return len(text) if text.isascii() else len(text.encode())
+class _Commands:
+    """The publications of one deliver() as Batch commands on the wire, each encoded once.
+
+    A request is its commands' bytes joined (BatchRequest.commands is field 1, and `parallel` is
+    left false), so sizes are exact and splitting a batch costs no re-encoding. A broadcast that
+    was partly accepted is encoded again for the channels still owed."""
+
+    __slots__ = ("_again", "_first", "keyed", "pubs")
+
+    def __init__(self, pubs: list[Publication], keyed: bool) -> None:
+        self.pubs = pubs
+        self.keyed = keyed
+        self._first = [encode_command(pub, pub.channels, keyed) for pub in pubs]
+        self._again: dict[int, tuple[Sequence[str], bytes]] = {}  # for the channels of a partial broadcast
+
+    def encoded(self, i: int, channels: Sequence[str]) -> bytes:
+        if channels is self.pubs[i].channels:
+            return self._first[i]
+        again = self._again.get(i)
+        if again is None or again[0] is not channels:
+            again = self._again[i] = (channels, encode_command(self.pubs[i], channels, self.keyed))
+        return again[1]
+
+    def _all_as_first(self, owed: dict[int, Sequence[str]]) -> bool:
+        """Whether `owed` is every publication with all its channels (the first attempt)."""
+        pubs = self.pubs
+        return len(owed) == len(pubs) and all(channels is pubs[i].channels for i, channels in owed.items())
+
+    def sizes(self, owed: dict[int, Sequence[str]]) -> dict[int, int]:
+        if self._all_as_first(owed):
+            return dict(enumerate(map(len, self._first)))
+        return {i: len(self.encoded(i, channels)) for i, channels in owed.items()}
+
+    def request(self, chunk: list[int], owed: dict[int, Sequence[str]]) -> bytes:
+        if len(chunk) == len(self._first) and self._all_as_first(owed):
+            return b"".join(self._first)
+        return b"".join([self.encoded(i, owed[i]) for i in chunk])
 
 
-def _batch(pubs: list[Publication], owed: dict[int, list[str]], chunk: list[int],
-           keyed: bool) -> v6.BatchRequest:
-    """One Batch request. Fields are set in place: constructor arguments would copy each message."""
-    request = v6.BatchRequest()
-    add = request.commands.add
-    for i in chunk:
-        pub, channels = pubs[i], owed[i]
-        command = add()
-        if len(channels) == 1:
-            target: Any = command.publish
-            target.channel = channels[0]
-        else:
-            target = command.broadcast
-            target.channels.extend(channels)
-        target.data = pub.data
+# Protobuf varints of the lengths below 16384 (one or two bytes), looked up rather than computed.
+_VARINTS = [bytes([n]) if n < 0x80 else bytes([n & 0x7F | 0x80, n >> 7]) for n in range(1 << 14)]
+# PublishRequest.channel (field 1) encoded, for the channels seen most (bounded like routing's).
+_CHANNEL_FIELDS: dict[str, bytes] = {}
+CHANNEL_FIELDS_MAX = 4096
+
+
+def _varint(n: int) -> bytes:
+    if n < 1 << 14:
+        return _VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _channel_field(channel: str) -> bytes:
+    field = _CHANNEL_FIELDS.get(channel)
+    if field is None:
+        raw = channel.encode()
+        field = b"\n" + _varint(len(raw)) + raw
+        if len(_CHANNEL_FIELDS) >= CHANNEL_FIELDS_MAX:
+            _CHANNEL_FIELDS.clear()
+        _CHANNEL_FIELDS[channel] = field
+    return field
+
+
+def encode_command(pub: Publication, channels: Sequence[str], keyed: bool) -> bytes:
+    """One entry of BatchRequest.commands (tag, length, Command) publishing `pub` to `channels`.
+
+    The common publish — a channel, data and maybe an idempotency key — is written directly: the
+    bytes upb writes (tests/test_sink_encoding.py checks it) at half its cost, and this runs for
+    every publication. Anything else is built by upb."""
+    if len(channels) == 1 and not (pub.tags or pub.skip_history or pub.delta or pub.version):
+        data = pub.data
+        parts = [_channel_field(channels[0])]
+        if data:
+            parts += (b"\x12", _varint(len(data)), data)  # PublishRequest.data = 2
         if keyed and pub.idempotency_key:
-            target.idempotency_key = pub.idempotency_key
-        if pub.tags:
-            target.tags.update(pub.tags)
-        if pub.skip_history:
-            target.skip_history = True
-        if pub.delta:
-            target.delta = True
-        if pub.version:
-            target.version = pub.version
-            target.version_epoch = pub.version_epoch
-    return request
+            key = pub.idempotency_key.encode()
+            parts += (b"2", _varint(len(key)), key)  # PublishRequest.idempotency_key = 6
+        publish = b"".join(parts)
+        length = _varint(len(publish))
+        # Command.publish = 4 (tag 0x22) inside BatchRequest.commands = 1 (tag 0x0a).
+        return b"".join((b"\n", _varint(1 + len(length) + len(publish)), b'"', length, publish))
+    command = _command(pub, channels, keyed).SerializeToString()
+    return b"\n" + _varint(len(command)) + command
+
+
+def _command(pub: Publication, channels: Sequence[str], keyed: bool) -> v6.Command:
+    """A Command built by protobuf: fields set in place (constructor arguments would copy)."""
+    command = v6.Command()
+    if len(channels) == 1:
+        target: Any = command.publish
+        target.channel = channels[0]
+    else:
+        target = command.broadcast
+        target.channels.extend(channels)
+    target.data = pub.data
+    if keyed and pub.idempotency_key:
+        target.idempotency_key = pub.idempotency_key
+    if pub.tags:
+        target.tags.update(pub.tags)
+    if pub.skip_history:
+        target.skip_history = True
+    if pub.delta:
+        target.delta = True
+    if pub.version:
+        target.version = pub.version
+        target.version_epoch = pub.version_epoch
+    return command

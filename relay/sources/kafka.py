@@ -20,9 +20,9 @@ record has a `centrifugo-channels` header, publication data: the value is the da
 `centrifugo-channels` (comma-separated), `centrifugo-idempotency-key`, `centrifugo-delta`,
 `centrifugo-version`, `centrifugo-version-epoch` and `centrifugo-tag-<name>` carry the rest.
 The parsed record (relay/centrifugo_records.py, `CentrifugoRecord`) is put in
-`Message.attributes["centrifugo"]`. A record that cannot be understood (bad JSON, a method other
-than publish or broadcast, a bad header value) gets instead `Message.attributes["error"]` = the
-reason, and goes to the dead letter file. `Message.data` is always the record's value as read.
+`Message.record`. A record that cannot be understood (bad JSON, a method other than publish or
+broadcast, a bad header value) gets instead `Message.error` = the reason, and goes to the dead
+letter file. `Message.data` is always the record's value as read.
 
 Caps, pausing, emission, commits and connect retries are the source engine's
 (relay/sources/engine.py); this module says how to reach Kafka and what a record becomes.
@@ -392,14 +392,15 @@ class KafkaSource:
             offset = record.offset
             attributes: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
                                           "timestamp": record.timestamp}
+            error, parsed = "", None
             if centrifugo:
                 try:
-                    attributes["centrifugo"] = parse_publication(value, headers)
+                    parsed = parse_publication(value, headers)
                 except ValueError as err:
-                    attributes["error"] = str(err)
+                    error = str(err)
             key = record.key
             append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
-                           headers, attributes, read_at=read_at))
+                           headers, attributes, read_at=read_at, record=parsed, error=error))
         return messages
 
     # -- rebalancing -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ those redeliveries arrived, the ack floor passed them (another relay acked them)
 `{"method": ..., "payload": ...}`, a `centrifugo-method` header naming the method of the bare
 payload, or publication data with `centrifugo-channels` and the other `centrifugo-*` headers
 (relay/centrifugo_records.py, as for every source). A message that
-cannot be understood carries `attributes["error"]` and goes to the dead letter file, then is acked.
+cannot be understood carries `Message.error` and goes to the dead letter file, then is acked.
 """
 
 from __future__ import annotations
@@ -463,14 +463,15 @@ class NatsReader:
     def _message(self, seq: int, msg: Msg) -> Message:
         headers = dict(msg.headers) if msg.headers else {}
         attributes: dict[str, Any] = {"subject": msg.subject, "offset": seq}
+        error, record = "", None
         if self.config.format == "centrifugo":
             try:
-                attributes["centrifugo"] = parse_publication(msg.data, headers)
+                record = parse_publication(msg.data, headers)
             except ValueError as err:
-                attributes["error"] = str(err)
+                error = str(err)
         self._in_flight[seq] = msg
         return Message(source=self.name, data=msg.data, stream=self.config.stream, offset=seq,
-                       headers=headers, attributes=attributes)
+                       headers=headers, attributes=attributes, record=record, error=error)
 
     # -- acknowledging -----------------------------------------------------------------------
 

@@ -324,6 +324,7 @@ class PostgresReader:
         payload: str = row["relay_payload_text"]
         data = payload.encode()
         attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
+        error, record = "", None
         if self.config.format == "data":
             for column, value in row.items():
                 if not column.startswith("relay_"):
@@ -332,7 +333,7 @@ class PostgresReader:
             try:
                 record = from_command(row["method"] or "", payload)
             except ValueError as err:
-                attributes["error"] = f"row id {row['id']}: {err}"
+                error = f"row id {row['id']}: {err}"
             else:
                 raw = row["relay_data_text"]
                 if raw is not None and record.is_publication and '"b64data"' not in payload:
@@ -340,8 +341,8 @@ class PostgresReader:
                     record = CentrifugoRecord(record.method, record.channels, raw.encode(), record.idempotency_key,
                                               record.tags, record.skip_history, record.delta, record.version,
                                               record.version_epoch)
-                attributes["centrifugo"] = record
-        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes)
+        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes,
+                       record=record, error=error)
 
     # -- state -----------------------------------------------------------------------------------
 

@@ -360,15 +360,16 @@ class RedisReader:
             attributes[f"field.{key}"] = text.decode("utf-8", "replace")
         value = fields.get(self.config.payload_field)
         data = value if value is not None else b""
+        error, record = "", None
         if value is None:
-            attributes["error"] = f"entry has no field {self.config.payload_field!r}"
+            error = f"entry has no field {self.config.payload_field!r}"
         elif self.config.format == "centrifugo":
             try:
-                attributes["centrifugo"] = parse_publication(data, self._headers(fields))
+                record = parse_publication(data, self._headers(fields))
             except ValueError as err:
-                attributes["error"] = str(err)
+                error = str(err)
         return Message(source=self.name, data=data, stream=stream.name, offset=entry_offset(entry_id),
-                       attributes=attributes)
+                       attributes=attributes, record=record, error=error)
 
     def _headers(self, fields: dict[str, bytes]) -> dict[str, str]:
         """The entry's fields in the shape parse_publication reads (centrifugo-* and the method)."""

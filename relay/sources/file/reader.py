@@ -148,5 +148,5 @@ class LineSplitter:
                  f"at {f.path}:{f.line_no}: {text!r}...")
         log.warning("%s: %s", self.source, error)
         return Message(self.source, preview[:PREVIEW], f.stream, end, attributes={
-            "file.path": f.path, "file.name": f.name, "file.line": f.line_no, "file.offset": start,
-            "error": error})
+            "file.path": f.path, "file.name": f.name, "file.line": f.line_no, "file.offset": start},
+            error=error)

@@ -47,10 +47,10 @@ _NOTHING: Mapping[str, Any] = MappingProxyType({})
 class CentrifugoRecord(NamedTuple):
     """What one record asks Centrifugo to do.
 
-    For publish and broadcast the publication fields are filled (`data` is the payload's `data` as
-    compact JSON text, or its `b64data` decoded); for other methods `payload` holds the request.
-    Immutable like a frozen dataclass, and made for every record: a tuple is built in a third of
-    the time."""
+    For publish and broadcast the publication fields are filled (`data` is the payload's `data`
+    as written in the record, byte for byte as Centrifugo publishes it, or its `b64data` decoded);
+    for other methods `payload` holds the request. Immutable like a frozen dataclass, and made for
+    every record: a tuple is built in a third of the time."""
 
     method: str
     channels: tuple[str, ...] = ()
@@ -80,24 +80,35 @@ def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str
     return record
 
 
+# The record most producers write: `{"method": "publish", "payload": {"channel": C, "data": D}}`,
+# compact or with the spaces json.dumps puts in; a channel without escapes. What follows is D and
+# the two closing braces.
+_PLAIN_PUBLISH = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"method"[ \t\n\r]*:[ \t\n\r]*"publish"[ \t\n\r]*,[ \t\n\r]*'
+                            rb'"payload"[ \t\n\r]*:[ \t\n\r]*\{[ \t\n\r]*"channel"[ \t\n\r]*:[ \t\n\r]*'
+                            rb'"([^"\\\x00-\x1f]+)"[ \t\n\r]*,[ \t\n\r]*"data"[ \t\n\r]*:[ \t\n\r]*')
+_JSON_SPACE = b" \t\n\r"
+
+
 def _plain_publish(value: bytes) -> CentrifugoRecord | None:
-    """The record most producers write, `{"method": "publish", "payload": {"channel": C, "data": D}}`,
-    read in one pass (this runs for every record); None for anything else, which takes the full way."""
-    if len(value) - len(value.translate(None, _DIGITS)) >= 19:
-        return None  # maybe an integer past 64 bits: load_json reads those exactly
+    """The common record (`_PLAIN_PUBLISH`) read without building it: the data is the bytes between
+    the prefix and the closing braces once they are one JSON value. This runs for every record;
+    None for anything else, which takes the full way."""
+    match = _PLAIN_PUBLISH.match(value)
+    if match is None:
+        return None
+    rest = value.rstrip(_JSON_SPACE)
+    if not rest.endswith(b"}"):
+        return None
+    rest = rest[:-1].rstrip(_JSON_SPACE)
+    if not rest.endswith(b"}"):
+        return None
+    data = rest[match.end():-1].rstrip(_JSON_SPACE)
     try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    if type(doc) is not dict or len(doc) != 2 or doc.get("method") != "publish":
-        return None
-    payload = doc.get("payload")
-    if type(payload) is not dict or len(payload) != 2:
-        return None
-    channel = payload.get("channel")
-    if type(channel) is not str or not channel or "data" not in payload:
-        return None
-    return CentrifugoRecord("publish", (channel,), orjson.dumps(payload["data"]))
+        orjson.loads(data)  # one JSON value, so the whole record is the common form
+        channel = match.group(1).decode()
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
+        return None  # or something orjson refuses and JSON allows: the full way decides
+    return CentrifugoRecord("publish", (channel,), data)
 
 
 def parse_record(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
@@ -119,20 +130,24 @@ def _parse(value: bytes, fields: Mapping[str, str], method_field: str) -> Centri
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"Centrifugo command is not JSON: {err}") from None
     if method:
-        return from_command(method, doc)
+        return from_command(method, doc, value)
     if not isinstance(doc, dict):
         raise ValueError('Centrifugo command is not a {"method": ..., "payload": ...} object')
-    return from_command(str(doc.get("method") or ""), doc.get("payload"))
+    payload = doc.get("payload")
+    return from_command(str(doc.get("method") or ""), payload,
+                        None if isinstance(payload, str) else raw_member(value, "payload"))
 
 
-def from_command(method: str, payload: Any) -> CentrifugoRecord:
-    """A command given as its method and its payload (a JSON object, or JSON text of one)."""
+def from_command(method: str, payload: Any, raw: bytes | str | None = None) -> CentrifugoRecord:
+    """A command given as its method and its payload (a JSON object, or JSON text of one); `raw`,
+    the payload's JSON text when known, gives the data as written (else it is written compactly)."""
     if not method:
         raise ValueError("Centrifugo command has no method")
     if method not in METHODS:
         raise ValueError(f"Centrifugo method {method!r} is not supported (a consumer accepts "
                          f"{', '.join(METHODS)})")
     if isinstance(payload, (str, bytes)):
+        raw = payload
         try:
             payload = load_json(payload)
         except (ValueError, UnicodeDecodeError) as err:
@@ -141,14 +156,14 @@ def from_command(method: str, payload: Any) -> CentrifugoRecord:
         raise ValueError(f"{method} payload is not a JSON object")
     if method not in PUBLICATION_METHODS:
         return CentrifugoRecord(method, payload=payload)
-    return _publication(method, payload)
+    return _publication(method, payload, raw)
 
 
-def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
+def _publication(method: str, payload: dict[str, Any], raw: bytes | str | None) -> CentrifugoRecord:
     if len(payload) == 2 and method == "publish":  # the common {"channel", "data"}: nothing optional
         channel = payload.get("channel")
         if isinstance(channel, str) and channel and "data" in payload:
-            return CentrifugoRecord(method, (channel,), _compact_json(payload["data"]))
+            return CentrifugoRecord(method, (channel,), _data(payload, raw))
     if method == "publish":
         channel = payload.get("channel")
         if not isinstance(channel, str) or not channel:
@@ -166,7 +181,7 @@ def _publication(method: str, payload: dict[str, Any]) -> CentrifugoRecord:
         except (binascii.Error, ValueError):
             raise ValueError(f"{method} payload b64data is not base64") from None
     elif "data" in payload:
-        data = _compact_json(payload["data"])
+        data = _data(payload, raw)
     else:
         raise ValueError(f"{method} payload has no data")
     tags = payload.get("tags")
@@ -240,6 +255,53 @@ def _finite_float(text: str) -> float:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _data(payload: dict[str, Any], raw: bytes | str | None) -> bytes:
+    """The payload's data as written in `raw` (the payload's text), as Centrifugo publishes it;
+    written compactly when the text is not known."""
+    if raw is not None:
+        written = raw_member(raw, "data")
+        if written is not None:
+            return written
+    return _compact_json(payload["data"])
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def raw_member(text: bytes | str, name: str) -> bytes | None:
+    """The JSON text of member `name` of the object `text` (valid JSON), exactly as written; the
+    last one if the name repeats (as decoders keep), None if it is not there. The standard library's
+    scanner finds where each value ends (in C)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            return None
+    pos = _skip_space(text, 0)
+    if text[pos:pos + 1] != "{":
+        return None
+    found: tuple[int, int] | None = None
+    pos = _skip_space(text, pos + 1)
+    try:
+        while text[pos:pos + 1] == '"':
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _skip_space(text, _skip_space(text, pos) + 1)  # past the colon
+            _, end = _DECODER.raw_decode(text, pos)
+            if key == name:
+                found = (pos, end)
+            pos = _skip_space(text, _skip_space(text, end) + 1)  # past the comma (or the brace)
+    except (ValueError, RecursionError):
+        return None
+    return None if found is None else text[found[0]:found[1]].encode()
+
+
+def _skip_space(text: str, pos: int) -> int:
+    match = _SPACE.match(text, pos)
+    assert match is not None  # it matches the empty string
+    return match.end()
 
 
 def _compact_json(value: Any) -> bytes:

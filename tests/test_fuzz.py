@@ -257,14 +257,15 @@ def messages(draw: st.DrawFn, source: str = "s") -> Message:
         "topic": st.text(max_size=8), "partition": st.integers(0, 9), "timestamp": st.integers(),
         "file.path": st.text(max_size=8), "file.name": st.text(max_size=8), "file.line": st.integers(0, 10),
         "seq": st.integers(), "now": st.just("2026-01-01T00:00:00Z")}))
+    record, error = None, ""
     if draw(st.booleans()):  # a Kafka record in Centrifugo's own format
         try:
-            attributes["centrifugo"] = parse_centrifugo(data, headers)
+            record = parse_centrifugo(data, headers)
         except ValueError as err:
-            attributes["error"] = str(err)
+            error = str(err)
     return Message(source=source, data=data, stream=draw(st.sampled_from(["", "t/0", "f"])),
                    offset=draw(st.integers(0, 2**40)), key=draw(st.none() | st.text(max_size=12)),
-                   headers=headers, attributes=attributes)
+                   headers=headers, attributes=attributes, record=record, error=error)
 
 
 @FUZZ

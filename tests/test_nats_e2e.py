@@ -254,8 +254,8 @@ def test_centrifugo_format_matches_centrifugos_own_nats_jetstream_consumer(
     ]) + "\n"
     relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     for channel in ("chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2"):
-        theirs = [(json.loads(p.data), dict(p.tags)) for p in history(native.grpc_address, channel, native.api_key)]
-        ours = [(json.loads(p.data), dict(p.tags)) for p in history(target.grpc_address, channel, target.api_key)]
+        theirs = [(p.data, dict(p.tags)) for p in history(native.grpc_address, channel, native.api_key)]
+        ours = [(p.data, dict(p.tags)) for p in history(target.grpc_address, channel, target.api_key)]
         assert theirs, channel
         assert ours == theirs, channel
     letters = [json.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]

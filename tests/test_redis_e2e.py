@@ -320,9 +320,9 @@ def test_identical_histories_with_centrifugos_own_redis_stream_consumer(
     relay_until_done(tmp_path, config, target, (native, target), ("chat:cmp-done", "chat:hdr-done"))
     channels = ["chat:cmp", "chat:cmp2", "chat:hdr", "chat:hdr2", *(f"chat:many{i}" for i in range(5))]
     for channel in channels:
-        theirs = [(json.loads(p.data), dict(p.tags))
+        theirs = [(p.data, dict(p.tags))  # the bytes: data as written
                   for p in history(native.grpc_address, channel, native.api_key)]
-        ours = [(json.loads(p.data), dict(p.tags))
+        ours = [(p.data, dict(p.tags))  # the bytes: data as written
                 for p in history(target.grpc_address, channel, target.api_key)]
         assert ours == theirs, channel
         assert theirs, channel

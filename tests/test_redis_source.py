@@ -198,7 +198,7 @@ async def test_centrifugo_forms_and_poison_entries(redis_server: RedisServer) ->
     async with running(RedisSource("events", config(redis_server, [stream], format="centrifugo"))) as got:
         messages = await got.wait_for(5)
     intents = [m.record for m in messages]
-    assert intents[0] is not None and (intents[0].channels, intents[0].data) == (("chat:a",), b'{"n":1}')
+    assert intents[0] is not None and (intents[0].channels, intents[0].data) == (("chat:a",), b'{"n": 1}')  # as written
     assert intents[1] is not None and (intents[1].method, intents[1].channels) == (
         "broadcast", ("chat:a", "chat:b"))
     assert intents[2] is not None and (intents[2].channels, dict(intents[2].tags)) == (("chat:c",), {"region": "eu"})

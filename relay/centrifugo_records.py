@@ -81,34 +81,45 @@ def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str
 
 
 # The record most producers write: `{"method": "publish", "payload": {"channel": C, "data": D}}`,
-# compact or with the spaces json.dumps puts in; a channel without escapes. What follows is D and
-# the two closing braces.
+# with a channel that needs no escapes; compact (checked first: it is the cheapest), or with the
+# spaces json.dumps puts in. What follows is D and the two closing braces.
+_COMPACT_PUBLISH = b'{"method":"publish","payload":{"channel":"'
 _PLAIN_PUBLISH = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"method"[ \t\n\r]*:[ \t\n\r]*"publish"[ \t\n\r]*,[ \t\n\r]*'
                             rb'"payload"[ \t\n\r]*:[ \t\n\r]*\{[ \t\n\r]*"channel"[ \t\n\r]*:[ \t\n\r]*'
                             rb'"([^"\\\x00-\x1f]+)"[ \t\n\r]*,[ \t\n\r]*"data"[ \t\n\r]*:[ \t\n\r]*')
+# Bytes a channel written without escapes cannot hold.
+_NOT_PLAIN = bytes(range(0x20)) + b'"\\'
 _JSON_SPACE = b" \t\n\r"
 
 
 def _plain_publish(value: bytes) -> CentrifugoRecord | None:
-    """The common record (`_PLAIN_PUBLISH`) read without building it: the data is the bytes between
-    the prefix and the closing braces once they are one JSON value. This runs for every record;
-    None for anything else, which takes the full way."""
-    match = _PLAIN_PUBLISH.match(value)
-    if match is None:
-        return None
-    rest = value.rstrip(_JSON_SPACE)
+    """The common record read without building it: the data is the bytes between the prefix and the
+    closing braces once they are one JSON value. This runs for every record; None for anything
+    else, which takes the full way."""
+    if value.startswith(_COMPACT_PUBLISH):
+        start = len(_COMPACT_PUBLISH)
+        end = value.find(b'","data":', start)
+        channel = value[start:end]
+        if end < 0 or len(channel.translate(None, _NOT_PLAIN)) != len(channel):
+            return None
+        data_start = end + 9
+    else:
+        match = _PLAIN_PUBLISH.match(value)
+        if match is None:
+            return None
+        channel, data_start = match.group(1), match.end()
+    rest = value if value.endswith(b"}}") else value.rstrip(_JSON_SPACE)
     if not rest.endswith(b"}"):
         return None
     rest = rest[:-1].rstrip(_JSON_SPACE)
     if not rest.endswith(b"}"):
         return None
-    data = rest[match.end():-1].rstrip(_JSON_SPACE)
+    data = rest[data_start:-1].rstrip(_JSON_SPACE)
     try:
         orjson.loads(data)  # one JSON value, so the whole record is the common form
-        channel = match.group(1).decode()
+        return CentrifugoRecord("publish", (channel.decode(),), data)
     except (orjson.JSONDecodeError, UnicodeDecodeError):
         return None  # or something orjson refuses and JSON allows: the full way decides
-    return CentrifugoRecord("publish", (channel,), data)
 
 
 def parse_record(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:

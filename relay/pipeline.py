@@ -227,10 +227,11 @@ class Pipeline:
         nothing left owed are acknowledged."""
         settled = []
         for msg in messages:
-            msg.pending -= 1
-            if msg.pending == 0:
-                self._unsettled -= 1
+            pending = msg.pending - 1
+            msg.pending = pending
+            if not pending:
                 settled.append(msg)
+        self._unsettled -= len(settled)
         events.MessagesSettled(settled).emit()
         for msg in settled:
             msg.on_settled(msg)  # msg.settle(), one call fewer: this runs for every message

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import translate
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -37,6 +38,8 @@ def _channel_problem(channel: str) -> str | None:
             _GOOD_CHANNELS.clear()
         _GOOD_CHANNELS.add(channel)
     return problem
+# Tags of a native record's publication that has none: one shared, immutable mapping, not a dict each.
+NO_TAGS: Mapping[str, str] = MappingProxyType({})
 # The sink's default sink.max_message_bytes; the daemon passes the configured one.
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 
@@ -290,5 +293,8 @@ class RoutingTable:
                     rejects.append(Rejection(message, problem, channel=channel))
                     return
         key = record.idempotency_key or message.position + "#c"
-        pubs.append(Publication(channels, record.data, message, key, record.tags, record.skip_history,
-                                record.delta, record.version, record.version_epoch))
+        if record.tags or record.skip_history or record.delta or record.version:
+            pubs.append(Publication(channels, record.data, message, key, record.tags, record.skip_history,
+                                    record.delta, record.version, record.version_epoch))
+        else:  # no options: the defaults, not ten fields copied
+            pubs.append(Publication(channels, record.data, message, key, NO_TAGS))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 from relay import events
@@ -24,20 +25,23 @@ from relay.sinks import Failures, Sink
 
 log = logging.getLogger("relay.pipeline")
 
-# Loop turns a lane waits without its queue growing before it sends a batch that is not full: under
-# a backlog the source refills it within a turn or two, so batches fill (a Batch call costs about
-# the same whatever its size); when input is sparse the batch goes at once.
+# Loop turns without a new chunk from any source before the lanes send batches that are not full:
+# under a backlog the sources refill them within a turn or two, so batches fill (a Batch call costs
+# about the same whatever its size); when input is sparse the batch goes at once.
 FILL_TURNS = 4
 
 
 class Lane:
     """An ordered, bounded queue of publications feeding one batch at a time to the sink."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_size: int, filling: Callable[[], None]) -> None:
         self._items: deque[Publication] = deque()
         self._limit = limit
+        self._max_size = max_size
         self._space = asyncio.Event()
         self._ready = asyncio.Event()
+        self._go = asyncio.Event()  # a batch that is filling may go: full, or no more input for now
+        self._filling = filling  # tells the pipeline a lane waits to fill (it decides when input paused)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -49,29 +53,30 @@ class Lane:
             await self._space.wait()
         self._items.extend(pubs)
         self._ready.set()
+        if len(self._items) >= self._max_size:
+            self._go.set()
 
-    async def take(self, max_size: int, linger: float) -> list[Publication]:
+    def go(self) -> None:
+        """Send what is there: no more input is coming for now."""
+        self._go.set()
+
+    async def take(self, linger: float) -> list[Publication]:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
+        max_size = self._max_size
         if len(self._items) < max_size:
             if linger > 0:
                 await asyncio.sleep(linger)
             else:
-                await self._fill(max_size)
+                # Wait (without polling the loop: one check for all lanes) while sources keep adding.
+                self._go.clear()
+                self._filling()
+                await self._go.wait()
         n = min(max_size, len(self._items))
         batch = [self._items.popleft() for _ in range(n)]
         self._space.set()
         return batch
-
-    async def _fill(self, max_size: int) -> None:
-        """Let the sources run while they keep adding to this lane, up to a full batch."""
-        size, idle = len(self._items), 0
-        while size < max_size and idle < FILL_TURNS:
-            await asyncio.sleep(0)
-            grown = len(self._items)
-            idle = 0 if grown > size else idle + 1
-            size = grown
 
 
 class Pipeline:
@@ -82,7 +87,8 @@ class Pipeline:
         self.dead_letters = dead_letters
         self._batch_max_size = batch_max_size
         self._batch_linger = batch_linger
-        self.lanes = [Lane(limit=batch_max_size * 4) for _ in range(lanes)]
+        self.lanes = [Lane(batch_max_size * 4, batch_max_size, self._watch_input) for _ in range(lanes)]
+        self._emits = 0  # chunks routed so far: the lanes' batches fill while this keeps growing
         self._unsettled = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -115,9 +121,25 @@ class Pipeline:
             self._idle.clear()
         if rejected:
             self.dead_letters.commit(lambda: self._release(rejected))
+        self._emits += 1
+        self._watch_input()
         for lane, lane_pubs in zip(self.lanes, per_lane, strict=True):
             if lane_pubs:
                 await lane.put(lane_pubs)
+
+    def _watch_input(self) -> None:
+        """Let filling batches go once FILL_TURNS loop turns pass without a new chunk. One callback
+        chain for all lanes (the newest emit's; older chains see the count moved and stop)."""
+        asyncio.get_running_loop().call_soon(self._input_paused, self._emits, FILL_TURNS)
+
+    def _input_paused(self, emits: int, turns: int) -> None:
+        if emits != self._emits:
+            return  # a newer chunk came: its own chain watches
+        if turns:
+            asyncio.get_running_loop().call_soon(self._input_paused, emits, turns - 1)
+            return
+        for lane in self.lanes:
+            lane.go()
 
     def _assign(self, pubs: list[Publication]) -> list[list[Publication]]:
         """The publications of each lane, by the lanes of their channels; counts each part in its
@@ -184,7 +206,7 @@ class Pipeline:
                 if delivered is not None and not len(lane):
                     self._finish(*delivered)  # nothing to send next: settle now, not later
                     delivered = None
-                batch = await lane.take(self._batch_max_size, self._batch_linger)
+                batch = await lane.take(self._batch_linger)
                 sending = asyncio.ensure_future(self.sink.deliver(batch))
                 if delivered is not None:
                     await asyncio.sleep(0)  # let the request go out first

@@ -69,8 +69,7 @@ class Ticker:
         self._fast = not config.cron and config.interval == 0
         self._read_max = max(1, min(READ_MAX, READ_MAX_BYTES // max(1, len(config.data))))
 
-    def _message(self, seq: int) -> Message:
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    def _message(self, seq: int, now: str) -> Message:
         values = {"seq": str(seq), "now": now, "source": self.name}
         data = self._template.render(values.get).encode()
         return Message(source=self.name, data=data, stream=self._stream, offset=seq,
@@ -97,7 +96,9 @@ class Ticker:
         n = min(self._read_max, limit - self._seq) if (self._fast and limit) else (self._read_max if self._fast else 1)
         first = self._seq + 1
         self._seq += n
-        return [Batch(self._stream, [self._message(seq) for seq in range(first, first + n)], end=self._seq + 1)]
+        # One clock reading per read: a batch of ticks is made within a millisecond or so.
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return [Batch(self._stream, [self._message(seq, now) for seq in range(first, first + n)], end=self._seq + 1)]
 
     async def commit(self, positions: dict[str, int]) -> None:
         return None

@@ -142,12 +142,14 @@ def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False,
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
             cpu_server = rig.cpu_seconds(server.process.pid)
-            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key, env=env)
+            relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key, env=env,
+                                    metrics=True)
             try:
                 result = counter.wait_for(count, alive=relay.alive, timeout=900,
                                           cpu_of=relay.process.pid)  # type: ignore[union-attr]
                 cpu_relay = rig.cpu_seconds(relay.process.pid)  # type: ignore[union-attr]
                 peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
+                batch = rig.batch_mean(relay)
             except BaseException:
                 print(relay.logs()[-3000:], file=sys.stderr)
                 raise
@@ -160,7 +162,8 @@ def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False,
         server.stop()
     return {**result.as_dict(), "wall_seconds_with_startup": round(result.last_at - started, 3),
             "cpu_seconds": round(cpu_relay + cpu_server, 2), "cpu_seconds_relay": round(cpu_relay, 2),
-            "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1), **checked,
+            "cpu_seconds_centrifugo": round(cpu_server, 2), "relay_peak_rss_mib": round(peak, 1),
+            "publications_per_batch": batch, **checked,
             **timelines}
 
 

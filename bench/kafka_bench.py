@@ -59,14 +59,16 @@ async def relay_rate(broker: KafkaBroker, server_address: str, topic: str, count
         f'group_id = "{group}"', 'commit_interval = "100ms"',
         "[[routes]]", 'source = "events"', 'channel = "chat:{{ key }}"'])
     started = time.perf_counter()
-    relay = rig.start_relay(workdir, server_address, body)
+    relay = rig.start_relay(workdir, server_address, body, metrics=True)
+    pid: int = relay.process.pid  # type: ignore[union-attr]
     first: tuple[float, int] | None = None
+    cpu_first = 0.0
     try:
         while True:
             done = await _committed_total(broker, group, topic)
             now = time.perf_counter()
             if done > 0 and first is None:
-                first = (now, done)
+                first, cpu_first = (now, done), rig.cpu_seconds(pid)
             if done >= count:
                 break
             if not relay.alive():
@@ -74,14 +76,20 @@ async def relay_rate(broker: KafkaBroker, server_address: str, topic: str, count
             if now - started > 600:
                 raise TimeoutError(f"relay committed {done} of {count} in 600s")
             await asyncio.sleep(0.05)
-        peak = rig.peak_rss_mib(relay.process.pid)  # type: ignore[union-attr]
+        # CPU per record between the first and the last commit seen: start-up excluded.
+        cpu = rig.cpu_seconds(pid) - cpu_first
+        peak = rig.peak_rss_mib(pid)
+        batch = rig.batch_mean(relay)
     finally:
         relay.stop()
     assert first is not None
     seconds = now - first[0]
+    records = done - first[1]
     return {"records": count, "seconds": round(seconds, 3),
-            "records_per_second": round((done - first[1]) / seconds) if seconds > 0 else 0,
-            "wall_seconds_with_startup": round(now - started, 3), "peak_rss_mib": round(peak, 1)}
+            "records_per_second": round(records / seconds) if seconds > 0 else 0,
+            "wall_seconds_with_startup": round(now - started, 3), "peak_rss_mib": round(peak, 1),
+            "cpu_us_per_record": round(cpu / records * 1e6, 2) if records else None,
+            "publications_per_batch": batch}
 
 
 async def bare_rate(broker: KafkaBroker, topic: str, count: int) -> dict[str, Any]:

@@ -11,6 +11,9 @@ GOAL_LINES_PER_SECOND = 100_000
 GOAL_OF_CEILING = 0.5
 GOAL_OF_BARE = 0.8
 GOAL_OF_CENTRIFUGO = 1.0
+GOAL_OF_CENTRIFUGO_PARTITIONS = 1.5  # issue 14: 6 partitions
+GOAL_CPU_US_PER_RECORD = 5.0  # issue 14
+GOAL_FILLED_BATCH = 400  # issue 14: "near batch_max_size" (500) under a backlog
 GOAL_P99_MS = 10.0
 GOAL_RSS_MIB = 150e6 / 2**20
 
@@ -54,15 +57,28 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str
         bare = kafka["bare aiokafka read"]["records_per_second"]
         add("(2) Kafka → relay serve ÷ bare aiokafka consumer",
             kafka["relay kafka→serve"]["records_per_second"] / bare if bare else None, GOAL_OF_BARE, "{:.2f}")
+        add("(14) relay CPU µs per Kafka record, format = data (section 2)",
+            kafka["relay kafka→serve"].get("cpu_us_per_record"), GOAL_CPU_US_PER_RECORD, "{:.1f}",
+            higher_is_better=False)
     compare = _figures(results, "centrifugo")
     if compare:
         for name, r in compare.items():
-            add(f"(3) relay ÷ Centrifugo's own consumer, {name}", r["relay_over_centrifugo"],
-                GOAL_OF_CENTRIFUGO, "{:.2f}")
+            several = r.get("partitions", 1) > 1
+            add(f"(3, 14) relay ÷ Centrifugo's own Kafka consumer, {name}", r["relay_over_centrifugo"],
+                GOAL_OF_CENTRIFUGO_PARTITIONS if several else GOAL_OF_CENTRIFUGO, "{:.2f}")
+        one = next(iter(compare.values()))["relay"]
+        add("(14) relay CPU µs per Kafka record, format = centrifugo (section 3, 1 partition)",
+            one.get("cpu_us_per_record"), GOAL_CPU_US_PER_RECORD, "{:.1f}", higher_is_better=False)
+        add("(14) publications per Batch call draining a backlog (batch_max_size 500; section 3)",
+            one.get("publications_per_batch"), GOAL_FILLED_BATCH, "{:.0f}")
     outbox = _figures(results, "postgres")
     for name, r in (outbox or {}).items():
-        add(f"(8) PostgreSQL outbox: relay ÷ Centrifugo's postgresql consumer, {name}", r["relay_over_centrifugo"],
+        add(f"(16) PostgreSQL outbox: relay ÷ Centrifugo's postgresql consumer, {name}", r["relay_over_centrifugo"],
             GOAL_OF_CENTRIFUGO, "{:.2f}")
+    for section, issue, what in (("redis", 17, "Redis Streams: relay ÷ Centrifugo's redis_stream consumer"),
+                                 ("nats", 18, "NATS JetStream: relay ÷ Centrifugo's nats_jetstream consumer")):
+        for name, r in (_figures(results, section) or {}).items():
+            add(f"({issue}) {what}, {name}", r["relay_over_centrifugo"], GOAL_OF_CENTRIFUGO, "{:.2f}")
     for section in ("latency-file", "latency-kafka"):
         latency = _figures(results, section)
         for r in (latency or {}).values():
@@ -299,7 +315,7 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
 
     rows = goals(results)
     if rows:
-        out += ["", "## Goals (issue 8)", ""]
+        out += ["", "## Goals (issues 8, 14, 16, 17, 18)", ""]
         out.append(_table(["goal", "measured", "target", "met", "gap"], [
             [g, m, t, "—" if ok is None else ("yes" if ok else "**no**"), how] for g, m, t, ok, how in rows]))
 

@@ -107,6 +107,12 @@ def start_relay(workdir: Path, address: str, body: str, api_key: str = API_KEY, 
     return RelayProcess(workdir, config, env={KEY_ENV: api_key, **(env or {})}, metrics=metrics).start()
 
 
+def batch_mean(relay: RelayProcess) -> float:
+    """The mean publications per Batch call the relay made (relay_sink_batch_size); 0 if none."""
+    calls = relay.metric("relay_sink_batch_size_count")
+    return round(relay.metric("relay_sink_batch_size_sum") / calls, 1) if calls else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the process has used so far (/proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as stat:

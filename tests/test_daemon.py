@@ -5,6 +5,7 @@ counts come from Centrifugo's History."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import time
@@ -16,13 +17,16 @@ import grpc
 import pytest
 
 from relay.proto.centrifugo import api_pb2, api_pb2_grpc
+from relay.sources.engine import EMIT_CHUNK, READ_MAX
 from tests.harness.centrifugo import RealCentrifugo
 from tests.harness.configs import sink_table, ticker_tables
 from tests.harness.notify_socket import NotifySocket
 from tests.harness.ports import free_port
 from tests.harness.relay_process import RelayProcess
 
-BURST = 50  # relay/sources/engine.py EMIT_CHUNK: the engine emits this many at a time
+# The ticker reads READ_MAX ticks at a time and the engine emits them in chunks of EMIT_CHUNK (the
+# last chunk of a read shorter): whatever is emitted is a multiple of this.
+BURST = math.gcd(READ_MAX, EMIT_CHUNK)
 
 
 @pytest.fixture(scope="module")

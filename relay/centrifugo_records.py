@@ -70,7 +70,7 @@ class CentrifugoRecord(NamedTuple):
 
 def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
     """The publish or broadcast a record asks for; ValueError says why it is none."""
-    if not fields:
+    if CHANNELS_FIELD not in fields and method_field not in fields:  # the body says it all
         plain = _plain_publish(value)
         if plain is not None:
             return plain

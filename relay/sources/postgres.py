@@ -18,11 +18,15 @@ loses its connection, PostgreSQL releases its locks, and another relay takes the
 one `poll_interval`, re-reading the rows that were not deleted (their idempotency keys drop the
 ones already published).
 
-Delivery: rows of a partition are emitted in id order. `DELETE ... WHERE partition = p AND id <= n`
-runs only once row n and every earlier row of p were settled (published or dead-lettered); with
+Delivery: rows of a partition are emitted in id order. Rows up to id n of partition p are deleted
+only once row n and every earlier row of p were settled (published or dead-lettered); with
 `delete = false` the settled id is kept per partition in the state dir instead. Deletes name the ids,
 so a row whose transaction committed late (an id below rows already delivered) is never deleted
 unread: a partition with nothing in flight is read from its start again.
+
+Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
+own last id), and one DELETE removes what settled in all of them. The JSONB columns arrive as the bytes
+PostgreSQL prints, so a row's payload is never decoded to text and back.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -31,18 +35,20 @@ after a lost connection or a restarted server (what was not deleted is read agai
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
 import logging
+import operator
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.centrifugo_records import CentrifugoRecord, from_command
@@ -134,7 +140,7 @@ class _Partition:
         self.number = number
         self.stream = f"{table}/{number}"
         self.after = after              # the last id read
-        self.ids: deque[int] = deque()  # ids read and not yet deleted, in order
+        self.ids: list[int] = []        # ids read and not yet deleted, in order
         self.due = 0.0                  # when the partition is queried next (monotonic)
         self.more = True                # the last query filled its batch: more rows wait
         self.paused = False             # the engine's cap: not read until resumed
@@ -163,10 +169,15 @@ class PostgresReader:
         self._state_path = state_dir / f"postgres-{name}.json"
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
-        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched.
-        columns = ("id, method, payload::text AS relay_payload_text, (payload->'data')::text AS relay_data_text"
-                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
-        self._select = f"SELECT {columns} FROM {table} WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3"
+        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched,
+        # the JSONB as bytes (a codec set at connect); `data` is also fetched as PostgreSQL prints it.
+        columns = ("id, method, payload, payload->'data' AS relay_data" if config.format == "centrifugo"
+                   else "*, payload::text AS relay_payload_text")
+        # Every partition due is read in one round trip: up to $3 rows of each, after its own last id.
+        self._select = (f"SELECT p.number AS relay_partition, o.* "
+                        f"FROM unnest($1::bigint[], $2::bigint[]) AS p(number, after) CROSS JOIN LATERAL "
+                        f"(SELECT {columns} FROM {table} WHERE partition = p.number AND id > p.after "
+                        f"ORDER BY id LIMIT $3) AS o ORDER BY p.number, o.id")
         # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
@@ -181,6 +192,11 @@ class PostgresReader:
         self._lock_due = 0.0
         async with self._errors():
             self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            if self.config.format == "centrifugo":
+                # JSONB arrives as the bytes PostgreSQL prints (after its format version byte): never
+                # decoded to str, and what Message.data and Centrifugo's publication carry as they are.
+                await self._conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                                                encoder=_jsonb_bytes, decoder=_JSONB_TEXT)
             if self.config.notify_channel:
                 self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
                 await self._listener.add_listener(self.config.notify_channel, self._notified)
@@ -188,22 +204,21 @@ class PostgresReader:
                  self.name, self.config.table, self.config.partitions)
 
     async def read(self) -> Sequence[Batch] | None:
-        async with self._errors(), self._db:
-            if self._conn is None or self._conn.is_closed():
-                raise ConnectionError("the connection closed")
-            if self._listener is not None and self._listener.is_closed():
-                raise ConnectionError("the LISTEN connection closed")
-            now = time.monotonic()
-            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
-                await self._take_partitions()
-                self._lock_due = now + self.config.poll_interval
-            await self._measure_lag(now)
-            batches = []
-            for part in list(self._partitions.values()):
-                if not part.paused and (part.more or now >= part.due):
-                    batch = await self._read(part)
-                    if batch is not None:
-                        batches.append(batch)
+        async with self._errors():
+            async with self._db:
+                if self._conn is None or self._conn.is_closed():
+                    raise ConnectionError("the connection closed")
+                if self._listener is not None and self._listener.is_closed():
+                    raise ConnectionError("the LISTEN connection closed")
+                now = time.monotonic()
+                if now >= self._lock_due and len(self._partitions) < self.config.partitions:
+                    await self._take_partitions()
+                    self._lock_due = now + self.config.poll_interval
+                await self._measure_lag(now)
+                due = [part for part in self._partitions.values()
+                       if not part.paused and (part.more or now >= part.due)]
+                rows = await self._fetch(due) if due else []
+            batches = self._batches(due, rows)
         if not batches:
             await self._sleep()
         return batches
@@ -212,21 +227,25 @@ class PostgresReader:
         return message.offset  # the last settled id: rows up to it (that this relay read) go
 
     async def commit(self, positions: dict[str, int]) -> None:
-        changed = False
-        for stream, settled in positions.items():
+        settled: list[tuple[_Partition, int]] = []  # (partition, how many of its ids are done)
+        for stream, last in positions.items():
             part = self._by_stream.get(stream)
-            if part is None:
-                continue
-            done = list(itertools.takewhile(lambda row_id: row_id <= settled, part.ids))  # noqa: B023
-            if not done:
-                continue
-            if self.config.delete:
-                async with self._db:
-                    await self._conn.execute(self._delete, done)
-            for _ in done:
-                part.ids.popleft()  # only once deleted: a failed delete is tried again at the next commit
-            if not self.config.delete and done[-1] > self._positions.get(part.number, 0):
-                self._positions[part.number] = done[-1]
+            if part is not None:
+                count = bisect.bisect_right(part.ids, last)
+                if count:
+                    settled.append((part, count))
+        if not settled:
+            return
+        if self.config.delete:
+            done = [row_id for part, count in settled for row_id in part.ids[:count]]
+            async with self._db:
+                await self._conn.execute(self._delete, done)  # one statement for every partition
+        changed = False
+        for part, count in settled:
+            last_id = part.ids[count - 1]
+            del part.ids[:count]  # only once deleted: a failed delete is tried again at the next commit
+            if not self.config.delete and last_id > self._positions.get(part.number, 0):
+                self._positions[part.number] = last_id
                 changed = True
         if changed:
             self._save_positions()
@@ -306,42 +325,62 @@ class PostgresReader:
                 self._by_stream[part.stream] = part
                 log.info("postgres source %s: owns partition %d", self.name, number)
 
-    async def _read(self, part: _Partition) -> Batch | None:
-        if self.config.delete and not part.ids:
-            part.after = 0  # nothing of ours is left in the table: pick up rows that committed late, too
-        limit = self.config.batch_size
-        rows = await self._conn.fetch(self._select, part.number, part.after, limit)
-        part.more = len(rows) == limit
-        part.due = time.monotonic() + self.config.poll_interval
-        if not rows:
-            return None
-        messages = [self._message(part, row) for row in rows]
-        part.ids.extend(m.offset for m in messages)
-        part.after = messages[-1].offset
-        return Batch(part.stream, messages, end=part.after)
+    async def _fetch(self, due: list[_Partition]) -> list[Any]:
+        """The next rows of every partition in `due`, in one query, ordered by partition and id."""
+        if self.config.delete:
+            for part in due:
+                if not part.ids:
+                    part.after = 0  # nothing of ours is left in the table: pick up rows that committed late
+        return list(await self._conn.fetch(self._select, [p.number for p in due], [p.after for p in due],
+                                           self.config.batch_size))
 
-    def _message(self, part: _Partition, row: Any) -> Message:
-        payload: str = row["relay_payload_text"]
-        data = payload.encode()
-        attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
-        if self.config.format == "data":
+    def _batches(self, due: list[_Partition], rows: list[Any]) -> list[Batch]:
+        """One batch per partition that had rows; each partition's next query is scheduled."""
+        got = {number: list(group) for number, group in itertools.groupby(rows, key=_PARTITION)}
+        due_at = time.monotonic() + self.config.poll_interval
+        build = self._centrifugo_messages if self.config.format == "centrifugo" else self._data_messages
+        batches = []
+        for part in due:
+            part_rows = got.get(part.number, ())
+            part.more = len(part_rows) == self.config.batch_size
+            part.due = due_at
+            if part_rows:
+                messages = build(part, part_rows)
+                part.ids.extend(m.offset for m in messages)
+                part.after = messages[-1].offset
+                batches.append(Batch(part.stream, messages, end=part.after))
+        return batches
+
+    def _centrifugo_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
+        """Rows in Centrifugo's layout as messages. This runs for every row: what is the same for all
+        of them is looked up once."""
+        name, stream, number = self.name, part.stream, part.number
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        append = messages.append
+        for _, row_id, method, payload, data in rows:
+            attributes: dict[str, Any] = {"partition": number, "offset": row_id}
+            try:
+                attributes["centrifugo"] = _record(method or "", payload, data)
+            except ValueError as err:
+                attributes["error"] = f"row id {row_id}: {err}"
+            append(Message(source=name, data=payload, stream=stream, offset=row_id, attributes=attributes,
+                           read_at=read_at))
+        return messages
+
+    def _data_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
+        """Rows whose payload is the publication data; routes see their columns."""
+        name, stream, number = self.name, part.stream, part.number
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        for row in rows:
+            attributes: dict[str, Any] = {"partition": number, "offset": row["id"]}
             for column, value in row.items():
                 if not column.startswith("relay_"):
                     attributes[f"column.{column}"] = value
-        else:
-            try:
-                record = from_command(row["method"] or "", payload)
-            except ValueError as err:
-                attributes["error"] = f"row id {row['id']}: {err}"
-            else:
-                raw = row["relay_data_text"]
-                if raw is not None and record.is_publication and '"b64data"' not in payload:
-                    # The JSONB text as stored: byte for byte what Centrifugo's consumer publishes.
-                    record = CentrifugoRecord(record.method, record.channels, raw.encode(), record.idempotency_key,
-                                              record.tags, record.skip_history, record.delta, record.version,
-                                              record.version_epoch)
-                attributes["centrifugo"] = record
-        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes)
+            messages.append(Message(source=name, data=row["relay_payload_text"].encode(), stream=stream,
+                                    offset=row["id"], attributes=attributes, read_at=read_at))
+        return messages
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -382,3 +421,31 @@ class PostgresReader:
 
 def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
     return PostgresReader(name, config, state_dir)
+
+
+def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord:
+    """What a row asks Centrifugo to do, with the publication data as PostgreSQL prints it (`data`,
+    null when the payload has none): byte for byte what Centrifugo's own consumer publishes.
+    ValueError says why the row is none."""
+    if method == "publish" and data is not None:
+        # The common {"channel", "data"} costs one parse, not from_command's parse and re-encoding.
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = None  # from_command says why, or reads what orjson does not (big numbers)
+        if type(doc) is dict and len(doc) == 2:
+            channel = doc.get("channel")
+            if type(channel) is str and channel:
+                return CentrifugoRecord("publish", (channel,), data)
+    record = from_command(method, payload)
+    if data is not None and record.is_publication and b'"b64data"' not in payload:
+        record = record._replace(data=data)
+    return record
+
+
+def _jsonb_bytes(text: str | bytes) -> bytes:
+    return b"\x01" + (text.encode() if isinstance(text, str) else text)  # JSONB's binary format: version 1, text
+
+
+_JSONB_TEXT = operator.itemgetter(slice(1, None))  # a C call per value: strips the version byte
+_PARTITION = operator.itemgetter(0)

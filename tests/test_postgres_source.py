@@ -388,6 +388,8 @@ SAME_ROWS = [
     ("disconnect", {"user": "42"}, 2),
     ("publish", {"channel": "chat:cmp2", "data": {"n": 6, "s": "ünïcode \"q\""}}, 1),
     ("publish", {"channel": "chat:cmp", "data": [1, {"b": None}]}, 0),
+    ("publish", {"channel": "chat:cmp", "data": {"note": "b64data", "n": 7}}, 0),  # the word, not the key
+    ("publish", {"channel": "chat:cmp", "data": {"note": "b64data", "n": 8}, "tags": {"t": "1"}}, 0),
 ]
 
 

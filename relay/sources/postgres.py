@@ -51,7 +51,7 @@ import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay.centrifugo_records import CentrifugoRecord, from_command
+from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
@@ -428,19 +428,31 @@ def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord
     null when the payload has none): byte for byte what Centrifugo's own consumer publishes.
     ValueError says why the row is none."""
     if method == "publish" and data is not None:
-        # The common {"channel", "data"} costs one parse, not from_command's parse and re-encoding.
-        try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            doc = None  # from_command says why, or reads what orjson does not (big numbers)
-        if type(doc) is dict and len(doc) == 2:
-            channel = doc.get("channel")
-            if type(channel) is str and channel:
-                return CentrifugoRecord("publish", (channel,), data)
-    record = from_command(method, payload)
-    if data is not None and record.is_publication and b'"b64data"' not in payload:
-        record = record._replace(data=data)
+        record = _plain_publish(payload, data)
+        if record is not None:
+            return record
+    try:
+        doc: Any = load_json(payload)
+    except (ValueError, UnicodeDecodeError):
+        doc = payload  # from_command says why
+    record = from_command(method, doc)
+    if data is not None and record.is_publication and not (isinstance(doc, dict) and doc.get("b64data")):
+        record = record._replace(data=data)  # b64data, when there is one, is what gets published
     return record
+
+
+def _plain_publish(payload: bytes, data: bytes) -> CentrifugoRecord | None:
+    """The common {"channel", "data"} publish in one parse (not from_command's parse and re-encoding);
+    None for any other payload."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None  # from_command says why, or reads what orjson does not (big numbers)
+    if type(doc) is dict and len(doc) == 2:
+        channel = doc.get("channel")
+        if type(channel) is str and channel:
+            return CentrifugoRecord("publish", (channel,), data)
+    return None
 
 
 def _jsonb_bytes(text: str | bytes) -> bytes:

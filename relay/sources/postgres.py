@@ -25,8 +25,9 @@ so a row whose transaction committed late (an id below rows already delivered) i
 unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
-own last id), and one DELETE removes what settled in all of them. The JSONB columns arrive as the bytes
-PostgreSQL prints, so a row's payload is never decoded to text and back.
+own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
+never wait for it. The JSONB columns arrive as the bytes PostgreSQL prints, so a row's payload is never
+decoded to text and back.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -159,10 +160,9 @@ class PostgresReader:
         self._partitions: dict[int, _Partition] = {}
         self._by_stream: dict[str, _Partition] = {}
         self._wake = asyncio.Event()
-        # One connection holds the partition locks; the engine's commits run beside read(): take turns.
-        self._db = asyncio.Lock()
-        self._conn: Any = None
-        self._listener: Any = None
+        self._conn: Any = None      # holds the partition locks and reads
+        self._deleter: Any = None   # deletes what settled, beside the reads (the engine commits in a task of its own)
+        self._listener: Any = None  # LISTEN notify_channel
         self._lock_due = 0.0
         self._lag_due = 0.0
         self._pending: dict[str, int] = {}
@@ -197,6 +197,8 @@ class PostgresReader:
                 # decoded to str, and what Message.data and Centrifugo's publication carry as they are.
                 await self._conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
                                                 encoder=_jsonb_bytes, decoder=_JSONB_TEXT)
+            if self.config.delete:
+                self._deleter = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
             if self.config.notify_channel:
                 self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
                 await self._listener.add_listener(self.config.notify_channel, self._notified)
@@ -205,19 +207,15 @@ class PostgresReader:
 
     async def read(self) -> Sequence[Batch] | None:
         async with self._errors():
-            async with self._db:
-                if self._conn is None or self._conn.is_closed():
-                    raise ConnectionError("the connection closed")
-                if self._listener is not None and self._listener.is_closed():
-                    raise ConnectionError("the LISTEN connection closed")
-                now = time.monotonic()
-                if now >= self._lock_due and len(self._partitions) < self.config.partitions:
-                    await self._take_partitions()
-                    self._lock_due = now + self.config.poll_interval
-                await self._measure_lag(now)
-                due = [part for part in self._partitions.values()
-                       if not part.paused and (part.more or now >= part.due)]
-                rows = await self._fetch(due) if due else []
+            self._check_connections()
+            now = time.monotonic()
+            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
+                await self._take_partitions()
+                self._lock_due = now + self.config.poll_interval
+            await self._measure_lag(now)
+            due = [part for part in self._partitions.values()
+                   if not part.paused and (part.more or now >= part.due)]
+            rows = await self._fetch(due) if due else []
             batches = self._batches(due, rows)
         if not batches:
             await self._sleep()
@@ -237,9 +235,10 @@ class PostgresReader:
         if not settled:
             return
         if self.config.delete:
+            if self._deleter is None:
+                raise ConnectionError("not connected")
             done = [row_id for part, count in settled for row_id in part.ids[:count]]
-            async with self._db:
-                await self._conn.execute(self._delete, done)  # one statement for every partition
+            await self._deleter.execute(self._delete, done)  # one statement for every partition
         changed = False
         for part, count in settled:
             last_id = part.ids[count - 1]
@@ -262,7 +261,8 @@ class PostgresReader:
             self._wake.set()
 
     async def close(self) -> None:
-        conns, self._conn, self._listener = (self._conn, self._listener), None, None
+        conns = (self._conn, self._deleter, self._listener)
+        self._conn = self._deleter = self._listener = None
         for conn in conns:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -291,6 +291,14 @@ class PostgresReader:
             raise SourceFatal(f"postgres source {self.name!r}: {type(err).__name__}: {err}") from None
         except _LOST as err:
             raise SourceUnavailable(f"{type(err).__name__}: {err}") from None
+
+    def _check_connections(self) -> None:
+        """A closed connection means the server went away: the engine reconnects."""
+        if self._conn is None or self._conn.is_closed():
+            raise ConnectionError("the connection closed")
+        for conn, what in ((self._deleter, "delete"), (self._listener, "LISTEN")):
+            if conn is not None and conn.is_closed():
+                raise ConnectionError(f"the {what} connection closed")
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):

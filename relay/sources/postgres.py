@@ -96,7 +96,7 @@ class Config(BaseModel):
     notify_channel: str = Field("", description="LISTEN channel; a NOTIFY whose payload is a partition number "
                                                 "wakes that partition at once. Needs a direct (not PgBouncer "
                                                 "transaction mode) connection.")
-    batch_size: int = Field(500, ge=1, description="Rows read per query (at most 500).")
+    batch_size: int = Field(500, ge=1, description="Rows read per partition per query (at most 500).")
     delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
                                            "remember the position per partition in the state dir.")
     max_in_flight_per_partition: int = Field(

@@ -68,6 +68,8 @@ READ_WAIT = 0.5
 # How often the rows pending per partition are counted (relay_source_lag).
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
+# Settled ids are deleted as runs of consecutive ids when the runs are this long on average, else one by one.
+RUN_MIN = 16
 
 # Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
 # (InternalClientError: asyncpg's protocol state after a server shut down under a query.)
@@ -180,7 +182,10 @@ class PostgresReader:
                         f"ORDER BY id LIMIT $3) AS o ORDER BY p.number, o.id")
         # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
+        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
+                             f"WHERE {table}.id BETWEEN run.first AND run.last")
 
     # -- the engine's Reader -----------------------------------------------------------------------
 
@@ -237,8 +242,10 @@ class PostgresReader:
         if self.config.delete:
             if self._deleter is None:
                 raise ConnectionError("not connected")
-            done = [row_id for part, count in settled for row_id in part.ids[:count]]
-            await self._deleter.execute(self._delete, done)  # one statement for every partition
+            done = sorted(row_id for part, count in settled for row_id in part.ids[:count])
+            runs = _runs(done)  # one statement for every partition
+            await (self._deleter.execute(self._delete, done) if runs is None else
+                   self._deleter.execute(self._delete_runs, *runs))
         changed = False
         for part, count in settled:
             last_id = part.ids[count - 1]
@@ -461,6 +468,28 @@ def _plain_publish(payload: bytes, data: bytes) -> CentrifugoRecord | None:
         if type(channel) is str and channel:
             return CentrifugoRecord("publish", (channel,), data)
     return None
+
+
+def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
+    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts); None when they are too
+    scattered for runs to be worth it. Halving finds a run of any length in a few steps."""
+    firsts: list[int] = []
+    lasts: list[int] = []
+    todo = [(0, len(ids) - 1)]
+    while todo:
+        i, j = todo.pop()
+        if ids[j] - ids[i] == j - i:  # distinct and sorted: ids[i..j] are consecutive
+            if lasts and lasts[-1] + 1 == ids[i]:
+                lasts[-1] = ids[j]
+            else:
+                firsts.append(ids[i])
+                lasts.append(ids[j])
+        elif len(firsts) * RUN_MIN > len(ids):
+            return None
+        else:
+            middle = (i + j) // 2
+            todo += ((middle + 1, j), (i, middle))  # the left half is taken first: runs come in order
+    return firsts, lasts
 
 
 def _jsonb_bytes(text: str | bytes) -> bytes:

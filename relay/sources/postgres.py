@@ -26,8 +26,8 @@ unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
 own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
-never wait for it. The JSONB columns arrive as the bytes PostgreSQL prints, so a row's payload is never
-decoded to text and back.
+never wait for it. The payload and its `data` arrive as the bytes PostgreSQL prints (bytea), so they are
+never decoded to text and back.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -172,8 +172,10 @@ class PostgresReader:
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
         # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched,
-        # the JSONB as bytes (a codec set at connect); `data` is also fetched as PostgreSQL prints it.
-        columns = ("id, method, payload, payload->'data' AS relay_data" if config.format == "centrifugo"
+        # and the payload and its `data` as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C,
+        # never to str and back).
+        columns = ("id, method, convert_to(payload::text, 'UTF8') AS payload, "
+                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data" if config.format == "centrifugo"
                    else "*, payload::text AS relay_payload_text")
         # Every partition due is read in one round trip: up to $3 rows of each, after its own last id.
         self._select = (f"SELECT p.number AS relay_partition, o.* "
@@ -197,11 +199,6 @@ class PostgresReader:
         self._lock_due = 0.0
         async with self._errors():
             self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
-            if self.config.format == "centrifugo":
-                # JSONB arrives as the bytes PostgreSQL prints (after its format version byte): never
-                # decoded to str, and what Message.data and Centrifugo's publication carry as they are.
-                await self._conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
-                                                encoder=_jsonb_bytes, decoder=_JSONB_TEXT)
             if self.config.delete:
                 self._deleter = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
             if self.config.notify_channel:
@@ -492,9 +489,4 @@ def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
     return firsts, lasts
 
 
-def _jsonb_bytes(text: str | bytes) -> bytes:
-    return b"\x01" + (text.encode() if isinstance(text, str) else text)  # JSONB's binary format: version 1, text
-
-
-_JSONB_TEXT = operator.itemgetter(slice(1, None))  # a C call per value: strips the version byte
 _PARTITION = operator.itemgetter(0)

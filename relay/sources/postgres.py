@@ -16,7 +16,11 @@ Ownership: a relay owns a partition while it holds a session-level advisory lock
 relays on one table therefore never deliver one partition at once; a relay that dies (even kill -9)
 loses its connection, PostgreSQL releases its locks, and another relay takes the partition within
 one `poll_interval`, re-reading the rows that were not deleted (their idempotency keys drop the
-ones already published).
+ones already published). Relays share the partitions: each holds one more lock while connected
+(`(hashtext('centrifugo-relay:<table>:relays'), its backend pid)`), counts those in `pg_locks`
+every `poll_interval`, and owns at most ceil(partitions / relays). One owning more stops reading
+the partitions beyond its share and unlocks each once everything it read of it is settled, so the
+next owner starts after it and the order per partition holds.
 
 Delivery: rows of a partition are emitted in id order. Rows up to id n of partition p are deleted
 only once row n and every earlier row of p were settled (published or dead-lettered); with
@@ -55,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
+from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.postgres")
@@ -137,7 +141,7 @@ class Config(BaseModel):
 class _Partition:
     """One partition while this relay holds its lock (one connection's worth)."""
 
-    __slots__ = ("after", "due", "ids", "more", "number", "paused", "stream")
+    __slots__ = ("after", "due", "ids", "leaving", "more", "number", "paused", "stream")
 
     def __init__(self, table: str, number: int, after: int) -> None:
         self.number = number
@@ -147,6 +151,7 @@ class _Partition:
         self.due = 0.0                  # when the partition is queried next (monotonic)
         self.more = True                # the last query filled its batch: more rows wait
         self.paused = False             # the engine's cap: not read until resumed
+        self.leaving = False            # beyond this relay's share: not read, handed over once settled
 
 
 class PostgresReader:
@@ -167,6 +172,7 @@ class PostgresReader:
         self._listener: Any = None  # LISTEN notify_channel
         self._lock_due = 0.0
         self._lag_due = 0.0
+        self._revoke: Revoke | None = None
         self._pending: dict[str, int] = {}
         self._state_path = state_dir / f"postgres-{name}.json"
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
@@ -186,6 +192,11 @@ class PostgresReader:
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
         # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+        # Live relays of this table: each holds an advisory lock (key, its backend pid) while connected.
+        self._relays_key = f"{LOCK_PREFIX}:{table}:relays"
+        self._count_relays = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
+                              "AND classid = (hashtext($1)::bigint & 4294967295)::oid "
+                              "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
         self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
                              f"WHERE {table}.id BETWEEN run.first AND run.last")
 
@@ -199,6 +210,7 @@ class PostgresReader:
         self._lock_due = 0.0
         async with self._errors():
             self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1), pg_backend_pid())", self._relays_key)
             if self.config.delete:
                 self._deleter = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
             if self.config.notify_channel:
@@ -211,17 +223,21 @@ class PostgresReader:
         async with self._errors():
             self._check_connections()
             now = time.monotonic()
-            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
-                await self._take_partitions()
+            if now >= self._lock_due:
+                await self._balance()
                 self._lock_due = now + self.config.poll_interval
             await self._measure_lag(now)
             due = [part for part in self._partitions.values()
-                   if not part.paused and (part.more or now >= part.due)]
+                   if not part.paused and not part.leaving and (part.more or now >= part.due)]
             rows = await self._fetch(due) if due else []
             batches = self._batches(due, rows)
         if not batches:
             await self._sleep()
         return batches
+
+    def bind(self, revoke: Revoke) -> None:
+        """The engine's revoke: a partition handed over is forgotten there too."""
+        self._revoke = revoke
 
     def position_after(self, message: Message) -> int:
         return message.offset  # the last settled id: rows up to it (that this relay read) go
@@ -315,27 +331,53 @@ class PostgresReader:
 
     async def _sleep(self) -> None:
         now = time.monotonic()
-        wake_at = now + READ_WAIT
-        if len(self._partitions) < self.config.partitions:
-            wake_at = min(wake_at, self._lock_due)
+        wake_at = min(now + READ_WAIT, self._lock_due)
         for part in self._partitions.values():
-            if not part.paused:
+            if not part.paused and not part.leaving:
                 wake_at = min(wake_at, now if part.more else part.due)
         self._wake.clear()
         if wake_at > now:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wake_at - now)
 
-    async def _take_partitions(self) -> None:
+    # -- sharing the partitions ----------------------------------------------------------------
+
+    async def _balance(self) -> None:
+        """Own a fair share of the partitions, ceil(partitions / live relays): take free ones up to
+        it; mark what is beyond it as leaving, and hand a leaving partition over once everything read
+        of it is settled (so the next owner starts after it, and the order per partition holds)."""
+        relays = await self._conn.fetchval(self._count_relays, self._relays_key)
+        share = -(-self.config.partitions // max(1, relays))
+        keep = sorted(self._partitions)[:share]
+        for number, part in list(self._partitions.items()):
+            part.leaving = number not in keep
+            if part.leaving and not part.ids:
+                await self._hand_over(part, relays)
+        if len(self._partitions) < share:
+            await self._take_partitions(share)
+
+    async def _take_partitions(self, share: int) -> None:
         for number in range(self.config.partitions):
+            if len(self._partitions) >= share:
+                return
             if number in self._partitions:
                 continue
-            key = f"{LOCK_PREFIX}:{self.config.table}:{number}"
-            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key(number)):
                 part = _Partition(self.config.table, number, self._positions.get(number, 0))
                 self._partitions[number] = part
                 self._by_stream[part.stream] = part
                 log.info("postgres source %s: owns partition %d", self.name, number)
+
+    async def _hand_over(self, part: _Partition, relays: int) -> None:
+        del self._partitions[part.number], self._by_stream[part.stream]
+        if self._revoke is not None:
+            await self._revoke([part.stream])  # nothing of it is in flight: the engine forgets it
+        await self._conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", self._lock_key(part.number))
+        log.info("postgres source %s: hands partition %d over (%d relays share %d partitions)",
+                 self.name, part.number, relays, self.config.partitions)
+
+    def _lock_key(self, number: int) -> str:
+        return f"{LOCK_PREFIX}:{self.config.table}:{number}"
 
     async def _fetch(self, due: list[_Partition]) -> list[Any]:
         """The next rows of every partition in `due`, in one query, ordered by partition and id."""

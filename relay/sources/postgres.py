@@ -255,7 +255,10 @@ class PostgresReader:
         if self.config.delete:
             if self._deleter is None:
                 raise ConnectionError("not connected")
-            done = sorted(row_id for part, count in settled for row_id in part.ids[:count])
+            done: list[int] = []
+            for part, count in settled:
+                done += part.ids[:count]
+            done.sort()  # each partition's ids are sorted: a merge
             runs = _runs(done)  # one statement for every partition
             await (self._deleter.execute(self._delete, done) if runs is None else
                    self._deleter.execute(self._delete_runs, *runs))
@@ -400,7 +403,7 @@ class PostgresReader:
             part.due = due_at
             if part_rows:
                 messages = build(part, part_rows)
-                part.ids.extend(m.offset for m in messages)
+                part.ids += [message.offset for message in messages]
                 part.after = messages[-1].offset
                 batches.append(Batch(part.stream, messages, end=part.after))
         return batches

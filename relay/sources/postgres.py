@@ -192,13 +192,13 @@ class PostgresReader:
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
         # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
+                             f"WHERE {table}.id BETWEEN run.first AND run.last")
         # Live relays of this table: each holds an advisory lock (key, its backend pid) while connected.
         self._relays_key = f"{LOCK_PREFIX}:{table}:relays"
         self._count_relays = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
                               "AND classid = (hashtext($1)::bigint & 4294967295)::oid "
                               "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
-        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
-                             f"WHERE {table}.id BETWEEN run.first AND run.last")
 
     # -- the engine's Reader -----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, source_rate  # noqa: E402
+from bench.centrifugo_bench import CHANNELS, consumer_rate, median_run, ratios, source_rate  # noqa: E402
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer  # noqa: E402
 
 PARTITIONS = (1, 3)
@@ -89,20 +89,20 @@ def run(count: int = 100_000, partitions: tuple[int, ...] = PARTITIONS, repeats:
             native, relay = median_run(natives), median_run(relays)
             results[f"{parts} partition{'s' if parts > 1 else ''}"] = {
                 "partitions": parts, "rows": count, "insert_seconds": round(fill_seconds, 2),
-                "repeats": repeats, "centrifugo": native, "relay": relay,
-                "relay_over_centrifugo": round(relay["per_second"] / native["per_second"], 3)
-                if native["per_second"] else None}
+                "repeats": repeats, "centrifugo": native, "relay": relay, **ratios(native, relay)}
     finally:
         pg.close()
     return results
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'backlog':<14} {'relay rows/s':>12} {'Centrifugo/s':>13} {'relay / Centrifugo':>19} "
-             f"{'CPU s relay+C':>14} {'CPU s C':>8}"]
+    lines = [f"{'backlog':<14} {'relay rows/s':>12} {'Centrifugo/s':>13} {'relay / C':>10} {'middle':>7} "
+             f"{'relay CPU us/row':>17} {'CPU s relay+C':>14} {'CPU s C':>8}"]
     for name, r in results.items():
+        middle = r["relay_over_centrifugo_middle"]
         lines.append(f"{name:<14} {r['relay']['per_second']:>12,} {r['centrifugo']['per_second']:>13,} "
-                     f"{r['relay_over_centrifugo'] or 0:>19.2f} {r['relay']['cpu_seconds']:>14} "
+                     f"{r['relay_over_centrifugo'] or 0:>10.2f} {middle or 0:>7.2f} "
+                     f"{r['relay']['cpu_us_per_record']:>17} {r['relay']['cpu_seconds']:>14} "
                      f"{r['centrifugo']['cpu_seconds']:>8}")
     return "\n".join(lines)
 

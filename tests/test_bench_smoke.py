@@ -80,6 +80,7 @@ def test_the_postgres_benchmark_runs(postgres_server: Any, centrifugo_bin: Path,
     both = compare["2 partitions"]
     assert both["relay"]["delivered"] == both["centrifugo"]["delivered"] == 2000
     assert both["relay"]["rows_left"] == both["centrifugo"]["rows_left"] == 0
+    assert "relay_over_centrifugo_middle" in both  # the report's middle ratio (it printed "?")
     text = report.markdown(json.loads((ROOT / "bench" / "results.json").read_text())["machine"],
                            {"postgres": {"command": "postgres_bench", "seconds": 1, "figures": compare}}, {})
     assert "8. PostgreSQL outbox" in text and "(16) PostgreSQL outbox" in text

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.message import Message
-from relay.sources.postgres import Config, PostgresReader
+from relay.sources.postgres import Config, PostgresReader, _runs
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer
@@ -166,6 +166,68 @@ def test_reader_deletes_only_what_the_engine_says_is_settled(postgres_server: Po
     assert got["outbox/0"][0].record.channels == ("chat:room-0",)
 
 
+def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:
+    """Settled ids are deleted as (first, last) runs: every id of a run was read, no other id is in
+    one, whatever the gaps; ids too scattered for runs are deleted one by one (None)."""
+    rng = random.Random(16)
+    for _ in range(2000):
+        n = rng.randint(1, 400)
+        ids = sorted(rng.sample(range(1, n * rng.choice([1, 1, 2, 50]) + 2), n))
+        runs = _runs(ids)
+        if runs is None:
+            continue
+        firsts, lasts = runs
+        covered = [i for first, last in zip(firsts, lasts, strict=True) for i in range(first, last + 1)]
+        assert covered == ids
+        assert all(nxt > last + 1 for last, nxt in zip(lasts, firsts[1:], strict=False))  # runs are maximal
+    assert _runs(list(range(1, 5001))) == ([1], [5000])
+    assert _runs(list(range(1, 5001, 2))) is None
+
+
+def test_a_late_row_inside_runs_of_deleted_ids_is_read_not_deleted(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of consecutive ids are deleted as runs; a row whose id lies between two runs, whose
+    transaction commits after they were read and before they are deleted, survives and is read next."""
+    import asyncpg
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    config = Config(type="postgres", dsn_env=DSN_ENV, table="outbox", partitions=1, poll_interval="50ms")
+    reader = PostgresReader("outbox", config, tmp_path)
+    row = ("INSERT INTO outbox (method, payload) SELECT 'publish', jsonb_build_object('channel', 'chat:late', "
+           "'data', jsonb_build_object('s', g)) FROM generate_series(1, $1) g")
+
+    async def scenario() -> tuple[list[int], int, list[int]]:
+        conn = await asyncpg.connect(pg.dsn(db))
+        await conn.execute(row, 300)  # ids 1..300
+        late = await asyncpg.connect(pg.dsn(db))
+        tx = late.transaction()
+        await tx.start()
+        late_id = await late.fetchval(row.replace("generate_series(1, $1) g", "generate_series(1, 1) g")
+                                      + " RETURNING id")
+        await conn.execute(row, 300)  # ids 302..601, visible before the late one
+        await reader.connect()
+        first: list[int] = []
+        while len(first) < 600:
+            for batch in await reader.read() or []:
+                first.extend(m.offset for m in batch.messages)
+        await tx.commit()  # after the rows around it were read, before they are deleted
+        await reader.commit({"outbox/0": first[-1]})
+        left = [r["id"] for r in await conn.fetch("SELECT id FROM outbox")]  # what was read is gone ...
+        again: list[int] = []
+        deadline = time.monotonic() + 10
+        while not again and time.monotonic() < deadline:  # the partition is due again within poll_interval
+            again = [m.offset for batch in await reader.read() or [] for m in batch.messages]
+        await reader.close()
+        await late.close()
+        await conn.close()
+        return first, late_id, left + again
+
+    first, late_id, after = asyncio.run(scenario())
+    assert late_id not in first and min(first) < late_id < max(first)
+    assert after == [late_id, late_id]  # ... the late row is still there, and read next
+
+
 def test_a_row_whose_transaction_commits_late_is_delivered_not_deleted_unread(
         postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
         tmp_path: Path) -> None:
@@ -240,10 +302,12 @@ def test_20000_rows_with_three_sigkills_arrive_once_in_order_and_the_table_ends_
     assert "connection lost" not in proc.logs() and "commit failed" not in proc.logs(), proc.logs()[-2000:]
 
 
-def test_two_relays_share_a_table_and_one_killed_hands_over(
+def test_two_relays_share_the_partitions_and_one_killed_hands_over(
         postgres_server: PostgresServer, postgres_db: str, embedded_server: EmbeddedServerProcess,
         tmp_path: Path) -> None:
-    """The second relay gets no partition while the first holds their locks; kill -9 hands them over."""
+    """The first relay takes every partition; a second one joining mid-stream gets its share (one of
+    three, handed over by the first once what it read of it settled) and both deliver; kill -9 of the
+    first hands the rest over. Nothing lost, nothing twice, every room in order."""
     pg, db = postgres_server, postgres_db
     create_outbox(pg, db)
     total = 30_000
@@ -252,15 +316,21 @@ def test_two_relays_share_a_table_and_one_killed_hands_over(
                   embedded_server, pg.dsn(db)).start()
     second = relay(tmp_path / "b", relay_config(tmp_path / "b", embedded_server, source=slow),
                    embedded_server, pg.dsn(db))
+    inserter = Inserter(pg, db, 27_000, chunk=1000, pause=0.1)
     try:
         wait_until(lambda: first.logs().count("owns partition") == PARTITIONS, 30, first.logs()[-2000:])
-        second.start()
-        wait_until(lambda: "connected" in second.logs(), 30, second.logs()[-2000:])
-        insert_rows(pg, db, 0, 27_000)
+        inserter.start()
         wait_until(lambda: delivered(embedded_server) > 300, 30, first.logs()[-2000:])
+        second.start()
+        wait_until(lambda: "hands partition 2 over" in first.logs() and "owns partition 2" in second.logs(), 30,
+                   first.logs()[-2000:] + second.logs()[-2000:])
+        assert second.logs().count("owns partition") == 1  # its share: ceil(3 / 2) = 2, and 0, 1 are held
+        shared_at = delivered(embedded_server)
+        wait_until(lambda: delivered(embedded_server) > shared_at + 1000, 30, second.logs()[-2000:])
         first.kill()
-        assert "owns partition" not in second.logs()
         assert remaining(pg, db) > 0, "the first relay finished before it was killed"
+        inserter.join()
+        assert inserter.error is None, inserter.error
         insert_rows(pg, db, 27_000, total)
         wait_until(lambda: second.logs().count("owns partition") == PARTITIONS, 30, second.logs()[-2000:])
         seen = wait_delivered(embedded_server, total, [first, second])
@@ -388,6 +458,8 @@ SAME_ROWS = [
     ("disconnect", {"user": "42"}, 2),
     ("publish", {"channel": "chat:cmp2", "data": {"n": 6, "s": "ünïcode \"q\""}}, 1),
     ("publish", {"channel": "chat:cmp", "data": [1, {"b": None}]}, 0),
+    ("publish", {"channel": "chat:cmp", "data": {"note": "b64data", "n": 7}}, 0),  # the word, not the key
+    ("publish", {"channel": "chat:cmp", "data": {"note": "b64data", "n": 8}, "tags": {"t": "1"}}, 0),
 ]
 
 

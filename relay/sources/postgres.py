@@ -16,13 +16,22 @@ Ownership: a relay owns a partition while it holds a session-level advisory lock
 relays on one table therefore never deliver one partition at once; a relay that dies (even kill -9)
 loses its connection, PostgreSQL releases its locks, and another relay takes the partition within
 one `poll_interval`, re-reading the rows that were not deleted (their idempotency keys drop the
-ones already published).
+ones already published). Relays share the partitions: each holds one more lock while connected
+(`(hashtext('centrifugo-relay:<table>:relays'), its backend pid)`), counts those in `pg_locks`
+every `poll_interval`, and owns at most ceil(partitions / relays). One owning more stops reading
+the partitions beyond its share and unlocks each once everything it read of it is settled, so the
+next owner starts after it and the order per partition holds.
 
-Delivery: rows of a partition are emitted in id order. `DELETE ... WHERE partition = p AND id <= n`
-runs only once row n and every earlier row of p were settled (published or dead-lettered); with
+Delivery: rows of a partition are emitted in id order. Rows up to id n of partition p are deleted
+only once row n and every earlier row of p were settled (published or dead-lettered); with
 `delete = false` the settled id is kept per partition in the state dir instead. Deletes name the ids,
 so a row whose transaction committed late (an id below rows already delivered) is never deleted
 unread: a partition with nothing in flight is read from its start again.
+
+Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
+own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
+never wait for it. The payload and its `data` arrive as the bytes PostgreSQL prints (bytea), so they are
+never decoded to text and back.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -31,24 +40,26 @@ after a lost connection or a restarted server (what was not deleted is read agai
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
 import logging
+import operator
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay.centrifugo_records import CentrifugoRecord, from_command
+from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
-from relay.sources.engine import READ_MAX, Batch, SourceFatal, SourceUnavailable
+from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.postgres")
@@ -61,6 +72,8 @@ READ_WAIT = 0.5
 # How often the rows pending per partition are counted (relay_source_lag).
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
+# Settled ids are deleted as runs of consecutive ids when the runs are this long on average, else one by one.
+RUN_MIN = 16
 
 # Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
 # (InternalClientError: asyncpg's protocol state after a server shut down under a query.)
@@ -89,7 +102,7 @@ class Config(BaseModel):
     notify_channel: str = Field("", description="LISTEN channel; a NOTIFY whose payload is a partition number "
                                                 "wakes that partition at once. Needs a direct (not PgBouncer "
                                                 "transaction mode) connection.")
-    batch_size: int = Field(500, ge=1, description="Rows read per query (at most 500).")
+    batch_size: int = Field(500, ge=1, description="Rows read per partition per query (at most 500).")
     delete: bool = Field(True, description="Delete delivered rows (as Centrifugo does); false = keep them and "
                                            "remember the position per partition in the state dir.")
     max_in_flight_per_partition: int = Field(
@@ -128,16 +141,17 @@ class Config(BaseModel):
 class _Partition:
     """One partition while this relay holds its lock (one connection's worth)."""
 
-    __slots__ = ("after", "due", "ids", "more", "number", "paused", "stream")
+    __slots__ = ("after", "due", "ids", "leaving", "more", "number", "paused", "stream")
 
     def __init__(self, table: str, number: int, after: int) -> None:
         self.number = number
         self.stream = f"{table}/{number}"
         self.after = after              # the last id read
-        self.ids: deque[int] = deque()  # ids read and not yet deleted, in order
+        self.ids: list[int] = []        # ids read and not yet deleted, in order
         self.due = 0.0                  # when the partition is queried next (monotonic)
         self.more = True                # the last query filled its batch: more rows wait
         self.paused = False             # the engine's cap: not read until resumed
+        self.leaving = False            # beyond this relay's share: not read, handed over once settled
 
 
 class PostgresReader:
@@ -153,23 +167,38 @@ class PostgresReader:
         self._partitions: dict[int, _Partition] = {}
         self._by_stream: dict[str, _Partition] = {}
         self._wake = asyncio.Event()
-        # One connection holds the partition locks; the engine's commits run beside read(): take turns.
-        self._db = asyncio.Lock()
-        self._conn: Any = None
-        self._listener: Any = None
+        self._conn: Any = None      # holds the partition locks and reads
+        self._deleter: Any = None   # deletes what settled, beside the reads (the engine commits in a task of its own)
+        self._listener: Any = None  # LISTEN notify_channel
         self._lock_due = 0.0
         self._lag_due = 0.0
+        self._revoke: Revoke | None = None
         self._pending: dict[str, int] = {}
         self._state_path = state_dir / f"postgres-{name}.json"
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
-        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched.
-        columns = ("id, method, payload::text AS relay_payload_text, (payload->'data')::text AS relay_data_text"
-                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
-        self._select = f"SELECT {columns} FROM {table} WHERE partition = $1 AND id > $2 ORDER BY id LIMIT $3"
+        # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched,
+        # and the payload and its `data` as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C,
+        # never to str and back).
+        columns = ("id, method, convert_to(payload::text, 'UTF8') AS payload, "
+                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data" if config.format == "centrifugo"
+                   else "*, payload::text AS relay_payload_text")
+        # Every partition due is read in one round trip: up to $3 rows of each, after its own last id.
+        self._select = (f"SELECT p.number AS relay_partition, o.* "
+                        f"FROM unnest($1::bigint[], $2::bigint[]) AS p(number, after) CROSS JOIN LATERAL "
+                        f"(SELECT {columns} FROM {table} WHERE partition = p.number AND id > p.after "
+                        f"ORDER BY id LIMIT $3) AS o ORDER BY p.number, o.id")
         # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
+        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
         self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
+                             f"WHERE {table}.id BETWEEN run.first AND run.last")
+        # Live relays of this table: each holds an advisory lock (key, its backend pid) while connected.
+        self._relays_key = f"{LOCK_PREFIX}:{table}:relays"
+        self._count_relays = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
+                              "AND classid = (hashtext($1)::bigint & 4294967295)::oid "
+                              "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
     # -- the engine's Reader -----------------------------------------------------------------------
 
@@ -181,6 +210,9 @@ class PostgresReader:
         self._lock_due = 0.0
         async with self._errors():
             self._conn = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
+            await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1), pg_backend_pid())", self._relays_key)
+            if self.config.delete:
+                self._deleter = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
             if self.config.notify_channel:
                 self._listener = await asyncpg.connect(dsn, timeout=self.config.connect_timeout)
                 await self._listener.add_listener(self.config.notify_channel, self._notified)
@@ -188,45 +220,54 @@ class PostgresReader:
                  self.name, self.config.table, self.config.partitions)
 
     async def read(self) -> Sequence[Batch] | None:
-        async with self._errors(), self._db:
-            if self._conn is None or self._conn.is_closed():
-                raise ConnectionError("the connection closed")
-            if self._listener is not None and self._listener.is_closed():
-                raise ConnectionError("the LISTEN connection closed")
+        async with self._errors():
+            self._check_connections()
             now = time.monotonic()
-            if now >= self._lock_due and len(self._partitions) < self.config.partitions:
-                await self._take_partitions()
+            if now >= self._lock_due:
+                await self._balance()
                 self._lock_due = now + self.config.poll_interval
             await self._measure_lag(now)
-            batches = []
-            for part in list(self._partitions.values()):
-                if not part.paused and (part.more or now >= part.due):
-                    batch = await self._read(part)
-                    if batch is not None:
-                        batches.append(batch)
+            due = [part for part in self._partitions.values()
+                   if not part.paused and not part.leaving and (part.more or now >= part.due)]
+            rows = await self._fetch(due) if due else []
+            batches = self._batches(due, rows)
         if not batches:
             await self._sleep()
         return batches
+
+    def bind(self, revoke: Revoke) -> None:
+        """The engine's revoke: a partition handed over is forgotten there too."""
+        self._revoke = revoke
 
     def position_after(self, message: Message) -> int:
         return message.offset  # the last settled id: rows up to it (that this relay read) go
 
     async def commit(self, positions: dict[str, int]) -> None:
-        changed = False
-        for stream, settled in positions.items():
+        settled: list[tuple[_Partition, int]] = []  # (partition, how many of its ids are done)
+        for stream, last in positions.items():
             part = self._by_stream.get(stream)
-            if part is None:
-                continue
-            done = list(itertools.takewhile(lambda row_id: row_id <= settled, part.ids))  # noqa: B023
-            if not done:
-                continue
-            if self.config.delete:
-                async with self._db:
-                    await self._conn.execute(self._delete, done)
-            for _ in done:
-                part.ids.popleft()  # only once deleted: a failed delete is tried again at the next commit
-            if not self.config.delete and done[-1] > self._positions.get(part.number, 0):
-                self._positions[part.number] = done[-1]
+            if part is not None:
+                count = bisect.bisect_right(part.ids, last)
+                if count:
+                    settled.append((part, count))
+        if not settled:
+            return
+        if self.config.delete:
+            if self._deleter is None:
+                raise ConnectionError("not connected")
+            done: list[int] = []
+            for part, count in settled:
+                done += part.ids[:count]
+            done.sort()  # each partition's ids are sorted: a merge
+            runs = _runs(done)  # one statement for every partition
+            await (self._deleter.execute(self._delete, done) if runs is None else
+                   self._deleter.execute(self._delete_runs, *runs))
+        changed = False
+        for part, count in settled:
+            last_id = part.ids[count - 1]
+            del part.ids[:count]  # only once deleted: a failed delete is tried again at the next commit
+            if not self.config.delete and last_id > self._positions.get(part.number, 0):
+                self._positions[part.number] = last_id
                 changed = True
         if changed:
             self._save_positions()
@@ -243,7 +284,8 @@ class PostgresReader:
             self._wake.set()
 
     async def close(self) -> None:
-        conns, self._conn, self._listener = (self._conn, self._listener), None, None
+        conns = (self._conn, self._deleter, self._listener)
+        self._conn = self._deleter = self._listener = None
         for conn in conns:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -273,6 +315,14 @@ class PostgresReader:
         except _LOST as err:
             raise SourceUnavailable(f"{type(err).__name__}: {err}") from None
 
+    def _check_connections(self) -> None:
+        """A closed connection means the server went away: the engine reconnects."""
+        if self._conn is None or self._conn.is_closed():
+            raise ConnectionError("the connection closed")
+        for conn, what in ((self._deleter, "delete"), (self._listener, "LISTEN")):
+            if conn is not None and conn.is_closed():
+                raise ConnectionError(f"the {what} connection closed")
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
             part = self._partitions.get(int(payload.strip()))
@@ -284,65 +334,111 @@ class PostgresReader:
 
     async def _sleep(self) -> None:
         now = time.monotonic()
-        wake_at = now + READ_WAIT
-        if len(self._partitions) < self.config.partitions:
-            wake_at = min(wake_at, self._lock_due)
+        wake_at = min(now + READ_WAIT, self._lock_due)
         for part in self._partitions.values():
-            if not part.paused:
+            if not part.paused and not part.leaving:
                 wake_at = min(wake_at, now if part.more else part.due)
         self._wake.clear()
         if wake_at > now:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wake_at - now)
 
-    async def _take_partitions(self) -> None:
+    # -- sharing the partitions ----------------------------------------------------------------
+
+    async def _balance(self) -> None:
+        """Own a fair share of the partitions, ceil(partitions / live relays): take free ones up to
+        it; mark what is beyond it as leaving, and hand a leaving partition over once everything read
+        of it is settled (so the next owner starts after it, and the order per partition holds)."""
+        relays = await self._conn.fetchval(self._count_relays, self._relays_key)
+        share = -(-self.config.partitions // max(1, relays))
+        keep = sorted(self._partitions)[:share]
+        for number, part in list(self._partitions.items()):
+            part.leaving = number not in keep
+            if part.leaving and not part.ids:
+                await self._hand_over(part, relays)
+        if len(self._partitions) < share:
+            await self._take_partitions(share)
+
+    async def _take_partitions(self, share: int) -> None:
         for number in range(self.config.partitions):
+            if len(self._partitions) >= share:
+                return
             if number in self._partitions:
                 continue
-            key = f"{LOCK_PREFIX}:{self.config.table}:{number}"
-            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+            if await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", self._lock_key(number)):
                 part = _Partition(self.config.table, number, self._positions.get(number, 0))
                 self._partitions[number] = part
                 self._by_stream[part.stream] = part
                 log.info("postgres source %s: owns partition %d", self.name, number)
 
-    async def _read(self, part: _Partition) -> Batch | None:
-        if self.config.delete and not part.ids:
-            part.after = 0  # nothing of ours is left in the table: pick up rows that committed late, too
-        limit = self.config.batch_size
-        rows = await self._conn.fetch(self._select, part.number, part.after, limit)
-        part.more = len(rows) == limit
-        part.due = time.monotonic() + self.config.poll_interval
-        if not rows:
-            return None
-        messages = [self._message(part, row) for row in rows]
-        part.ids.extend(m.offset for m in messages)
-        part.after = messages[-1].offset
-        return Batch(part.stream, messages, end=part.after)
+    async def _hand_over(self, part: _Partition, relays: int) -> None:
+        del self._partitions[part.number], self._by_stream[part.stream]
+        if self._revoke is not None:
+            await self._revoke([part.stream])  # nothing of it is in flight: the engine forgets it
+        await self._conn.fetchval("SELECT pg_advisory_unlock(hashtext($1))", self._lock_key(part.number))
+        log.info("postgres source %s: hands partition %d over (%d relays share %d partitions)",
+                 self.name, part.number, relays, self.config.partitions)
 
-    def _message(self, part: _Partition, row: Any) -> Message:
-        payload: str = row["relay_payload_text"]
-        data = payload.encode()
-        attributes: dict[str, Any] = {"partition": part.number, "offset": row["id"]}
-        error, record = "", None
-        if self.config.format == "data":
+    def _lock_key(self, number: int) -> str:
+        return f"{LOCK_PREFIX}:{self.config.table}:{number}"
+
+    async def _fetch(self, due: list[_Partition]) -> list[Any]:
+        """The next rows of every partition in `due`, in one query, ordered by partition and id."""
+        if self.config.delete:
+            for part in due:
+                if not part.ids:
+                    part.after = 0  # nothing of ours is left in the table: pick up rows that committed late
+        return list(await self._conn.fetch(self._select, [p.number for p in due], [p.after for p in due],
+                                           self.config.batch_size))
+
+    def _batches(self, due: list[_Partition], rows: list[Any]) -> list[Batch]:
+        """One batch per partition that had rows; each partition's next query is scheduled."""
+        got = {number: list(group) for number, group in itertools.groupby(rows, key=_PARTITION)}
+        due_at = time.monotonic() + self.config.poll_interval
+        build = self._centrifugo_messages if self.config.format == "centrifugo" else self._data_messages
+        batches = []
+        for part in due:
+            part_rows = got.get(part.number, ())
+            part.more = len(part_rows) == self.config.batch_size
+            part.due = due_at
+            if part_rows:
+                messages = build(part, part_rows)
+                part.ids += [message.offset for message in messages]
+                part.after = messages[-1].offset
+                batches.append(Batch(part.stream, messages, end=part.after))
+        return batches
+
+    def _centrifugo_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
+        """Rows in Centrifugo's layout as messages. This runs for every row: what is the same for all
+        of them is looked up once."""
+        name, stream, number = self.name, part.stream, part.number
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        append = messages.append
+        for _, row_id, method, payload, data in rows:
+            error, record = "", None
+            try:
+                record = _record(method or "", payload, data)
+            except ValueError as err:
+                error = f"row id {row_id}: {err}"
+            append(Message(source=name, data=payload, stream=stream, offset=row_id,
+                           attributes={"partition": number, "offset": row_id}, read_at=read_at, record=record,
+                           error=error))
+        return messages
+
+    def _data_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
+        """Rows whose payload is the publication data; routes see their columns."""
+        name, stream, number = self.name, part.stream, part.number
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        for row in rows:
+            attributes: dict[str, Any] = {"partition": number, "offset": row["id"]}
             for column, value in row.items():
                 if not column.startswith("relay_"):
                     attributes[f"column.{column}"] = value
-        else:
-            try:
-                record = from_command(row["method"] or "", payload)
-            except ValueError as err:
-                error = f"row id {row['id']}: {err}"
-            else:
-                raw = row["relay_data_text"]
-                if raw is not None and record.is_publication and '"b64data"' not in payload:
-                    # The JSONB text as stored: byte for byte what Centrifugo's consumer publishes.
-                    record = CentrifugoRecord(record.method, record.channels, raw.encode(), record.idempotency_key,
-                                              record.tags, record.skip_history, record.delta, record.version,
-                                              record.version_epoch)
-        return Message(source=self.name, data=data, stream=part.stream, offset=row["id"], attributes=attributes,
-                       record=record, error=error)
+            messages.append(Message(source=name, data=row["relay_payload_text"].encode(), stream=stream,
+                                    offset=row["id"], attributes=attributes, read_at=read_at))
+        return messages
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -383,3 +479,60 @@ class PostgresReader:
 
 def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
     return PostgresReader(name, config, state_dir)
+
+
+def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord:
+    """What a row asks Centrifugo to do, with the publication data as PostgreSQL prints it (`data`,
+    null when the payload has none): byte for byte what Centrifugo's own consumer publishes.
+    ValueError says why the row is none."""
+    if method == "publish" and data is not None:
+        record = _plain_publish(payload, data)
+        if record is not None:
+            return record
+    try:
+        doc: Any = load_json(payload)
+    except (ValueError, UnicodeDecodeError):
+        doc = payload  # from_command says why
+    record = from_command(method, doc)
+    if data is not None and record.is_publication and not (isinstance(doc, dict) and doc.get("b64data")):
+        record = record._replace(data=data)  # b64data, when there is one, is what gets published
+    return record
+
+
+def _plain_publish(payload: bytes, data: bytes) -> CentrifugoRecord | None:
+    """The common {"channel", "data"} publish in one parse (not from_command's parse and re-encoding);
+    None for any other payload."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None  # from_command says why, or reads what orjson does not (big numbers)
+    if type(doc) is dict and len(doc) == 2:
+        channel = doc.get("channel")
+        if type(channel) is str and channel:
+            return CentrifugoRecord("publish", (channel,), data)
+    return None
+
+
+def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
+    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts); None when they are too
+    scattered for runs to be worth it. Halving finds a run of any length in a few steps."""
+    firsts: list[int] = []
+    lasts: list[int] = []
+    todo = [(0, len(ids) - 1)]
+    while todo:
+        i, j = todo.pop()
+        if ids[j] - ids[i] == j - i:  # distinct and sorted: ids[i..j] are consecutive
+            if lasts and lasts[-1] + 1 == ids[i]:
+                lasts[-1] = ids[j]
+            else:
+                firsts.append(ids[i])
+                lasts.append(ids[j])
+        elif len(firsts) * RUN_MIN > len(ids):
+            return None
+        else:
+            middle = (i + j) // 2
+            todo += ((middle + 1, j), (i, middle))  # the left half is taken first: runs come in order
+    return firsts, lasts
+
+
+_PARTITION = operator.itemgetter(0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from relay.centrifugo_records import CentrifugoRecord
 from relay.centrifugo_records import parse_publication as parse_centrifugo
 from relay.client_commands import _line
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, ConfigError, parse_config
@@ -33,6 +34,11 @@ def table(routes: str, max_output_bytes: int = 4 * 1024 * 1024) -> RoutingTable:
 
 def message(data: bytes, key: str | None = "k", **attributes: Any) -> Message:
     return Message(source="events", data=data, stream="t/0", offset=7, key=key, attributes=attributes)
+
+
+def message_with(data: bytes, record: CentrifugoRecord) -> Message:
+    """A message whose source read it as a record in Centrifugo's own format."""
+    return Message(source="events", data=data, stream="t/0", offset=7, key="k", record=record)
 
 
 def rejected(result: tuple[list[Publication], list[Rejection]]) -> str:
@@ -90,10 +96,10 @@ def test_channels_per_publication_are_bounded() -> None:
         f"got {MAX_CHANNELS_PER_PUBLICATION + 1}"]
     routes = table('[[routes]]\nsource = "events"\nchannel = "chat:x"\n')
     spec = parse_centrifugo(b"{}", {"centrifugo-channels": ",".join(f"chat:{n}" for n in range(1001))})
-    reason = rejected(routes.route(message(b"{}", centrifugo=spec)))
+    reason = rejected(routes.route(message_with(b"{}", spec)))
     assert "names 1001 channels, more than the 1000" in reason
     spec = parse_centrifugo(b"{}", {"centrifugo-channels": ",".join(f"chat:{n}" for n in range(1000))})
-    pubs, rejects = routes.route(message(b"{}", centrifugo=spec))
+    pubs, rejects = routes.route(message_with(b"{}", spec))
     assert (len(pubs), len(pubs[0].channels), rejects) == (1, 1000, [])
 
 

@@ -116,6 +116,28 @@ async def test_a_redelivery_after_ack_wait_is_not_emitted_again(nats_server: Nat
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 20 and i.num_ack_pending == 0)
 
 
+async def test_an_ack_lost_on_the_way_is_sent_again_and_its_message_not_emitted_twice(
+        nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 10)
+    src = source(nats_server, stream, ack_wait="500ms")
+    async with running(src) as reader:
+        await reader.wait_for(10)
+        wire = src.reader._wire  # type: ignore[attr-defined]
+        sent = wire.ack
+        wire.ack = lambda replies: None  # written as the connection died: the server never read them
+        for m in reader.got[:5]:
+            m.settle()
+        async with asyncio.timeout(10):
+            while len(src.reader._in_flight) > 5:  # type: ignore[attr-defined]  # committed
+                await asyncio.sleep(0.02)
+        wire.ack = sent
+        await wait_info(nats_server, stream, lambda i: i.num_redelivered >= 5)  # they came back
+        for m in reader.got[5:]:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 10 and i.num_ack_pending == 0)
+        assert [m.offset for m in reader.got] == list(range(1, 11))
+
+
 async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_server: NatsServer, stream: str) -> None:
     publish(nats_server, stream, 10)
     first = source(nats_server, stream, ack_wait="1s")

@@ -26,11 +26,11 @@ STREAM = (
     b"MSG chat.c 1 $JS.ACK.S.d.1.3.3.1700000000000000002.0 0\r\n\r\n"
     b"HMSG _INBOX.x 1 %d %d\r\n%s\r\n"
 ) % (len(HEADER), len(HEADER) + 5, HEADER, len(TIMEOUT), len(TIMEOUT), TIMEOUT)
-EXPECTED = [
-    Delivery(b"chat.a", b"$JS.ACK.S.d.1.1.1.1700000000000000000.2", b"", b"hello"),
-    Delivery(b"chat.b", b"$JS.ACK.S.d.1.2.2.1700000000000000001.1", HEADER, b"world"),
-    Delivery(b"chat.c", b"$JS.ACK.S.d.1.3.3.1700000000000000002.0", b"", b""),
-    Delivery(b"_INBOX.x", b"", TIMEOUT, b""),
+EXPECTED: list[Delivery] = [
+    (b"chat.a", b"$JS.ACK.S.d.1.1.1.1700000000000000000.2", b"", b"hello"),
+    (b"chat.b", b"$JS.ACK.S.d.1.2.2.1700000000000000001.1", HEADER, b"world"),
+    (b"chat.c", b"$JS.ACK.S.d.1.3.3.1700000000000000002.0", b"", b""),
+    (b"_INBOX.x", b"", TIMEOUT, b""),
 ]
 
 
@@ -69,10 +69,10 @@ def test_every_split_of_the_byte_stream_gives_the_same_deliveries() -> None:
 
 
 def test_headers_keep_the_first_value_as_centrifugo_reads_them_and_status_is_read() -> None:
-    assert headers(EXPECTED[1].header) == {"room": "7", "x-b": "y"}
-    assert status(EXPECTED[3].header) == "408"
-    assert headers(EXPECTED[3].header) == {"Nats-Pending-Messages": "12"}
-    assert status(EXPECTED[1].header) == ""
+    assert headers(EXPECTED[1][2]) == {"room": "7", "x-b": "y"}
+    assert status(EXPECTED[3][2]) == "408"
+    assert headers(EXPECTED[3][2]) == {"Nats-Pending-Messages": "12"}
+    assert status(EXPECTED[1][2]) == ""
 
 
 def test_a_malformed_message_line_closes_the_connection() -> None:

@@ -154,13 +154,13 @@ class _Puller:
             wait = LINGER  # something came: gather more while it keeps coming, up to a batch
         arrived.clear()
         batch, wire.received = wire.received, []
-        messages = [d for d in batch if d.reply]
+        messages = [d for d in batch if d[1]]
         self._owed -= len(messages)
         if len(messages) < len(batch):
-            for delivery in batch:
-                if not delivery.reply and status(delivery.header) in ("408", "409"):
+            for _, reply, header, _ in batch:
+                if not reply and status(header) in ("408", "409"):
                     # expired or cut short: its remaining messages won't come
-                    pending = headers(delivery.header).get("Nats-Pending-Messages", "0")
+                    pending = headers(header).get("Nats-Pending-Messages", "0")
                     self._owed -= int(pending) if pending.isdigit() else 0
         self._owed = max(self._owed, 0)
         return messages
@@ -431,14 +431,14 @@ class NatsReader:
         out: list[tuple[int, Delivery]] = []
         acked_again: list[bytes] = []
         for delivery in batch:
-            seq = sequence(delivery.reply)
+            seq = sequence(delivery[1])
             if seq in in_flight:
                 continue  # redelivered after ack_wait while still ours: the first delivery settles it
             if seq in self._acked:
                 # Ours and acked, but the ack was lost (written as the connection died, or nats-server
                 # died before it stored it): ack it again. Emitted again, it would sit at a position
                 # the engine already committed, so its ack would never come.
-                acked_again.append(delivery.reply)
+                acked_again.append(delivery[1])
                 continue
             if hold.active:
                 hold.add(seq, delivery)

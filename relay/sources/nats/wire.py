@@ -39,14 +39,10 @@ MAX_CONTROL_LINE = 4096
 _CREDS_BLOCK = re.compile(rb"-{3,}BEGIN [^\n]*-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}END")
 
 
-class Delivery(NamedTuple):
-    """One message delivered to the inbox, as it came: `reply` is the `$JS.ACK...` subject to ack
-    it with (empty for a status message from the server), `header` the raw header block or b""."""
-
-    subject: bytes
-    reply: bytes
-    header: bytes
-    data: bytes
+# One message delivered to the inbox, as it came: (subject, reply, header, data). `reply` is the
+# `$JS.ACK...` subject to ack it with (empty for a status message from the server), `header` the raw
+# header block or b"". A plain tuple: a NamedTuple costs 0.2 µs more per message.
+Delivery = tuple[bytes, bytes, bytes, bytes]
 
 
 class WireError(Exception):
@@ -198,7 +194,7 @@ class PullWire(asyncio.Protocol):
                 break
             op = buf[pos:pos + 4]
             if op == b"MSG " or op == b"HMSG":
-                args = buf[pos + 4:eol].split()
+                args = buf[pos + 4:eol].split()  # subject sid [reply] [header size] size
                 try:
                     total = int(args[-1])
                     header = int(args[-2]) if op == b"HMSG" else 0
@@ -209,8 +205,8 @@ class PullWire(asyncio.Protocol):
                 if end + 2 > size:
                     break  # the rest of its bytes comes with the next read
                 with_reply = len(args) == (5 if header else 4)
-                received.append(Delivery(args[0], args[2] if with_reply else b"", buf[start:start + header],
-                                         buf[start + header:end]))
+                received.append((args[0], args[2] if with_reply else b"", buf[start:start + header],
+                                 buf[start + header:end]))
                 pos = end + 2
                 continue
             line = buf[pos:eol]

@@ -68,6 +68,13 @@ def test_every_split_of_the_byte_stream_gives_the_same_deliveries() -> None:
     assert wire.received == EXPECTED
 
 
+def test_a_large_message_read_in_many_pieces_arrives_whole() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB, with CRLFs inside
+    stream = b"MSG big 1 $JS.ACK.S.d.1.9.9.1.0 %d\r\n%s\r\n" % (len(body), body) + STREAM
+    wire, _ = fed(*(stream[i:i + 65536] for i in range(0, len(stream), 65536)))
+    assert wire.received == [(b"big", b"$JS.ACK.S.d.1.9.9.1.0", b"", body), *EXPECTED]
+
+
 def test_headers_keep_the_first_value_as_centrifugo_reads_them_and_status_is_read() -> None:
     assert headers(EXPECTED[1][2]) == {"room": "7", "x-b": "y"}
     assert status(EXPECTED[3][2]) == "408"

@@ -33,8 +33,9 @@ from relay.secrets import Secret
 
 log = logging.getLogger("relay.sources.nats")
 
-# The longest protocol line accepted before a message's bytes (the server's default max_control_line).
-MAX_CONTROL_LINE = 4096
+# A protocol line longer than this (no CRLF yet) means the stream is broken (INFO of a large
+# cluster is the longest the server sends).
+MAX_CONTROL_LINE = 1024 * 1024
 # Marks of the user JWT and seed in a NATS credentials file.
 _CREDS_BLOCK = re.compile(rb"-{3,}BEGIN [^\n]*-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}END")
 
@@ -92,7 +93,10 @@ class PullWire(asyncio.Protocol):
         self.arrived = asyncio.Event()
         self.closed = asyncio.Event()
         self._transport: asyncio.Transport | None = None
-        self._buf = b""
+        self._buf = b""  # the start of a message or line that is not complete yet
+        self._parts: list[bytes] = []  # reads of a large message gathered until it is complete
+        self._gathered = 0
+        self._needed = 0  # bytes in _buf and _parts before parsing is worth trying again
         self._handshaking = True  # control lines go to `_lines` for open() to read
         self._lines: list[bytes] = []
         self._line_came = asyncio.Event()
@@ -182,6 +186,12 @@ class PullWire(asyncio.Protocol):
         self._pongs.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._needed:  # the rest of a large message: joined once, not once per read
+            self._parts.append(data)
+            self._gathered += len(data)
+            if self._gathered < self._needed:
+                return
+            data, self._parts, self._gathered, self._needed = b"".join(self._parts), [], 0, 0
         buf = self._buf + data if self._buf else data
         pos, size = 0, len(buf)
         received = self.received
@@ -189,7 +199,7 @@ class PullWire(asyncio.Protocol):
         while pos < size:
             eol = buf.find(b"\r\n", pos)
             if eol < 0:
-                if size - pos > MAX_CONTROL_LINE + 64 * 1024 * 1024:
+                if size - pos > MAX_CONTROL_LINE:
                     return self._fail("a protocol line too long")
                 break
             op = buf[pos:pos + 4]
@@ -202,9 +212,10 @@ class PullWire(asyncio.Protocol):
                     return self._fail(f"a malformed {op.decode().strip()} line")
                 start = eol + 2
                 end = start + total
-                if end + 2 > size:
-                    break  # the rest of its bytes comes with the next read
-                with_reply = len(args) == (5 if header else 4)
+                if end + 2 > size:  # the rest of its bytes comes with the next reads
+                    self._needed = end + 2 - pos
+                    break
+                with_reply = len(args) == (5 if op == b"HMSG" else 4)
                 received.append((args[0], args[2] if with_reply else b"", buf[start:start + header],
                                  buf[start + header:end]))
                 pos = end + 2
@@ -224,6 +235,9 @@ class PullWire(asyncio.Protocol):
                 log.warning("nats source: the server says %s", line[4:].strip().decode("utf-8", "replace"))
             # +OK and later INFOs (cluster changes) need nothing here
         self._buf = buf[pos:]
+        if self._needed:
+            self._parts, self._gathered = [self._buf], len(self._buf)
+            self._buf = b""
         if len(received) > count:
             self.arrived.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import sys
 import uuid
@@ -162,6 +163,16 @@ async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_
         await source(nats_server, "NOPE").run(Reader(None).emit)  # type: ignore[arg-type]
 
 
+async def reads_one_message(server: NatsServer, options: dict[str, object]) -> None:
+    """A message published to a new stream of `server` reaches a source with `options`."""
+    name = unique("A")
+    await asyncio.to_thread(server.create_stream, name, [f"{name.lower()}.>"])
+    await asyncio.to_thread(server.publish, [(f"{name.lower()}.x", b"over the pull connection", {})])
+    async with running(source(server, name, **options)) as reader:
+        await reader.wait_for(1)
+        assert [m.data for m in reader.got] == [b"over the pull connection"]
+
+
 @pytest.mark.parametrize("flags, good, bad", [
     (("--auth", "s3cret-token"), {"token_env": "RELAY_TEST_NATS_SECRET"}, "s3cret-token"),
     (("--user", "relay", "--pass", "s3cret-pass"), {"username": "relay", "password_env": "RELAY_TEST_NATS_SECRET"},
@@ -171,12 +182,14 @@ async def test_credentials_work_and_a_wrong_secret_is_a_clear_fatal_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], good: dict[str, str],
         bad: str, caplog: pytest.LogCaptureFixture) -> None:
     server = NatsServer.start(tmp_path / "auth", options=flags)
+    server.client = {"token": bad} if "token_env" in good else {"user": "relay", "password": bad}
     try:
         monkeypatch.setenv("RELAY_TEST_NATS_SECRET", bad)
         src = engine(Config.model_validate({"type": "nats", "url": server.url, "stream": "NOPE", **good}))
         with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # in, so the secret worked
             await src.run(Reader(None).emit)  # type: ignore[arg-type]
         await src.close()
+        await reads_one_message(server, good)  # both connections, the pull one too
         monkeypatch.setenv("RELAY_TEST_NATS_SECRET", "wrong")
         src = engine(Config.model_validate({"type": "nats", "url": server.url, "stream": "S", **good}))
         with pytest.raises(NatsSourceError, match="refused our credentials") as refused:
@@ -219,6 +232,8 @@ async def test_tls_with_the_servers_ca_works_and_an_untrusted_certificate_is_fat
         with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # connected over TLS
             await trusted.run(Reader(None).emit)  # type: ignore[arg-type]
         await trusted.close()
+        server.client = {"tls": ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))}
+        await reads_one_message(server, {"url": server_url, "tls": {"ca_file": str(tmp_path / "ca.pem")}})
         untrusted = engine(Config.model_validate({"type": "nats", "url": server_url, "stream": "S",
                                                             "tls": {}}))
         with pytest.raises(NatsSourceError, match="certificate is not trusted"):

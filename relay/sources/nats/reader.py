@@ -14,6 +14,12 @@ stays bounded. Messages that stay in flight longer than
 relay still holds is dropped (the first delivery's ack settles it: the server takes an ack for a
 sequence from any of its deliveries), so a long sink outage neither duplicates nor reorders.
 
+Deliveries and acks use the pull connection (wire.py); nats-py's connection does the rest. Acks of
+one commit go in one write; while the pull connection is down they wait and go after the reconnect.
+A delivery of a sequence this reader acked lately (the ack was lost with the connection, or
+nats-server died before storing it) is acked again and not emitted: emitted again, it would sit at
+a position the engine already committed.
+
 After a crash, the messages the dead relay had in flight come back only once their `ack_wait`
 expired, while newer ones are delivered at once. To keep stream order, a relay that finds the
 durable with messages pending (`num_ack_pending` > 0) at connect holds everything it reads until
@@ -204,6 +210,8 @@ class NatsReader:
 
     async def connect(self) -> None:
         self._refused.clear()
+        if self._wire is not None:
+            self._wire.close()
         try:
             nc, js = await asyncio.wait_for(self._connect(), CONNECT_WAIT)
         except TimeoutError:
@@ -274,7 +282,7 @@ class NatsReader:
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), CONNECT_WAIT)  # a stop never waits on it for ever
 
     # -- connecting --------------------------------------------------------------------------
 

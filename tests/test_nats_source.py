@@ -139,6 +139,29 @@ async def test_an_ack_lost_on_the_way_is_sent_again_and_its_message_not_emitted_
         assert [m.offset for m in reader.got] == list(range(1, 11))
 
 
+async def test_deliveries_lost_with_the_pull_connection_come_before_newer_ones(
+        nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 5)
+    src = source(nats_server, stream, ack_wait="3s")  # well beyond the reconnect
+    async with running(src) as reader:
+        await reader.wait_for(5)
+        wire = src.reader._wire  # type: ignore[attr-defined]
+        wire._transport.pause_reading()  # what the server sends now stays in the socket...
+        publish(nats_server, stream, 5, start=5)
+        await wait_info(nats_server, stream, lambda i: i.delivered.stream_seq == 10)
+        wire._transport.abort()  # ...and is lost with it: the server sends it again after ack_wait
+        async with asyncio.timeout(10):
+            while src.reader._wire is wire or not src.reader._wire.connected:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
+        publish(nats_server, stream, 5, start=10)  # delivered at once on the new connection
+        await reader.wait_for(15)
+        await asyncio.sleep(0.3)
+        assert [m.offset for m in reader.got] == list(range(1, 16))
+        for m in reader.got:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 15 and i.num_ack_pending == 0)
+
+
 async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_server: NatsServer, stream: str) -> None:
     publish(nats_server, stream, 10)
     first = source(nats_server, stream, ack_wait="1s")

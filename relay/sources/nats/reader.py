@@ -82,8 +82,9 @@ REQUESTS = 2
 # How many acked sequences are remembered, in units of max_ack_pending (the most the server can
 # have unacked, so the most lost acks it can send back).
 ACKED_MEMORY = 4
-# After the pull connection is lost, how long a read waits before connecting again.
-RECONNECT_WAIT = 0.5
+# After the pull connection is lost, how long a read waits before connecting again: by then the
+# lost connection's pull requests expired, so what the server sent to them is all counted.
+RECONNECT_WAIT = FETCH_WAIT + 0.1
 # How often consumer info is read (pending metric, the start-up order hold).
 INFO_INTERVAL = 1.0
 
@@ -400,6 +401,24 @@ class NatsReader:
         self._ack([])  # what was committed meanwhile
         self._lost = False
         log.info("nats source %s: pull connection reconnected", self.name)
+        await self._hold_for_lost_deliveries(self._wire)
+
+    async def _hold_for_lost_deliveries(self, wire: PullWire) -> None:
+        """Deliveries on their way when the connection dropped come back only after ack_wait, newer
+        ones at once: when the server counts more unacked messages than this reader holds, what
+        comes is held until they are back (the start-up hold)."""
+        await wire.drain(CONNECT_WAIT)  # the acks just sent are counted first
+        try:
+            assert self._js is not None
+            info = await self._js.consumer_info(self.config.stream, self.config.durable)
+        except (nats.errors.Error, TimeoutError) as err:
+            log.debug("nats source %s: consumer info failed: %s", self.name, err)
+            return
+        owed = (info.num_ack_pending or 0) - len(self._in_flight)
+        if owed > 0 and not self._hold.active:
+            self._hold = _Hold(info.delivered.stream_seq, owed, info.config.ack_wait or self.config.ack_wait)
+            log.info("nats source %s: %d message(s) were on their way when the connection dropped; holding "
+                     "newer ones until they are redelivered", self.name, owed)
 
     async def _bind(self, js: JetStreamContext) -> None:
         """The durable consumer: created if missing and allowed; its state decides the start-up hold."""
@@ -447,6 +466,8 @@ class NatsReader:
                 # died before it stored it): ack it again. Emitted again, it would sit at a position
                 # the engine already committed, so its ack would never come.
                 acked_again.append(delivery[1])
+                if hold.active and seq <= hold.last_delivered:
+                    hold.owed -= 1  # the server counted it as unacked when the hold began
                 continue
             if hold.active:
                 hold.add(seq, delivery)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import sys
 import uuid
@@ -116,6 +117,51 @@ async def test_a_redelivery_after_ack_wait_is_not_emitted_again(nats_server: Nat
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 20 and i.num_ack_pending == 0)
 
 
+async def test_an_ack_lost_on_the_way_is_sent_again_and_its_message_not_emitted_twice(
+        nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 10)
+    src = source(nats_server, stream, ack_wait="500ms")
+    async with running(src) as reader:
+        await reader.wait_for(10)
+        wire = src.reader._wire  # type: ignore[attr-defined]
+        sent = wire.ack
+        wire.ack = lambda replies: None  # written as the connection died: the server never read them
+        for m in reader.got[:5]:
+            m.settle()
+        async with asyncio.timeout(10):
+            while len(src.reader._in_flight) > 5:  # type: ignore[attr-defined]  # committed
+                await asyncio.sleep(0.02)
+        wire.ack = sent
+        await wait_info(nats_server, stream, lambda i: i.num_redelivered >= 5)  # they came back
+        for m in reader.got[5:]:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 10 and i.num_ack_pending == 0)
+        assert [m.offset for m in reader.got] == list(range(1, 11))
+
+
+async def test_deliveries_lost_with_the_pull_connection_come_before_newer_ones(
+        nats_server: NatsServer, stream: str) -> None:
+    publish(nats_server, stream, 5)
+    src = source(nats_server, stream, ack_wait="3s")  # well beyond the reconnect
+    async with running(src) as reader:
+        await reader.wait_for(5)
+        wire = src.reader._wire  # type: ignore[attr-defined]
+        wire._transport.pause_reading()  # what the server sends now stays in the socket...
+        publish(nats_server, stream, 5, start=5)
+        await wait_info(nats_server, stream, lambda i: i.delivered.stream_seq == 10)
+        wire._transport.abort()  # ...and is lost with it: the server sends it again after ack_wait
+        async with asyncio.timeout(10):
+            while src.reader._wire is wire or not src.reader._wire.connected:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
+        publish(nats_server, stream, 5, start=10)  # delivered at once on the new connection
+        await reader.wait_for(15)
+        await asyncio.sleep(0.3)
+        assert [m.offset for m in reader.got] == list(range(1, 16))
+        for m in reader.got:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 15 and i.num_ack_pending == 0)
+
+
 async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_server: NatsServer, stream: str) -> None:
     publish(nats_server, stream, 10)
     first = source(nats_server, stream, ack_wait="1s")
@@ -140,6 +186,16 @@ async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_
         await source(nats_server, "NOPE").run(Reader(None).emit)  # type: ignore[arg-type]
 
 
+async def reads_one_message(server: NatsServer, options: dict[str, object]) -> None:
+    """A message published to a new stream of `server` reaches a source with `options`."""
+    name = unique("A")
+    await asyncio.to_thread(server.create_stream, name, [f"{name.lower()}.>"])
+    await asyncio.to_thread(server.publish, [(f"{name.lower()}.x", b"over the pull connection", {})])
+    async with running(source(server, name, **options)) as reader:
+        await reader.wait_for(1)
+        assert [m.data for m in reader.got] == [b"over the pull connection"]
+
+
 @pytest.mark.parametrize("flags, good, bad", [
     (("--auth", "s3cret-token"), {"token_env": "RELAY_TEST_NATS_SECRET"}, "s3cret-token"),
     (("--user", "relay", "--pass", "s3cret-pass"), {"username": "relay", "password_env": "RELAY_TEST_NATS_SECRET"},
@@ -149,12 +205,14 @@ async def test_credentials_work_and_a_wrong_secret_is_a_clear_fatal_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...], good: dict[str, str],
         bad: str, caplog: pytest.LogCaptureFixture) -> None:
     server = NatsServer.start(tmp_path / "auth", options=flags)
+    server.client = {"token": bad} if "token_env" in good else {"user": "relay", "password": bad}
     try:
         monkeypatch.setenv("RELAY_TEST_NATS_SECRET", bad)
         src = engine(Config.model_validate({"type": "nats", "url": server.url, "stream": "NOPE", **good}))
         with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # in, so the secret worked
             await src.run(Reader(None).emit)  # type: ignore[arg-type]
         await src.close()
+        await reads_one_message(server, good)  # both connections, the pull one too
         monkeypatch.setenv("RELAY_TEST_NATS_SECRET", "wrong")
         src = engine(Config.model_validate({"type": "nats", "url": server.url, "stream": "S", **good}))
         with pytest.raises(NatsSourceError, match="refused our credentials") as refused:
@@ -197,6 +255,8 @@ async def test_tls_with_the_servers_ca_works_and_an_untrusted_certificate_is_fat
         with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):  # connected over TLS
             await trusted.run(Reader(None).emit)  # type: ignore[arg-type]
         await trusted.close()
+        server.client = {"tls": ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))}
+        await reads_one_message(server, {"url": server_url, "tls": {"ca_file": str(tmp_path / "ca.pem")}})
         untrusted = engine(Config.model_validate({"type": "nats", "url": server_url, "stream": "S",
                                                             "tls": {}}))
         with pytest.raises(NatsSourceError, match="certificate is not trusted"):

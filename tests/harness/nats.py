@@ -63,6 +63,7 @@ class NatsServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()  # more nats-server flags: --auth TOKEN, --user U --pass P ...
+    client: dict[str, Any] = field(default_factory=dict)  # nats.connect() options of the helpers below
 
     @property
     def url(self) -> str:
@@ -110,7 +111,7 @@ class NatsServer:
 
     def create_stream(self, name: str, subjects: Sequence[str]) -> None:
         async def create() -> None:
-            nc = await nats.connect(self.url)
+            nc = await nats.connect(self.url, **self.client)
             try:
                 await nc.jetstream().add_stream(name=name, subjects=list(subjects))
             finally:
@@ -120,7 +121,7 @@ class NatsServer:
     def publish(self, items: Sequence[Item]) -> None:
         """Publish to JetStream in order, waiting for every ack."""
         async def send() -> None:
-            nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **self.client)
             js = nc.jetstream()
             try:
                 for start in range(0, len(items), PUBLISH_WINDOW):
@@ -133,7 +134,7 @@ class NatsServer:
     def consumer_info(self, stream: str, durable: str) -> ConsumerInfo | None:
         """The durable's state, or None while it does not exist."""
         async def info() -> ConsumerInfo | None:
-            nc = await nats.connect(self.url)
+            nc = await nats.connect(self.url, **self.client)
             try:
                 return await nc.jetstream().consumer_info(stream, durable)
             except NotFoundError:

@@ -1,4 +1,4 @@
-"""`type = "nats"`: a NATS JetStream stream read through a durable pull consumer, acked after delivery.
+"""The NATS source's reader: a JetStream stream read through a durable pull consumer, acked after delivery.
 
 Every JetStream message becomes a `Message` with `stream` = the JetStream stream name, `offset` = its
 stream sequence (so idempotency keys are (source, stream, sequence), the same across restarts and
@@ -13,6 +13,12 @@ stays bounded. Messages that stay in flight longer than
 `ack_wait` (a slow or absent sink) are redelivered by the server; a redelivery of a sequence this
 relay still holds is dropped (the first delivery's ack settles it: the server takes an ack for a
 sequence from any of its deliveries), so a long sink outage neither duplicates nor reorders.
+
+Deliveries and acks use the pull connection (wire.py); nats-py's connection does the rest. Acks of
+one commit go in one write; while the pull connection is down they wait and go after the reconnect.
+A delivery of a sequence this reader acked lately (the ack was lost with the connection, or
+nats-server died before storing it) is acked again and not emitted: emitted again, it would sit at
+a position the engine already committed.
 
 After a crash, the messages the dead relay had in flight come back only once their `ack_wait`
 expired, while newer ones are delivered at once. To keep stream order, a relay that finds the
@@ -35,25 +41,25 @@ import json
 import logging
 import ssl
 import time
-from collections import OrderedDict
+import uuid
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relay import events
 from relay.centrifugo_records import parse_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import Batch, SourceUnavailable
-from relay.units import Duration
+from relay.sources.nats.config import Config
+from relay.sources.nats.wire import Auth, Delivery, PullWire, WireError, headers, status
 
 log = logging.getLogger("relay.sources.nats")
 
@@ -67,78 +73,31 @@ FETCH_WAIT = 0.5
 LINGER = 0.002
 # How long connect() waits for the server before the engine's backoff takes over.
 CONNECT_WAIT = 5.0
-# How often the engine hands over settled positions, which are acked then (acks are cheap).
-COMMIT_INTERVAL = 0.2
+# How often the engine hands over settled positions, which are acked then (acks are cheap). The
+# server hands out at most max_ack_pending unacked messages, so this bounds the rate: 5000 per 0.2 s
+# was bench/nats_bench.py's ceiling of 25k messages/s.
+COMMIT_INTERVAL = 0.05
+# Pull requests of fetch_batch messages kept in flight.
+REQUESTS = 2
+# How many acked sequences are remembered, in units of max_ack_pending (the most the server can
+# have unacked, so the most lost acks it can send back).
+ACKED_MEMORY = 4
+# After the pull connection is lost, how long a read waits before connecting again: by then the
+# lost connection's pull requests expired, so what the server sent to them is all counted.
+RECONNECT_WAIT = FETCH_WAIT + 0.1
 # How often consumer info is read (pending metric, the start-up order hold).
 INFO_INTERVAL = 1.0
-
-
-class TlsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ca_file: str = Field("", description="CA bundle (PEM) that signed the server's certificate; "
-                                         "empty = the system's trust store.")
-    cert_file: str = Field("", description="Client certificate (PEM), for servers that verify clients.")
-    key_file: str = Field("", description="Private key (PEM) of the client certificate.")
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["nats"]
-    url: str = Field("nats://127.0.0.1:4222", description="Server URL(s), comma-separated; tls:// for TLS.")
-    token_env: str = Field("", description="Environment variable holding an auth token.")
-    username: str = Field("", description="User name (with password_env or password_file).")
-    password_env: str = Field("", description="Environment variable holding the password.")
-    password_file: str = Field("", description="File holding the password.")
-    credentials_file: str = Field("", description="NATS credentials file (JWT and NKey seed).")
-    tls: TlsConfig | None = Field(None, description="TLS files; set (even empty) to connect with TLS.")
-    stream: str = Field(min_length=1, description="The JetStream stream to read.")
-    subjects: list[str] = Field(default_factory=list,
-                                description="Subject filters of the consumer; empty = the whole stream.")
-    durable: str = Field("centrifugo-relay", min_length=1,
-                         description="Durable consumer name; relays with the same durable share its messages.")
-    use_existing: bool = Field(False, description="Use the durable as it is and fail if it is missing, "
-                                                  "instead of creating it.")
-    deliver: Literal["all", "new"] = Field("all", description="Where a newly created durable starts: "
-                                                              "all = the whole stream, new = new messages.")
-    format: Literal["data", "centrifugo"] = Field(
-        "data", description="data: the body is the publication data, routes decide the channels; "
-                            "centrifugo: Centrifugo's own consumer format (method/payload JSON, the "
-                            "centrifugo-method header, or centrifugo-* headers).")
-    max_ack_pending: int = Field(5000, ge=1, description="Unacked messages the server hands this durable "
-                                                         "at most (the in-flight cap), when created.")
-    ack_wait: Duration = Field(30.0, description="Unacked messages are redelivered after this long, "
-                                                 "when created.")
-    fetch_batch: int = Field(500, ge=1, le=10_000, description="Messages asked for per pull request.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        if not all(u.strip() for u in self.url.split(",")):
-            raise ValueError("url has an empty entry")
-        ways = [bool(self.token_env), bool(self.username), bool(self.credentials_file)]
-        if sum(ways) > 1:
-            raise ValueError("set at most one of token_env, username, credentials_file")
-        if self.username and not (self.password_env or self.password_file):
-            raise ValueError("username needs password_env or password_file (never a password in the file)")
-        if (self.password_env or self.password_file) and not self.username:
-            raise ValueError("password_env/password_file need username")
-        if self.ack_wait <= 0:
-            raise ValueError("ack_wait must be more than 0s")
-        if self.tls is not None and bool(self.tls.cert_file) != bool(self.tls.key_file):
-            raise ValueError("tls.cert_file and tls.key_file go together")
-        return self
 
 
 class NatsSourceError(RuntimeError):
     """The source cannot run: credentials refused, the stream or durable missing, a secret unset."""
 
 
-def sequence(reply: str) -> int:
+def sequence(reply: bytes) -> int:
     """The stream sequence in a JetStream delivery's reply subject: `$JS.ACK.<stream>.<consumer>.
     <delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or the longer form with domain and
     account hash first (nats-py's `msg.metadata` parses all of it, three times slower)."""
-    tokens = reply.split(".")
+    tokens = reply.split(b".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
@@ -152,18 +111,18 @@ class _Hold:
         self.last_delivered = last_delivered
         self.owed = owed
         self.deadline = time.monotonic() + 2 * ack_wait
-        self.held: dict[int, Msg] = {}
+        self.held: dict[int, Delivery] = {}
 
     @property
     def active(self) -> bool:
         return self.owed > 0
 
-    def add(self, seq: int, msg: Msg) -> None:
+    def add(self, seq: int, msg: Delivery) -> None:
         if seq <= self.last_delivered and seq not in self.held:
             self.owed -= 1
         self.held[seq] = msg  # a second redelivery replaces the first: its ack is as good
 
-    def release(self) -> list[tuple[int, Msg]]:
+    def release(self) -> list[tuple[int, Delivery]]:
         self.owed = 0
         out = [(seq, self.held[seq]) for seq in sorted(self.held)]
         self.held = {}
@@ -171,72 +130,51 @@ class _Hold:
 
 
 class _Puller:
-    """Pull requests kept in flight on one inbox, so the server streams while the relay works.
+    """Pull requests kept in flight on the pull connection, so the server streams while the relay
+    works. A request expires after FETCH_WAIT; the server answers an expired or cut-short one with
+    a status message (408, 409) that says how many of its messages will not come."""
 
-    nats-py's `fetch()` waits for each batch before asking for the next, which measured about 24k
-    messages/s here; two requests in flight on a plain subscription measured about 170k/s. A request
-    expires after FETCH_WAIT; the server answers an expired or cut-short one with a status message
-    (408, 409) that says how many of its messages will not come."""
-
-    def __init__(self, nc: Client, config: Config) -> None:
-        self._nc = nc
-        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{config.stream}.{config.durable}"
+    def __init__(self, config: Config) -> None:
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{config.stream}.{config.durable}".encode()
         self._batch = config.fetch_batch
         self._request = json.dumps({"batch": self._batch, "expires": int(FETCH_WAIT * 1e9)}).encode()
-        self._inbox = nc.new_inbox()
-        self._sub: Any = None
-        self._received: list[Msg] = []
-        self._arrived = asyncio.Event()
         self._owed = 0  # messages asked for and not yet delivered nor cancelled
         self._asked_at = 0.0
 
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message, pending_msgs_limit=-1,
-                                             pending_bytes_limit=-1)
-
-    async def _on_message(self, msg: Msg) -> None:
-        self._received.append(msg)
-        self._arrived.set()
-
-    async def next_batch(self) -> list[Msg]:
+    async def next_batch(self, wire: PullWire) -> list[Delivery]:
         """What arrived since the last call (waiting up to FETCH_WAIT for something), after asking
-        for more while fewer than one batch is owed."""
+        for more while fewer than REQUESTS batches are owed."""
         if time.monotonic() - self._asked_at > 2 * FETCH_WAIT + 1:
-            self._owed = 0  # every request expired, even if its status message was lost (reconnect)
-        if self._owed <= self._batch and self._nc.is_connected:
-            await self._nc.publish(self._subject, self._request, reply=self._inbox)
+            self._owed = 0  # every request expired, even if its status message was lost
+        if self._owed <= (REQUESTS - 1) * self._batch and wire.connected:
+            wire.pull(self._subject, self._request)
             self._owed += self._batch
             self._asked_at = time.monotonic()
         wait = FETCH_WAIT
-        while len(self._received) < self._batch:
-            self._arrived.clear()
+        arrived = wire.arrived
+        while len(wire.received) < self._batch and wire.connected:
+            arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), wait)
+                await asyncio.wait_for(arrived.wait(), wait)
             except TimeoutError:
                 break
             wait = LINGER  # something came: gather more while it keeps coming, up to a batch
-        self._arrived.clear()
-        batch, self._received = self._received, []
-        out = []
-        for msg in batch:
-            headers = msg.headers
-            status = headers.get("Status") if headers else None
-            if status is None:
-                self._owed -= 1
-                out.append(msg)
-            elif status in ("408", "409"):  # expired or cut short: its remaining messages won't come
-                self._owed -= int(headers.get("Nats-Pending-Messages", "0") or 0)  # type: ignore[union-attr]
+        arrived.clear()
+        batch, wire.received = wire.received, []
+        messages = [d for d in batch if d[1]]
+        self._owed -= len(messages)
+        if len(messages) < len(batch):
+            for _, reply, header, _ in batch:
+                if not reply and status(header) in ("408", "409"):
+                    # expired or cut short: its remaining messages won't come
+                    pending = headers(header).get("Nats-Pending-Messages", "0")
+                    self._owed -= int(pending) if pending.isdigit() else 0
         self._owed = max(self._owed, 0)
-        return out
+        return messages
 
     def forget_requests(self) -> None:
         """After a reconnect: the server dropped the requests of the old connection."""
         self._owed = 0
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
 
 
 class NatsReader:
@@ -251,77 +189,101 @@ class NatsReader:
         self.commit_interval = COMMIT_INTERVAL
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._puller: _Puller | None = None
+        self._puller = _Puller(config)
+        self._wire: PullWire | None = None
+        self._lost = False  # the pull connection is down and that was logged
+        self._unsent: list[bytes] = []  # acks committed while the pull connection was down
+        # The sequences acked last (a set, and their order to forget the oldest): a redelivery of
+        # one of these is an ack that was lost, not a message of another relay on the durable.
+        self._acked: set[int] = set()
+        self._acked_order: deque[int] = deque()
+        self._acked_limit = ACKED_MEMORY * config.max_ack_pending
         self._watcher: asyncio.Task[None] | None = None
-        # Read and not yet acked, in stream order: sequence -> the delivery to ack.
-        self._in_flight: OrderedDict[int, Msg] = OrderedDict()
+        # Read and not yet acked, in stream order: sequence -> the reply subject to ack it with.
+        self._in_flight: OrderedDict[int, bytes] = OrderedDict()
         self._hold = _Hold(0, 0, config.ack_wait)
         self._refused = asyncio.Event()
         self._refusal = ""
+        self._auth = Auth()  # for the pull connection, set by _options()
+        self._tls: ssl.SSLContext | None = None
 
     # -- the engine's Reader -----------------------------------------------------------------
 
     async def connect(self) -> None:
         self._refused.clear()
+        if self._wire is not None:
+            self._wire.close()
         try:
             nc, js = await asyncio.wait_for(self._connect(), CONNECT_WAIT)
         except TimeoutError:
             raise SourceUnavailable(f"{self.config.url} does not answer") from None
         self._nc, self._js = nc, js
         self._in_flight.clear()
+        self._unsent = []
         try:
             await self._bind(js)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.ServiceUnavailableError) as err:  # JetStream not up yet (a restart)
             await nc.close()
             raise SourceUnavailable(f"JetStream at {self.config.url}: {err}") from None
-        self._puller = _Puller(nc, self.config)
-        await self._puller.start()
+        try:
+            self._wire = await asyncio.wait_for(self._open_wire(), CONNECT_WAIT)
+        except BaseException:
+            await nc.close()
+            raise
         self._watcher = asyncio.create_task(self._watch(), name=f"nats-{self.name}-info")
 
     async def read(self) -> list[Batch]:
-        assert self._puller is not None
         if self._watcher is not None and self._watcher.done():
             self._watcher.result()  # a failed watcher fails the source
-        messages = self._accept(await self._puller.next_batch())
+        wire = self._wire
+        if wire is None or not wire.connected:
+            await self._reconnect()
+            return []
+        messages = self._accept(await self._puller.next_batch(wire))
         if not messages:
             return []
         return [Batch(self.config.stream, messages, end=messages[-1].offset + 1)]
 
     async def commit(self, positions: dict[str, int]) -> None:
-        """Ack every message read before the position, in stream order, in one write."""
+        """Ack every message read before the position, in stream order, in one write. A lost ack
+        only means a redelivery that the idempotency keys drop."""
         position = positions.get(self.config.stream)
-        nc = self._nc
-        if position is None or nc is None or nc.is_closed:
+        if position is None:
             return
         acks = []
-        while self._in_flight:
-            seq = next(iter(self._in_flight))
+        in_flight, acked, order = self._in_flight, self._acked, self._acked_order
+        while in_flight:
+            seq = next(iter(in_flight))
             if seq >= position:
                 break
-            acks.append(self._in_flight.pop(seq).reply)
-        if acks:
-            # An ack is an empty PUB to the delivery's reply subject; nats-py's publish() per message
-            # cost as much CPU as reading the message. A lost ack only means a redelivery the keys drop.
-            await nc._send_command(b"".join(b"PUB %s 0\r\n\r\n" % reply.encode() for reply in acks))
-            if nc._flush_queue is not None and nc._flush_queue.empty():
-                await nc._flush_pending()  # as publish() does: wake the flusher unless it is due
+            acks.append(in_flight.pop(seq))
+            acked.add(seq)
+            order.append(seq)
+        while len(order) > self._acked_limit:
+            acked.discard(order.popleft())
+        self._ack(acks)
+
+    def _ack(self, replies: list[bytes]) -> None:
+        """Ack these deliveries now, or after the reconnect while the pull connection is down."""
+        self._unsent += replies
+        if self._unsent and self._wire is not None and self._wire.connected:
+            self._wire.ack(self._unsent)
+            self._unsent = []
 
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
-        if self._puller is not None:
-            await self._puller.close()
-            self._puller = None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.drain(timeout=5)  # the acks already written reach the server
+            wire.close()
         nc, self._nc = self._nc, None
-        if nc is None:
-            return
-        with contextlib.suppress(Exception):
-            await nc.flush(timeout=5)  # the acks already written
-        with contextlib.suppress(Exception):
-            await nc.close()
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), CONNECT_WAIT)  # a stop never waits on it for ever
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -339,12 +301,14 @@ class NatsReader:
                     raise NatsSourceError(f"nats source {self.name!r}: environment variable "
                                           f"{cfg.token_env} is empty or unset")
                 options["token"] = token.reveal()
+                self._auth = Auth(token=token)
             if cfg.username:
                 password = load_secret(cfg.password_env, cfg.password_file)
                 if password is None:
                     where = cfg.password_env or cfg.password_file
                     raise NatsSourceError(f"nats source {self.name!r}: password {where} is empty or unset")
                 options.update(user=cfg.username, password=password.reveal())
+                self._auth = Auth(user=cfg.username, password=password)
         except SecretError as err:
             raise NatsSourceError(f"nats source {self.name!r}: {err}") from None
         if cfg.credentials_file:
@@ -352,11 +316,12 @@ class NatsReader:
                 raise NatsSourceError(f"nats source {self.name!r}: credentials_file "
                                       f"{cfg.credentials_file} does not exist")
             options["user_credentials"] = cfg.credentials_file
+            self._auth = Auth(credentials_file=cfg.credentials_file)
         if cfg.tls is not None:
             context = ssl.create_default_context(cafile=cfg.tls.ca_file or None)
             if cfg.tls.cert_file:
                 context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-            options["tls"] = context
+            options["tls"] = self._tls = context
         return options
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
@@ -405,8 +370,55 @@ class NatsReader:
 
     async def _on_reconnect(self) -> None:
         log.info("nats source %s: reconnected", self.name)
-        if self._puller is not None:
-            self._puller.forget_requests()
+
+    async def _open_wire(self) -> PullWire:
+        """The pull connection, to the first of the URLs that takes it."""
+        inbox = f"_INBOX.{uuid.uuid4().hex}".encode()
+        name = f"centrifugo-relay {self.name} pull"
+        failures = []
+        for url in (u.strip() for u in self.config.url.split(",")):
+            try:
+                return await PullWire.open(url, inbox, self._auth, self._tls, name)
+            except WireError as err:
+                if err.refused:
+                    raise NatsSourceError(f"nats source {self.name!r}: {err}") from None
+                failures.append(f"{url}: {err}")
+        raise SourceUnavailable("; ".join(failures))
+
+    async def _reconnect(self) -> None:
+        """The pull connection again, after it was lost (what is in flight stays ours: its acks are
+        as good on the new connection); on failure the next read tries again."""
+        if self._wire is not None and not self._lost:
+            log.warning("nats source %s: pull connection lost; reconnecting", self.name)
+            self._lost = True
+        await asyncio.sleep(RECONNECT_WAIT)
+        try:
+            self._wire = await asyncio.wait_for(self._open_wire(), CONNECT_WAIT)
+        except (SourceUnavailable, TimeoutError) as err:
+            log.debug("nats source %s: pull connection: %s", self.name, err)
+            return
+        self._puller.forget_requests()
+        self._ack([])  # what was committed meanwhile
+        self._lost = False
+        log.info("nats source %s: pull connection reconnected", self.name)
+        await self._hold_for_lost_deliveries(self._wire)
+
+    async def _hold_for_lost_deliveries(self, wire: PullWire) -> None:
+        """Deliveries on their way when the connection dropped come back only after ack_wait, newer
+        ones at once: when the server counts more unacked messages than this reader holds, what
+        comes is held until they are back (the start-up hold)."""
+        await wire.drain(CONNECT_WAIT)  # the acks just sent are counted first
+        try:
+            assert self._js is not None
+            info = await self._js.consumer_info(self.config.stream, self.config.durable)
+        except (nats.errors.Error, TimeoutError) as err:
+            log.debug("nats source %s: consumer info failed: %s", self.name, err)
+            return
+        owed = (info.num_ack_pending or 0) - len(self._in_flight)
+        if owed > 0 and not self._hold.active:
+            self._hold = _Hold(info.delivered.stream_seq, owed, info.config.ack_wait or self.config.ack_wait)
+            log.info("nats source %s: %d message(s) were on their way when the connection dropped; holding "
+                     "newer ones until they are redelivered", self.name, owed)
 
     async def _bind(self, js: JetStreamContext) -> None:
         """The durable consumer: created if missing and allowed; its state decides the start-up hold."""
@@ -438,40 +450,62 @@ class NatsReader:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _accept(self, batch: list[Msg]) -> list[Message]:
+    def _accept(self, batch: list[Delivery]) -> list[Message]:
         """The messages to emit, in stream order: redeliveries of what is in flight dropped, and
         everything held while a previous reader's in-flight messages are owed."""
         hold = self._hold
-        out: list[tuple[int, Msg]] = []
-        for msg in batch:
-            seq = sequence(msg.reply)
-            if seq in self._in_flight:
+        in_flight = self._in_flight
+        out: list[tuple[int, Delivery]] = []
+        acked_again: list[bytes] = []
+        for delivery in batch:
+            seq = sequence(delivery[1])
+            if seq in in_flight:
                 continue  # redelivered after ack_wait while still ours: the first delivery settles it
+            if seq in self._acked:
+                # Ours and acked, but the ack was lost (written as the connection died, or nats-server
+                # died before it stored it): ack it again. Emitted again, it would sit at a position
+                # the engine already committed, so its ack would never come.
+                acked_again.append(delivery[1])
+                if hold.active and seq <= hold.last_delivered:
+                    hold.owed -= 1  # the server counted it as unacked when the hold began
+                continue
             if hold.active:
-                hold.add(seq, msg)
+                hold.add(seq, delivery)
             else:
-                out.append((seq, msg))
+                out.append((seq, delivery))
         if hold.held and (not hold.active or time.monotonic() > hold.deadline):
             log.info("nats source %s: releasing %d held message(s): %s", self.name, len(hold.held),
                      "twice ack_wait passed, order may break" if hold.active else "the owed ones arrived")
             out = hold.release() + out
         elif hold.active and time.monotonic() > hold.deadline:
             hold.release()
-        out.sort(key=lambda pair: pair[0])
-        return [self._message(seq, msg) for seq, msg in out]
+        out.sort(key=lambda pair: pair[0])  # already sorted but for redeliveries: cheap
+        if acked_again:
+            self._ack(acked_again)
+        return self._messages(out)
 
-    def _message(self, seq: int, msg: Msg) -> Message:
-        headers = dict(msg.headers) if msg.headers else {}
-        attributes: dict[str, Any] = {"subject": msg.subject, "offset": seq}
-        error, record = "", None
-        if self.config.format == "centrifugo":
-            try:
-                record = parse_publication(msg.data, headers)
-            except ValueError as err:
-                error = str(err)
-        self._in_flight[seq] = msg
-        return Message(source=self.name, data=msg.data, stream=self.config.stream, offset=seq,
-                       headers=headers, attributes=attributes, record=record, error=error)
+    def _messages(self, deliveries: list[tuple[int, Delivery]]) -> list[Message]:
+        """The messages of deliveries, now in flight. This runs for every message: what is the
+        same for all of them is looked up once, and headers are parsed only where there are some."""
+        name, stream = self.name, self.config.stream
+        centrifugo = self.config.format == "centrifugo"
+        in_flight = self._in_flight
+        read_at = time.monotonic()
+        messages: list[Message] = []
+        append = messages.append
+        for seq, (subject, reply, header, data) in deliveries:
+            fields = headers(header) if header else {}
+            error, record = "", None
+            if centrifugo:
+                try:
+                    record = parse_publication(data, fields)
+                except ValueError as err:
+                    error = str(err)
+            in_flight[seq] = reply
+            attributes = {"subject": subject.decode("utf-8", "replace"), "offset": seq}
+            append(Message(name, data, stream, seq, None, fields, attributes, read_at=read_at, record=record,
+                           error=error))
+        return messages
 
     # -- acknowledging -----------------------------------------------------------------------
 
@@ -489,8 +523,3 @@ class NatsReader:
                                        info.num_pending or 0, info.num_ack_pending or 0).emit()
             if self._hold.active and info.ack_floor.stream_seq >= self._hold.last_delivered:
                 self._hold.owed = 0  # another reader acked them: what is held goes out with the next read
-
-
-
-def build(name: str, config: Config, state_dir: Path) -> NatsReader:
-    return NatsReader(name, config)

@@ -25,7 +25,8 @@ than publish or broadcast, a bad header value) gets instead `Message.attributes[
 reason, and goes to the dead letter file. `Message.data` is always the record's value as read.
 
 Caps, pausing, emission, commits and connect retries are the source engine's
-(relay/sources/engine.py); this module says how to reach Kafka and what a record becomes.
+(relay/sources/engine.py); this module says how to reach Kafka and what a record becomes. Records
+are taken straight from the batches aiokafka fetched (fetched.py), not through `getmany()`.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ RawRecord = Any
 _FETCHER_NEEDS = ("_records", "_notify", "_create_fetch_waiter", "_closed", "_check_crcs",
                   "_isolation_level")
 _RESULT_NEEDS = ("check_assignment", "has_more", "_update_position")
-_PARTITION_RECORDS_NEEDS = ("_records", "next_fetch_offset")
+_PARTITION_RECORDS_NEEDS = ("_records", "next_fetch_offset", "_records_iterator")
 
 
 class _Cursor:
@@ -127,14 +127,15 @@ class FetchedRecords:
                 if left <= 0:
                     break
         for tp in [tp for tp in self._cursors if tp not in buffered]:
-            del self._cursors[tp]  # dropped by aiokafka (seek, revoke): let its batches go
+            _release(self._cursors.pop(tp).records)  # dropped by aiokafka (seek, revoke)
         return drained
 
     def _take(self, tp: TopicPartition, result: Any, limit: int) -> list[RawRecord]:
         """Up to `limit` records of one fetched response, moving the partition's position."""
-        if not result.check_assignment(tp) or not result.has_more():
-            return []  # paused, revoked or sought since it was fetched: aiokafka dropped it
         fetched = result._partition_records
+        if not result.check_assignment(tp) or not result.has_more():
+            _release(fetched)
+            return []  # paused, revoked or sought since it was fetched: aiokafka dropped it
         cursor = self._cursors.get(tp)
         if cursor is None or cursor.records is not fetched:
             cursor = self._cursors[tp] = _Cursor(fetched)
@@ -143,6 +144,7 @@ class FetchedRecords:
             if cursor.rest is None and not self._next_batch(cursor, tp):
                 result._update_position()
                 result._partition_records = None  # used up
+                _release(fetched)
                 return taken
             position = fetched.next_fetch_offset
             got = list(islice(cursor.rest, limit - len(taken)))
@@ -175,6 +177,14 @@ class FetchedRecords:
             cursor.batch, cursor.rest = batch, chain(batch)
             return True
         return False
+
+
+def _release(fetched: Any) -> None:
+    """Let a fetched response go now. PartitionRecords and its record generator refer to each other,
+    and the generator ends that only when it ran to its end, which it never does here: without this
+    every fetched response (its ~1 MB of bytes) would wait for the cyclic garbage collector."""
+    if fetched is not None:
+        fetched._records_iterator = None
 
 
 def _assigned(cls: type) -> set[str]:

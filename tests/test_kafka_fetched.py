@@ -6,10 +6,12 @@ transaction markers between records), on both reading paths."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.consumer import fetcher as aiokafka_fetcher
 
 from relay.sources.kafka.fetched import FetchedRecords
 from tests.harness.kafka import KafkaBroker, Record
@@ -96,3 +98,24 @@ async def test_transaction_markers_between_records_are_skipped(kafka_broker: Kaf
     assert values == [b"%d-%d" % (t, i) for t in range(5) for i in range(10)]
     offsets = [m.offset for m in emit.messages]
     assert offsets == sorted(set(offsets)) and offsets[-1] == 53
+
+
+async def test_used_up_fetched_responses_are_freed_without_the_cyclic_collector(
+        kafka_broker: KafkaBroker) -> None:
+    """Each fetched response (up to 1 MB) is let go once its records were taken: with the cyclic
+    garbage collector off, at most the responses in use stay alive (RSS stays flat on a backlog)."""
+    topic, group = unique("freed"), unique("g")
+    await kafka_broker.create_topic(topic, 1)
+    count = 6000
+    await kafka_broker.produce(topic, [b"%06d" % i + b"x" * 1000 for i in range(count)])  # ~6 MB: many fetches
+    emit = Collector()
+    gc.collect()
+    gc.disable()
+    try:
+        async with running(source_for(kafka_broker, topic, group), emit):
+            await settle_all(emit, count)
+            alive = [o for o in gc.get_objects() if isinstance(o, aiokafka_fetcher.PartitionRecords)]
+    finally:
+        gc.enable()
+    assert [m.offset for m in emit.messages] == list(range(count))
+    assert len(alive) <= 2, f"{len(alive)} fetched responses still alive after {count} records"

@@ -25,7 +25,8 @@ broadcast, a bad header value) gets instead `Message.error` = the reason, and go
 letter file. `Message.data` is always the record's value as read.
 
 Caps, pausing, emission, commits and connect retries are the source engine's
-(relay/sources/engine.py); this module says how to reach Kafka and what a record becomes.
+(relay/sources/engine.py); this module says how to reach Kafka and what a record becomes. Records
+are taken straight from the batches aiokafka fetched (fetched.py), not through `getmany()`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from relay.centrifugo_records import parse_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
+from relay.sources.kafka.fetched import FetchedRecords
 from relay.units import Duration
 
 log = logging.getLogger("relay.sources.kafka")
@@ -200,6 +202,7 @@ class KafkaSource:
         self._partitions: dict[TopicPartition, _Partition] = {}
         self._by_stream: dict[str, _Partition] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        self._fetched: FetchedRecords | None = None  # None: getmany() (an aiokafka this does not know)
         self._revoke: Revoke | None = None
         self._lag_at = 0.0
 
@@ -221,13 +224,20 @@ class KafkaSource:
                 raise KafkaSourceError(f"{brokers}: {refused}") from None
             raise BrokersUnreachable(brokers, _describe(err)) from None
         self._consumer = consumer
+        self._fetched = FetchedRecords(consumer) if FetchedRecords.usable(consumer) else None
+        if self._fetched is None:
+            log.warning("kafka source %s: this aiokafka's fetcher is not the one the relay reads "
+                        "directly; reading through getmany() (slower)", self.name)
         log.info("kafka source %s: connected to %s, group %s", self.name, ",".join(self.config.brokers),
                  self.config.group_id)
 
     async def read(self) -> list[Batch]:
         assert self._consumer is not None
         try:
-            polled = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=READ_MAX)
+            if self._fetched is not None:
+                polled = await self._fetched.take(POLL_TIMEOUT_MS / 1000, READ_MAX)
+            else:
+                polled = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=READ_MAX)
         except KafkaError as err:  # fatal for the client: authorization, a fenced member ...
             raise KafkaSourceError(f"kafka source {self.name!r}: {_describe(err)}") from err
         batches = []
@@ -272,6 +282,7 @@ class KafkaSource:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
+        self._fetched = None
         self._partitions.clear()
         self._by_stream.clear()
         if consumer is not None:

@@ -68,6 +68,14 @@ class CentrifugoRecord(NamedTuple):
         return self.method in PUBLICATION_METHODS
 
 
+def read_publication(value: bytes, fields: Mapping[str, str]) -> tuple[CentrifugoRecord | None, str]:
+    """`parse_publication` as a source puts it on its Message: (the record, "") or (None, why not)."""
+    try:
+        return parse_publication(value, fields), ""
+    except ValueError as err:
+        return None, str(err)
+
+
 def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
     """The publish or broadcast a record asks for; ValueError says why it is none."""
     if CHANNELS_FIELD not in fields and method_field not in fields:  # the body says it all

@@ -154,12 +154,18 @@ async def test_deliveries_lost_with_the_pull_connection_come_before_newer_ones(
             while src.reader._wire is wire or not src.reader._wire.connected:  # type: ignore[attr-defined]
                 await asyncio.sleep(0.02)
         publish(nats_server, stream, 5, start=10)  # delivered at once on the new connection
-        await reader.wait_for(15)
-        await asyncio.sleep(0.3)
-        assert [m.offset for m in reader.got] == list(range(1, 16))
-        for m in reader.got:
-            m.settle()
-        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 15 and i.num_ack_pending == 0)
+        await in_order_then_acked(nats_server, stream, reader, 15)
+
+
+async def in_order_then_acked(nats_server: NatsServer, stream: str, reader: Reader, n: int) -> None:
+    """Messages 1..n arrive in stream order and nothing after them for a moment (no message twice);
+    once settled, the durable's ack floor is n with nothing pending."""
+    await reader.wait_for(n)
+    await asyncio.sleep(0.3)  # the window in which a duplicate or a late one would show
+    assert [m.offset for m in reader.got] == list(range(1, n + 1))
+    for m in reader.got:
+        m.settle()
+    await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == n and i.num_ack_pending == 0)
 
 
 async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_server: NatsServer, stream: str) -> None:
@@ -170,12 +176,7 @@ async def test_a_dead_readers_in_flight_messages_come_before_newer_ones(nats_ser
         first.reader._in_flight.clear()  # type: ignore[attr-defined]  # dies: none of them acked
     publish(nats_server, stream, 10, start=10)
     async with running(source(nats_server, stream)) as reader:
-        await reader.wait_for(20)
-        await asyncio.sleep(0.3)
-        assert [m.offset for m in reader.got] == list(range(1, 21))
-        for m in reader.got:
-            m.settle()
-        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 20 and i.num_ack_pending == 0)
+        await in_order_then_acked(nats_server, stream, reader, 20)
 
 
 async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_server: NatsServer,

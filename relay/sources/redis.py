@@ -53,7 +53,7 @@ from redis.exceptions import (
 )
 
 from relay import events
-from relay.centrifugo_records import parse_publication
+from relay.centrifugo_records import read_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, SourceUnavailable
@@ -364,10 +364,7 @@ class RedisReader:
         if value is None:
             error = f"entry has no field {self.config.payload_field!r}"
         elif self.config.format == "centrifugo":
-            try:
-                record = parse_publication(data, self._headers(fields))
-            except ValueError as err:
-                error = str(err)
+            record, error = read_publication(data, self._headers(fields))
         return Message(source=self.name, data=data, stream=stream.name, offset=entry_offset(entry_id),
                        attributes=attributes, record=record, error=error)
 

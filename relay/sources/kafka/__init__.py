@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from relay import events
 from relay.addresses import parse_host_port
-from relay.centrifugo_records import parse_publication
+from relay.centrifugo_records import read_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
@@ -403,12 +403,7 @@ class KafkaSource:
             offset = record.offset
             attributes: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
                                           "timestamp": record.timestamp}
-            error, parsed = "", None
-            if centrifugo:
-                try:
-                    parsed = parse_publication(value, headers)
-                except ValueError as err:
-                    error = str(err)
+            parsed, error = read_publication(value, headers) if centrifugo else (None, "")
             key = record.key
             append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
                            headers, attributes, read_at=read_at, record=parsed, error=error))

@@ -54,7 +54,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from relay import events
-from relay.centrifugo_records import parse_publication
+from relay.centrifugo_records import read_publication
 from relay.message import Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import Batch, SourceUnavailable
@@ -495,12 +495,7 @@ class NatsReader:
         append = messages.append
         for seq, (subject, reply, header, data) in deliveries:
             fields = headers(header) if header else {}
-            error, record = "", None
-            if centrifugo:
-                try:
-                    record = parse_publication(data, fields)
-                except ValueError as err:
-                    error = str(err)
+            record, error = read_publication(data, fields) if centrifugo else (None, "")
             in_flight[seq] = reply
             attributes = {"subject": subject.decode("utf-8", "replace"), "offset": seq}
             append(Message(name, data, stream, seq, None, fields, attributes, read_at=read_at, record=record,

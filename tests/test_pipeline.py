@@ -139,7 +139,8 @@ class SizesSink(MemorySink):
 
 async def test_batches_fill_under_a_backlog(tmp_path: Path) -> None:
     """A source that keeps emitting chunks of 50, one chunk per loop turn (as the source engine
-    does), fills the lane's batches to batch_max_size instead of sending what the first chunks held."""
+    does, with larger chunks), fills the lane's batches to batch_max_size instead of sending what
+    the first chunks held."""
     sink = SizesSink()
     p = pipeline(sink, tmp_path, lanes=1, batch_max_size=500)
     settled: list[int] = []

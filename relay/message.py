@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.centrifugo_records import CentrifugoRecord
+
 Ack = Callable[["Message"], None]
 
 
@@ -43,7 +45,7 @@ class Message:
     pending: int = 0
     # A record in Centrifugo's own consumer format, read by the source (relay/centrifugo_records.py,
     # a CentrifugoRecord): it names its channels itself and no route applies.
-    record: Any = None
+    record: CentrifugoRecord | None = None
     # Why the source could not read this message (a dead letter says so); "" when it could.
     error: str = ""
 

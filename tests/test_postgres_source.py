@@ -19,14 +19,13 @@ import pytest
 
 from relay.message import Message
 from relay.sources.postgres import Config, PostgresReader, _runs
+from tests.harness.e2e import ROOMS, SERVER_KEY_ENV, delivered, kill_at_random_moments, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
 from tests.harness.postgres import OUTBOX_DDL, PostgresServer
 from tests.harness.relay_process import RelayProcess
 
-ROOMS = 50
 PARTITIONS = 3
-SERVER_KEY_ENV = "RELAY_TEST_SERVER_API_KEY"
 DSN_ENV = "RELAY_TEST_PG_DSN"
 
 
@@ -83,15 +82,6 @@ def relay_config(workdir: Path, server: EmbeddedServerProcess, *, source: dict[s
 
 def relay(workdir: Path, config: str, server: EmbeddedServerProcess, dsn: str) -> RelayProcess:
     return RelayProcess(workdir, config, env={SERVER_KEY_ENV: server.api_key, DSN_ENV: dsn}, metrics=False)
-
-
-def sequences(server: EmbeddedServerProcess, rooms: int = ROOMS) -> dict[int, list[int]]:
-    return {k: [json.loads(p.data)["s"] for p in history(server.address, f"chat:room-{k}", server.api_key)]
-            for k in range(rooms)}
-
-
-def delivered(server: EmbeddedServerProcess) -> int:
-    return sum(len(v) for v in sequences(server).values())
 
 
 def expected(total: int) -> dict[int, list[int]]:
@@ -278,16 +268,7 @@ def test_20000_rows_with_three_sigkills_arrive_once_in_order_and_the_table_ends_
     inserter = Inserter(pg, db, total, chunk=500, pause=0.2)
     proc = relay(tmp_path, relay_config(tmp_path, embedded_server), embedded_server, pg.dsn(db))
     inserter.start()
-    at_kill = [0]
-    for _ in range(3):
-        proc.start()
-        deadline = time.monotonic() + 30
-        while delivered(embedded_server) <= at_kill[-1]:
-            assert time.monotonic() < deadline, proc.logs()[-3000:]
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.8))
-        proc.kill()
-        at_kill.append(delivered(embedded_server))
+    at_kill = kill_at_random_moments(proc, embedded_server, rng, kills=3)
     inserter.join(120)
     assert inserter.error is None
     proc.start()

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from relay.channels import channel_problem
+
 PREFIX = "centrifugo-"
 METHOD_FIELD = "centrifugo-method"
 CHANNELS_FIELD = "centrifugo-channels"
@@ -90,48 +92,66 @@ def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str
 
 # The record most producers write: `{"method": "publish", "payload": {"channel": C, "data": D}}`,
 # with a channel that needs no escapes; compact (checked first: it is the cheapest), or with the
-# spaces json.dumps puts in. What follows is D and the two closing braces.
-_COMPACT_PUBLISH = b'{"method":"publish","payload":{"channel":"'
-_PLAIN_PUBLISH = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"method"[ \t\n\r]*:[ \t\n\r]*"publish"[ \t\n\r]*,[ \t\n\r]*'
-                            rb'"payload"[ \t\n\r]*:[ \t\n\r]*\{[ \t\n\r]*"channel"[ \t\n\r]*:[ \t\n\r]*'
-                            rb'"([^"\\\x00-\x1f]+)"[ \t\n\r]*,[ \t\n\r]*"data"[ \t\n\r]*:[ \t\n\r]*')
-# A plain publish's fields after channels and data, set as the tuple itself (NamedTuple's __new__
-# with defaults costs twice as much, and this runs for every record).
-_PLAIN_REST = ("", _NOTHING, False, False, 0, "", _NOTHING)
-_new_record = tuple.__new__
-# Bytes a channel written without escapes cannot hold.
-_NOT_PLAIN = bytes(range(0x20)) + b'"\\'
+# spaces json.dumps puts in. One match finds C and D (D is what lies between `"data":` and the
+# closing braces; orjson then checks it is one JSON value, else the full way decides).
+_WS = rb"[ \t\n\r]*"
+_COMPACT_PUBLISH = re.compile(rb'\{"method":"publish","payload":\{"channel":"([^"\\\x00-\x1f]+)","data":'
+                              rb"(.+)\}\}" + _WS + rb"\Z", re.S)
+_SPACED_PUBLISH = re.compile(_WS + rb"\{" + _WS + rb'"method"' + _WS + b":" + _WS + rb'"publish"' + _WS + b"," + _WS
+                             + rb'"payload"' + _WS + b":" + _WS + rb"\{" + _WS + rb'"channel"' + _WS + b":" + _WS
+                             + rb'"([^"\\\x00-\x1f]+)"' + _WS + b"," + _WS + rb'"data"' + _WS + b":" + _WS
+                             + rb"(.+)\}" + _WS + rb"\}" + _WS + rb"\Z", re.S)
 _JSON_SPACE = b" \t\n\r"
+_JSON_SPACE_BYTES = frozenset(_JSON_SPACE)
+
+
+class PlainPublish(CentrifugoRecord):
+    """A publish of data to one well-formed channel with no options: the record most producers
+    write. Routing takes it as it is (its channel was checked when first seen)."""
+
+    __slots__ = ()
+
+
+# Channels of plain publishes as written → the checked channel tuple every record to it shares
+# (bounded: a few thousand channels at most are kept).
+_PLAIN_CHANNELS: dict[bytes, tuple[str]] = {}
+PLAIN_CHANNELS_MAX = 4096
+_new_record = tuple.__new__
+
+
+def _plain_channels(raw: bytes) -> tuple[str] | None:
+    """The channel tuple of a channel name as written, None when it is not well-formed (the full
+    way then says why)."""
+    try:
+        channel = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    if channel_problem(channel) is not None:
+        return None
+    if len(_PLAIN_CHANNELS) >= PLAIN_CHANNELS_MAX:
+        _PLAIN_CHANNELS.clear()
+    channels = _PLAIN_CHANNELS[raw] = (channel,)
+    return channels
 
 
 def _plain_publish(value: bytes) -> CentrifugoRecord | None:
-    """The common record read without building it: the data is the bytes between the prefix and the
-    closing braces once they are one JSON value. This runs for every record; None for anything
-    else, which takes the full way."""
-    if value.startswith(_COMPACT_PUBLISH):
-        start = len(_COMPACT_PUBLISH)
-        end = value.find(b'","data":', start)
-        channel = value[start:end]
-        if end < 0 or len(channel.translate(None, _NOT_PLAIN)) != len(channel):
-            return None
-        data_start = end + 9
-    else:
-        match = _PLAIN_PUBLISH.match(value)
-        if match is None:
-            return None
-        channel, data_start = match.group(1), match.end()
-    rest = value if value.endswith(b"}}") else value.rstrip(_JSON_SPACE)
-    if not rest.endswith(b"}"):
+    """The common record read without building it; None for anything else, which takes the full
+    way. This runs for every record."""
+    match = _COMPACT_PUBLISH.match(value) or _SPACED_PUBLISH.match(value)
+    if match is None:
         return None
-    rest = rest[:-1].rstrip(_JSON_SPACE)
-    if not rest.endswith(b"}"):
+    raw_channel, data = match.group(1, 2)
+    if data[-1] in _JSON_SPACE_BYTES:
+        data = data.rstrip(_JSON_SPACE)
+    channels = _PLAIN_CHANNELS.get(raw_channel) or _plain_channels(raw_channel)
+    if channels is None:
         return None
-    data = rest[data_start:-1].rstrip(_JSON_SPACE)
     try:
         orjson.loads(data)  # one JSON value, so the whole record is the common form
-        return _new_record(CentrifugoRecord, ("publish", (channel.decode(),), data, *_PLAIN_REST))
-    except (orjson.JSONDecodeError, UnicodeDecodeError):
+    except orjson.JSONDecodeError:
         return None  # or something orjson refuses and JSON allows: the full way decides
+    # The tuple itself: NamedTuple's __new__ with defaults costs more, and this runs for every record.
+    return _new_record(PlainPublish, ("publish", channels, data, "", _NOTHING, False, False, 0, "", _NOTHING))
 
 
 def parse_record(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from relay.centrifugo_records import CentrifugoRecord
+from relay.centrifugo_records import CentrifugoRecord, PlainPublish
 from relay.channels import channel_problem
 from relay.config import MAX_CHANNELS_PER_PUBLICATION, RouteConfig
 from relay.message import Message
@@ -253,7 +253,10 @@ class RoutingTable:
             return
         record = message.record
         if record is not None:
-            self._native(message, record, pubs, rejects)
+            if type(record) is PlainPublish:  # the common record: nothing to check, no options
+                pubs.append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+            else:
+                self._native(message, record, pubs, rejects)
             return
         fields = _Fields(message)
         before = len(pubs), len(rejects)

@@ -9,7 +9,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.centrifugo_records import _plain_publish, parse_publication, parse_record
+from relay.centrifugo_records import PlainPublish, _plain_publish, parse_publication, parse_record
+from relay.channels import channel_problem
+from relay.message import Message
+from relay.routing import RoutingTable
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=False, allow_infinity=False)
@@ -70,3 +73,30 @@ def test_the_common_form_takes_the_short_way_and_anything_else_the_full_one() ->
     # What the short way refuses, the full way still reads (escapes, extra keys) or refuses.
     assert parse_publication(b'{"method":"publish","payload":{"channel":"chat:\\u0061","data":1}}', {}).channels \
         == ("chat:a",)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json, _channel, _style, st.booleans())
+def test_the_short_way_reads_what_the_full_way_reads_or_leaves_it_to_it(data: Any, channel: str,
+                                                                        style: dict[str, Any], ascii_: bool) -> None:
+    # Any channel (reserved and control characters too), any spacing: the short way gives the full
+    # way's record, marked plain only when routing may take it unchecked, or None.
+    record = json.dumps({"method": "publish", "payload": {"channel": channel, "data": data}}, ensure_ascii=ascii_,
+                        **{k: v for k, v in style.items() if k != "ensure_ascii"}).encode()
+    short = _plain_publish(record)
+    full = parse_record(record, {})
+    if short is not None:
+        assert isinstance(short, PlainPublish)
+        assert short == full
+        assert channel_problem(channel) is None
+    elif (channel_problem(channel) is None and json.dumps(channel) == f'"{channel}"'
+          and style in ({"separators": (",", ":")}, {})):
+        raise AssertionError(f"the common form took the full way: {record!r}")
+
+
+def test_a_plain_publish_to_a_bad_channel_is_routed_to_a_dead_letter() -> None:
+    record = b'{"method":"publish","payload":{"channel":"chat:a*b","data":{"n":1}}}'
+    assert _plain_publish(record) is None
+    parsed = parse_publication(record, {})
+    pubs, rejects = RoutingTable([]).route(Message("s", record, record=parsed))
+    assert pubs == [] and len(rejects) == 1 and "reserved" in rejects[0].reason

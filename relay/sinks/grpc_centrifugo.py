@@ -430,12 +430,12 @@ class _Commands:
     left false), so sizes are exact and splitting a batch costs no re-encoding. A broadcast that
     was partly accepted is encoded again for the channels still owed."""
 
-    __slots__ = ("_again", "_first", "keyed", "pubs")
+    __slots__ = ("_again", "_broadcasts", "_first", "keyed", "pubs")
 
     def __init__(self, pubs: list[Publication], keyed: bool) -> None:
         self.pubs = pubs
         self.keyed = keyed
-        self._first = [encode_command(pub, pub.channels, keyed) for pub in pubs]
+        self._first, self._broadcasts = _encode_all(pubs, keyed)
         self._again: dict[int, tuple[Sequence[str], bytes]] = {}  # for the channels of a partial broadcast
 
     def encoded(self, i: int, channels: Sequence[str]) -> bytes:
@@ -447,9 +447,12 @@ class _Commands:
         return again[1]
 
     def _all_as_first(self, owed: dict[int, Sequence[str]]) -> bool:
-        """Whether `owed` is every publication with all its channels (the first attempt)."""
+        """Whether `owed` is every publication with all its channels (the first attempt). Only a
+        partly accepted broadcast gets other channels: without broadcasts the count tells."""
         pubs = self.pubs
-        return len(owed) == len(pubs) and all(channels is pubs[i].channels for i, channels in owed.items())
+        if len(owed) != len(pubs):
+            return False
+        return not self._broadcasts or all(channels is pubs[i].channels for i, channels in owed.items())
 
     def sizes(self, owed: dict[int, Sequence[str]]) -> dict[int, int]:
         if self._all_as_first(owed):
@@ -489,6 +492,32 @@ def _channel_field(channel: str) -> bytes:
             _CHANNEL_FIELDS.clear()
         _CHANNEL_FIELDS[channel] = field
     return field
+
+
+def _encode_all(pubs: list[Publication], keyed: bool) -> tuple[list[bytes], bool]:
+    """Every publication as a command (`encode_command`), and whether any is a broadcast.
+
+    The usual publication (one channel, data and a key, nothing else) is written here, in one loop:
+    this runs for every publication, and a call per publication costs as much as the writing."""
+    encoded: list[bytes] = []
+    append = encoded.append
+    varints, channel_fields = _VARINTS, _CHANNEL_FIELDS
+    broadcasts = False
+    for pub in pubs:
+        channels = pub.channels
+        if len(channels) == 1 and keyed and not (pub.tags or pub.skip_history or pub.delta or pub.version):
+            data = pub.data
+            key = pub.idempotency_key.encode()
+            channel = channel_fields.get(channels[0]) or _channel_field(channels[0])
+            size = len(channel) + len(data) + len(key) + 4 + (len(data) >= 0x80)
+            if data and key and size < (1 << 14) - 4 and len(key) < 0x80:  # then every length is in the table
+                length = varints[size]
+                append(b"\n%b\"%b%b\x12%b%b2%b%b" % (varints[1 + len(length) + size], length, channel,
+                                                        varints[len(data)], data, varints[len(key)], key))
+                continue
+        broadcasts = broadcasts or len(channels) > 1
+        append(encode_command(pub, channels, keyed))
+    return encoded, broadcasts
 
 
 def encode_command(pub: Publication, channels: Sequence[str], keyed: bool) -> bytes:

@@ -14,9 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
 from relay import metrics
 from relay.message import Message
+
+_source_of = attrgetter("source")
 
 log = logging.getLogger("relay.pipeline")
 sink_log = logging.getLogger("relay.sink")
@@ -92,11 +95,8 @@ class MessagesSettled:
         if not messages:
             return
         metrics.observe_latencies([now - msg.read_at for msg in messages])
-        source = messages[0].source
-        if all(msg.source == source for msg in messages):  # the usual case: one source
-            metrics.IN_FLIGHT.labels(source=source).dec(len(messages))
-            return
-        for source, count in Counter(msg.source for msg in messages).items():
+        sources = Counter(map(_source_of, messages))  # counted in C: this runs for every message
+        for source, count in sources.items():
             metrics.IN_FLIGHT.labels(source=source).dec(count)
 
 

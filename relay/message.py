@@ -9,13 +9,16 @@ Sources never learn which sink delivered; the sink never learns what a source is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from relay.centrifugo_records import CentrifugoRecord
 
 Ack = Callable[["Message"], None]
+# The headers or attributes of a message that has none: one shared, read-only mapping, not a dict each.
+NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 
 def _no_ack(_: Message) -> None:
@@ -36,9 +39,9 @@ class Message:
     stream: str = ""
     offset: int = 0
     key: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
     # Template fields a route may use besides key/headers/json: topic, partition, file.path, seq ...
-    attributes: dict[str, Any] = field(default_factory=dict)
+    attributes: Mapping[str, Any] = field(default_factory=dict)
     on_settled: Ack = _no_ack
     read_at: float = field(default_factory=time.monotonic)
     # Publications made from this message that are not yet settled (set by the pipeline).

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from relay import events
 from relay.addresses import parse_host_port
 from relay.centrifugo_records import read_publication
-from relay.message import Message
+from relay.message import NOTHING, Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
 from relay.sources.kafka.fetched import FetchedRecords
@@ -398,15 +398,18 @@ class KafkaSource:
         append = messages.append
         for record in records:
             raw_headers = record.headers
-            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in raw_headers} if raw_headers else {}
+            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in raw_headers} if raw_headers else NOTHING
             value: bytes = record.value or b""
             offset = record.offset
-            attributes: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
-                                          "timestamp": record.timestamp}
-            parsed, error = read_publication(value, headers) if centrifugo else (None, "")
             key = record.key
+            if centrifugo:  # the record names its channels: no route reads attributes
+                parsed, error = read_publication(value, headers)
+                append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
+                               headers, NOTHING, read_at=read_at, record=parsed, error=error))
+                continue
+            attributes = {"topic": topic, "partition": partition, "offset": offset, "timestamp": record.timestamp}
             append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
-                           headers, attributes, read_at=read_at, record=parsed, error=error))
+                           headers, attributes, read_at=read_at))
         return messages
 
     # -- rebalancing -------------------------------------------------------------------------

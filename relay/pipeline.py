@@ -106,9 +106,7 @@ class Pipeline:
             return
         pubs: list[Publication] = []
         rejects: list[Rejection] = []
-        route = self.router.route_into
-        for msg in batch:
-            route(msg, pubs, rejects)
+        self.router.route_chunk(batch, pubs, rejects)
         per_lane = self._assign(pubs)  # each message now owes one settle per lane part
         rejected = self._reject(rejects) if rejects else []
         settle_now = [msg for msg in batch if not msg.pending]

@@ -140,6 +140,7 @@ class Route:
         # Constant channels were checked when the config was read, and need no rendering.
         self._check_channels = not all(t.is_constant for t in self.channels)
         self._constant_channels = None if self._check_channels else [t.source for t in self.channels]
+        self._single = self.channels[0] if len(self.channels) == 1 else None
         self._key_suffix = f"#{index}"  # one message may feed several routes: one key each
         self._skip_history = config.skip_history
 
@@ -155,9 +156,14 @@ class Route:
         try:
             lookup = fields.get
             constant = self._constant_channels
-            channels = [t.render(lookup) for t in self.channels] if constant is None else list(constant)
+            if constant is not None:
+                channels = list(constant)
+            elif self._single is not None:  # the usual one template: no comprehension (a call each)
+                channels = [self._single.render(lookup)]
+            else:
+                channels = [t.render(lookup) for t in self.channels]
             limit = self.max_output_bytes
-            tags = {k: t.render(lookup, limit) for k, t in self.tags.items()} if self.tags else {}
+            tags = {k: t.render(lookup, limit) for k, t in self.tags.items()} if self.tags else NO_TAGS
             data = self._data(fields)
         except TemplateError as err:
             return Rejection(msg, f"route {self.index}: {err}")
@@ -273,7 +279,7 @@ class RoutingTable:
         fields = _Fields(message)
         before = len(pubs), len(rejects)
         for route in self._by_source.get(message.source, ()):
-            if not route.matches(fields):
+            if route.when and not route.matches(fields):
                 continue
             result = route.build(fields)
             (pubs if isinstance(result, Publication) else rejects).append(result)  # type: ignore[arg-type]

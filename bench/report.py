@@ -79,6 +79,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None, str
                                  ("nats", 18, "NATS JetStream: relay ÷ Centrifugo's nats_jetstream consumer")):
         for name, r in (_figures(results, section) or {}).items():
             add(f"({issue}) {what}, {name}", r["relay_over_centrifugo"], GOAL_OF_CENTRIFUGO, "{:.2f}")
+    memory = _figures(results, "kafka-memory")
+    for fmt, r in (memory or {}).get("formats", {}).items():
+        add(f"(14) relay peak RSS draining {memory['count']:,} Kafka records, format = {fmt}, MiB (150 MB)",
+            r["relay_peak_rss_mib"], GOAL_RSS_MIB, "{:.1f}", higher_is_better=False)
     for section in ("latency-file", "latency-kafka"):
         latency = _figures(results, section)
         for r in (latency or {}).values():
@@ -235,6 +239,13 @@ HOW = {
         worker; its group created at 0 first) and the relay (`format = "centrifugo"`, its defaults)
         each drain it into a fresh real Centrifugo with a group of their own, measured as in (3);
         after each drain the total and every channel's last publication are checked."""),
+    "kafka-memory": _text("""
+        One partition holds the backlog (1,000,000 records in the full run) in Centrifugo's command
+        form, about 110 bytes each, 12 channels. For each format a relay with a consumer group of its
+        own drains it into a fresh real Centrifugo: `format = "centrifugo"` as written, and `format =
+        "data"` with routes reading the channel and data from the JSON. The relay's peak RSS is its
+        VmHWM at the end of the drain; delivery is checked as in (3): every record once, each
+        channel's last record last."""),
     "nats": _text("""
         Messages in Centrifugo's command form on a JetStream stream (12 channels, subjects
         `chat.cmp-<c>`). Centrifugo's own `nats_jetstream` consumer (its defaults: max_ack_pending
@@ -279,6 +290,12 @@ HOW = {
         A ticker with `interval = "0s"` through the relay into `relay serve`: the relay's own cost
         without any source I/O."""),
 }
+
+
+def _memory_table(m: dict[str, Any]) -> str:
+    return _table(["format", "relay peak RSS MiB (goal 143.1)", "records/s", "relay CPU µs/record", "delivered"], [
+        [fmt, f"**{r['relay_peak_rss_mib']}**", f"{r['per_second']:,}", r["cpu_us_per_record"], f"{r['delivered']:,}"]
+        for fmt, r in m["formats"].items()])
 
 
 def _redis_table(figures: dict[str, Any]) -> str:
@@ -359,6 +376,8 @@ def markdown(info: dict[str, Any], results: dict[str, Any], plots: dict[str, str
             "(goal 1.0)", _redis_table, "redis")
     section("10. ", "nats", "NATS JetStream → real Centrifugo: the relay beside Centrifugo's own nats_jetstream "
             "consumer (goal 1.0)", _compare_table, "nats")
+    section("11. ", "kafka-memory", "Kafka → real Centrifugo, 1 partition, a large backlog: the relay's peak RSS "
+            "(goal 150 MB)", _memory_table, "kafka-memory")
     section("", "server", "Context: the embedded server alone", _server_table, "server")
     section("", "pipeline", "Context: ticker → relay serve", _pipeline_table, "pipeline")
     if "throughput" in plots:

@@ -34,6 +34,7 @@ from bench import (  # noqa: E402
     fanout_bench,
     file_bench,
     kafka_bench,
+    kafka_memory_bench,
     latency_bench,
     nats_bench,
     pipeline_bench,
@@ -70,13 +71,14 @@ class Params:
     fanout_rate: float = 1000
     fanout_seconds: float = 5.0
     redis_count: int = 100_000
+    memory_count: int = 1_000_000
 
 
 FULL = Params()
 QUICK = Params(duration=0.5, pipeline_count=20_000, file_lines=50_000, kafka_count=20_000,
                compare_count=20_000, compare_repeats=1, latency_seconds=1.0, sizes=(100, 65536), size_budget=4 * 2**20,
                size_min_lines=200, fanout_subscribers=100, fanout_rate=200, fanout_seconds=1.0,
-               redis_count=10_000, nats_count=20_000, postgres_rows=20_000)
+               redis_count=10_000, nats_count=20_000, postgres_rows=20_000, memory_count=50_000)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ SECTIONS: dict[str, Section] = {
         lambda p, broker: centrifugo_bench.run(p.compare_count, p.partitions, broker, p.compare_repeats),
         lambda p: f"{PY} bench/centrifugo_bench.py --count {p.compare_count} --repeats {p.compare_repeats} "
         + " ".join(f"--partitions {n}" for n in p.partitions)),
+    "kafka-memory": Section(
+        "Kafka → real Centrifugo, a large backlog: the relay's peak RSS", True,
+        lambda p, _: kafka_memory_bench.run(p.memory_count),
+        lambda p: f"{PY} bench/kafka_memory_bench.py --count {p.memory_count}"),
     "redis": Section(
         "Redis Streams → real Centrifugo: relay vs Centrifugo's own redis_stream consumer", False,
         lambda p, _: redis_bench.run(p.redis_count, p.compare_repeats),

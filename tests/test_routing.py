@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from relay.centrifugo_records import CentrifugoRecord
+from relay.centrifugo_records import CentrifugoRecord, read_publication
 from relay.config import parse_config
 from relay.message import Message
 from relay.routing import Publication, Rejection, RoutingTable
@@ -196,3 +196,17 @@ def test_a_centrifugo_command_other_than_publish_is_a_dead_letter_naming_the_met
     record = CentrifugoRecord("unsubscribe", payload={"channel": "chat:a", "user": "42"})
     pubs, rejects = routes.route(Message(source="events", data=b"", record=record))
     assert pubs == [] and "'unsubscribe' is not supported" in rejects[0].reason
+
+
+def test_a_chunk_of_plain_records_gets_the_keys_each_message_would_get_alone() -> None:
+    # route_chunk builds the common record's key from its stream's prefix: it must be the key
+    # route_into gives (position + "#c"), with a stream and without, and across streams.
+    value = b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}}}'
+    record, _ = read_publication(value, {})
+    messages = [Message("kafka", value, stream, offset, record=record)
+                for stream, offset in [("t/0", 7), ("t/0", 8), ("", 9), ("t/1", 10), ("t/0", 100)]]
+    pubs: list[Publication] = []
+    RoutingTable([]).route_chunk(messages, pubs, [])
+    alone = [RoutingTable([]).route(m)[0][0].idempotency_key for m in messages]
+    assert [p.idempotency_key for p in pubs] == alone == [
+        "kafka/t/0/7#c", "kafka/t/0/8#c", "kafka/9#c", "kafka/t/1/10#c", "kafka/t/0/100#c"]

@@ -405,11 +405,11 @@ class KafkaSource:
             if centrifugo:  # the record names its channels: no route reads attributes
                 parsed, error = read_publication(value, headers)
                 append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
-                               headers, NOTHING, read_at=read_at, record=parsed, error=error))
+                               headers, NOTHING, read_at, parsed, error))
                 continue
             attributes = {"topic": topic, "partition": partition, "offset": offset, "timestamp": record.timestamp}
             append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
-                           headers, attributes, read_at=read_at))
+                           headers, attributes, read_at))
         return messages
 
     # -- rebalancing -------------------------------------------------------------------------

@@ -343,7 +343,7 @@ class Config(Model):
 def _key(part: Any) -> str:
     """A key as TOML writes it in a dotted key: bare when it can be, else quoted (one line always)."""
     text = str(part)
-    if _BARE_KEY.match(text):
+    if _BARE_KEY.fullmatch(text):  # fullmatch: `$` would let a key ending in a newline pass
         return text
     quoted = json.dumps(text, ensure_ascii=False)
     return quoted.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

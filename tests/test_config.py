@@ -142,6 +142,13 @@ def test_several_problems_are_all_reported() -> None:
     assert keys == ["relay.log_level", "sink.api", "sources.a.type"]
 
 
+def test_a_key_ending_in_a_newline_is_quoted_so_the_problem_stays_one_line() -> None:
+    # Found by tests/test_fuzz.py: a bare-key check with `$` let "0\n" through unquoted.
+    with pytest.raises(ConfigError) as err:
+        parse_config('"relay" = {"0\\u000a" = []}', "f.toml")
+    assert err.value.problems == ['f.toml: relay."0\\n": unknown key']
+
+
 def test_relay_check_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[relay]\nlog_level = "x"\n[sink]\nbatch_max_size = 0\n' + BASE)

@@ -40,6 +40,19 @@ class RotatingWriter(threading.Thread):
         self.written = 0
         self.rotations = 0
         self.error: BaseException | None = None
+        # Rotations allowed before the writer waits to rotate (None: any): see `hold`.
+        self._limit: int | None = None
+        self._gate = threading.Condition()
+
+    def hold(self, rotations: int) -> None:
+        """Write on, but do not rotate past `rotations` until `release`."""
+        with self._gate:
+            self._limit = rotations
+
+    def release(self) -> None:
+        with self._gate:
+            self._limit = None
+            self._gate.notify_all()
 
     def _line(self) -> bytes:
         line = json.dumps({"f": self.path.stem, "seg": self.rotations, "i": self.written}) + "\n"
@@ -62,6 +75,8 @@ class RotatingWriter(threading.Thread):
                 if ahead > 0:
                     time.sleep(ahead)
             if self.written % ROTATE_EVERY == 0 and self.written < LINES_PER_FILE:
+                with self._gate:
+                    self._gate.wait_for(lambda: self._limit is None or self.rotations < self._limit, timeout=60)
                 rotated = self.path.with_name(f"{self.path.name}.{self.rotations + 1}")
                 if self.mode == "rename":
                     os.rename(self.path, rotated)
@@ -179,13 +194,19 @@ channel = "logs:{{{{ json.f }}}}"
     for writer in writers:
         writer.start()
     duration = LINES_PER_FILE / LINES_PER_SECOND
-    # Killed just after a rotation, so a restart (about 2 s on a busy machine) spans one rotation at
-    # most: a file created and rotated away entirely while the relay is down is not in the glob.
+    # Killed just after a rotation; the restart spans one rotation at most, however long it takes
+    # on a loaded machine (the writers wait to rotate again until the relay is back): a file
+    # created and rotated away entirely while the relay is down is not in the glob, as with any tailer.
     for kill_at in (2 * ROTATE_EVERY + 200, 4 * ROTATE_EVERY + 200):
         while writers[0].written < kill_at:
             time.sleep(0.01)
         relay.kill()
+        for writer in writers:
+            writer.hold(writer.rotations + 1)
         relay.start()
+        wait_until(lambda: relay.logs().count("daemon: ready") >= relay.runs, timeout=60)
+        for writer in writers:
+            writer.release()
     for writer in writers:
         writer.join(duration * 3)
         assert writer.error is None, writer.error

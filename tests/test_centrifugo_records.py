@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.centrifugo_records import PlainPublish, _plain_publish, parse_publication, parse_record
+from relay.centrifugo_records import PlainPublish, _plain_publish, parse_publication, parse_record, plain_record
 from relay.channels import channel_problem
 from relay.message import Message
 from relay.routing import RoutingTable
@@ -100,3 +100,13 @@ def test_a_plain_publish_to_a_bad_channel_is_routed_to_a_dead_letter() -> None:
     parsed = parse_publication(record, {})
     pubs, rejects = RoutingTable([]).route(Message("s", record, record=parsed))
     assert pubs == [] and len(rejects) == 1 and "reserved" in rejects[0].reason
+
+
+def test_a_source_that_found_channel_and_data_itself_gets_the_record_routing_expects() -> None:
+    good = plain_record("chat:a", b'{"n":1}')
+    assert isinstance(good, PlainPublish)
+    assert good == parse_record(b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}}}', {})
+    bad = plain_record("chat:a*b", b"1")
+    assert not isinstance(bad, PlainPublish)
+    pubs, rejects = RoutingTable([]).route(Message("s", b"1", record=bad))
+    assert pubs == [] and "reserved" in rejects[0].reason

@@ -84,13 +84,14 @@ def throughput(address: str, lines: int, workdir: Path, data: str = "json", size
     with rig.StreamCounter(address, counted or [channel], batched=True) as counter:
         started = time.perf_counter()
         server_cpu = rig.cpu_seconds(server_pid) if server_pid else 0.0
-        relay = rig.start_relay(workdir, address, file_source(f"{logs}/*.log", channel, data))
+        relay = rig.start_relay(workdir, address, file_source(f"{logs}/*.log", channel, data), metrics=True)
         pid = relay.process.pid  # type: ignore[union-attr]
         try:
             rate = counter.wait_for(
                 lines, alive=relay.alive, cpu_of=pid,
                 on_poll=lambda now, done: rss.append((round(now - started, 3), rig.rss_mib(pid), done)))
             peak = rig.peak_rss_mib(pid)
+            batch = rig.batch_mean(relay)
             if server_pid:
                 server_cpu = rig.cpu_seconds(server_pid) - server_cpu
         except BaseException:
@@ -103,7 +104,8 @@ def throughput(address: str, lines: int, workdir: Path, data: str = "json", size
             "lines_per_second": rate.per_second,
             "mib_per_second": round(total / lines * rate.per_second / 2**20, 1),
             "wall_seconds_with_startup": round(rate.last_at - started, 3),
-            "peak_rss_mib": round(peak, 1), "rss_samples": rss[::max(1, len(rss) // 200)],
+            "publications_per_batch": batch, "peak_rss_mib": round(peak, 1),
+            "rss_samples": rss[::max(1, len(rss) // 200)],
             **({"server_cpu_us_per_record": round(server_cpu / lines * 1e6, 2)} if server_pid else {})}
 
 
@@ -125,12 +127,14 @@ def run(lines: int = 1_000_000, data: str = "json", duration: float = 3.0) -> di
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'what':<32} {'lines or publications/s':>24} {'CPU µs/line':>12} "
-             f"{'server µs':>10} {'÷ raw/1':>8} {'÷ raw/4':>8}"]
+             f"{'server µs':>10} {'per Batch':>10} {'÷ raw/1':>8} {'÷ raw/4':>8}"]
     one, four = (results[f"raw {s}"]["publications_per_second"] for s in ("batch500+keys/1", "batch500+keys"))
     for name, r in results.items():
         rate = r.get("lines_per_second") or r.get("publications_per_second") or 0
         lines.append(f"{name:<32} {rate:>24,} {r.get('cpu_us_per_record', ''):>12} "
-                     f"{r.get('server_cpu_us_per_record', ''):>10} {rate / one:>8.2f} {rate / four:>8.2f}")
+                     f"{r.get('server_cpu_us_per_record', ''):>10} "
+                     f"{r.get('publications_per_batch', r.get('commands_per_call', '')):>10} "
+                     f"{rate / one:>8.2f} {rate / four:>8.2f}")
     for name in (SPREAD, ONE):
         file = results[name]
         lines.append(f"{name}: {file['lines']:,} lines ({file['bytes'] / 2**20:.0f} MiB) in {file['seconds']} s, "

@@ -134,7 +134,9 @@ def _against_raw(f: dict[str, Any], rate_key: str) -> str:
     for name, r in f.items():
         rate = r.get(rate_key) or r["publications_per_second"]
         cpu = r.get("cpu_us_per_record")
-        rows.append([name, f"{rate:,}", "" if name.startswith("raw") or cpu is None else cpu,
+        runs = r.get("runs_publications_per_second")
+        label = f"{name} (mean of {' and '.join(f'{v:,}' for v in runs)}: before and after)" if runs else name
+        rows.append([label, f"{rate:,}", "" if name.startswith("raw") or cpu is None else cpu,
                      f"{rate / one:.2f}", f"**{rate / four:.2f}**"])
     return _table(["what", "per second", "relay CPU µs each", "÷ raw Batch, 1 in flight",
                    "÷ raw Batch, 4 in flight"], rows)

@@ -295,6 +295,26 @@ def raw_batch(address: str, scenario: str, duration: float, size: int = 0,
     return result
 
 
+def raw_batch_around(address: str, scenario: str, duration: float, server_pid: int | None = None) -> Callable[
+        [dict[str, Any]], None]:
+    """`raw_batch` now, and again when the returned function is called (after the runs it stands
+    beside): it stores the mean of both in `results["raw " + scenario]`, each run in
+    `runs_publications_per_second`. On a shared machine the load moves within a minute; a ceiling
+    measured on both sides of the relay's runs is the fairer one to divide by."""
+    before = raw_batch(address, scenario, duration, server_pid=server_pid)
+
+    def after(results: dict[str, Any]) -> None:
+        again = raw_batch(address, scenario, duration, server_pid=server_pid)
+        runs = [before["publications_per_second"], again["publications_per_second"]]
+        merged = {**before, "publications_per_second": round(sum(runs) / 2), "runs_publications_per_second": runs}
+        if "server_cpu_us_per_record" in before and "server_cpu_us_per_record" in again:
+            merged["server_cpu_us_per_record"] = round(
+                (before["server_cpu_us_per_record"] + again["server_cpu_us_per_record"]) / 2, 2)
+        results[f"raw {scenario}"] = merged
+
+    return after
+
+
 # -- latency ------------------------------------------------------------------------------------
 
 

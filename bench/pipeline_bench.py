@@ -1,10 +1,14 @@
-"""The whole pipeline at full speed: a ticker with `interval = "0s"` → relay → `relay serve`.
+"""The whole pipeline at full speed: tickers with `interval = "0s"` → relay → `relay serve`.
 
-Beside it, in the same run and against the same server process, the raw Batch ceiling: a bare
-grpc.aio client sending Batch of 500 publications with idempotency keys (what the relay sends),
-once with 1 call in flight (what one ordered stream can use) and once with 4 (`max_in_flight`).
+Two relays in turn: 16 tickers, each routed to a channel of its own (16 channels, so every one of
+the sink's `max_in_flight` lanes has batches to send), and one ticker on one channel (one lane: one
+batch in flight, as order per channel allows). Beside them, in the same run and against the same
+server process, the raw Batch ceiling: a bare grpc.aio client sending Batch of 500 publications with
+idempotency keys (what the relay sends), once with 1 call in flight (what one channel can use) and
+once with 4 (`max_in_flight`; before and after the relay's runs, the mean counts).
 The relay's rate is measured on the server: the time between its first and its last accepted
-publication, read from the channel's stream top (History with limit 0).
+publication, read from the channels' stream tops (History with limit 0); its CPU per publication
+from /proc.
 
     .venv/bin/python bench/pipeline_bench.py [--count 200000]
 """
@@ -24,13 +28,28 @@ sys.path.insert(0, str(ROOT))
 from bench import rig  # noqa: E402
 
 CHANNEL = "chat:pipeline"
+# Tickers of the spread run; with 16 channels on 4 lanes (by hash) every lane has work.
+TICKERS = 16
+ONE = "relay ticker→serve, 1 channel"
+SPREAD = f"relay ticker→serve, {TICKERS} channels"
 
 
-def relay_rate(address: str, count: int, workdir: Path) -> dict[str, Any]:
-    """Run the relay until its ticker finished; rate from the server's first to last offset."""
-    body = "\n".join(["[sources.tick]", 'type = "ticker"', 'interval = "0s"', f"count = {count}",
-                      "[[routes]]", 'source = "tick"', f'channel = "{CHANNEL}"'])
-    with rig.StreamCounter(address, [CHANNEL]) as counter:
+def tickers(count: int, n: int) -> tuple[str, list[str]]:
+    """Config lines of `n` fast tickers emitting `count` together, each routed to its own channel;
+    and those channels."""
+    lines: list[str] = []
+    channels = [CHANNEL] if n == 1 else [f"{CHANNEL}-{i}" for i in range(n)]
+    for i, channel in enumerate(channels):
+        lines += [f"[sources.tick{i}]", 'type = "ticker"', 'interval = "0s"',
+                  f"count = {count // n + (i < count % n)}",
+                  "[[routes]]", f'source = "tick{i}"', f'channel = "{channel}"']
+    return "\n".join(lines), channels
+
+
+def relay_rate(address: str, count: int, workdir: Path, n: int = 1) -> dict[str, Any]:
+    """Run the relay until its `n` tickers finished; rate from the server's first to last offset."""
+    body, channels = tickers(count, n)
+    with rig.StreamCounter(address, channels, batched=True) as counter:
         started = time.perf_counter()
         relay = rig.start_relay(workdir, address, body)
         try:
@@ -39,28 +58,33 @@ def relay_rate(address: str, count: int, workdir: Path) -> dict[str, Any]:
             relay.wait(60)
         finally:
             relay.stop()
-    return {"publications": count, **rate.as_dict(), "publications_per_second": rate.per_second,
+    return {"publications": count, "channels": n, **rate.as_dict(), "publications_per_second": rate.per_second,
             "wall_seconds_with_startup": round(rate.last_at - started, 3)}
 
 
 def run(count: int = 200_000, duration: float = 3.0) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     with rig.ServerProcess() as server:
-        for scenario in ("batch500+keys/1", "batch500+keys"):
-            results[f"raw {scenario}"] = rig.raw_batch(server.address, scenario, duration)
-        with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-            results["relay ticker→serve"] = relay_rate(server.address, count, Path(tmp))
+        pid = server.process.pid
+        results["raw batch500+keys/1"] = rig.raw_batch(server.address, "batch500+keys/1", duration, server_pid=pid)
+        results["raw batch500+keys"] = {}  # measured before and after the relay's runs (its place in the table)
+        ceiling = rig.raw_batch_around(server.address, "batch500+keys", duration, server_pid=pid)
+        for name, n in ((SPREAD, TICKERS), (ONE, 1)):
+            with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+                results[name] = relay_rate(server.address, count, Path(tmp), n)
+        ceiling(results)
     return results
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    relay = results["relay ticker→serve"]["publications_per_second"]
-    lines = [f"{'what':<22} {'publications/s':>15} {'relay / this':>13}"]
+    lines = [f"{'what':<32} {'publications/s':>15} {'CPU µs each':>12} {'÷ raw/1':>8} {'÷ raw/4':>8}"]
+    one, four = (results[f"raw {s}"]["publications_per_second"] for s in ("batch500+keys/1", "batch500+keys"))
     for name, r in results.items():
+        if "runs_publications_per_second" in r:
+            name = name + " (mean)"
         rate = r["publications_per_second"]
-        lines.append(f"{name:<22} {rate:>15,} {relay / rate:>13.2f}")
-    cpu = results["relay ticker→serve"].get("cpu_us_per_record", 0)
-    lines.append(f"relay CPU per publication (start-up excluded): {cpu} µs")
+        lines.append(f"{name:<32} {rate:>15,} {r.get('cpu_us_per_record', ''):>12} "
+                     f"{rate / one:>8.2f} {rate / four:>8.2f}")
     return "\n".join(lines)
 
 

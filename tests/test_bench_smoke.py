@@ -21,14 +21,21 @@ def test_quick_run_writes_the_report_and_plots(tmp_path: Path) -> None:
     assert run.main(["--quick", "--only", "file,sizes,latency-file", "--out", str(out)]) == 0
     text = out.read_text()
     assert "--quick" in text and "## The machine" in text
-    assert "(1) file → relay serve, lines/s" in text
+    assert "(1) file → relay serve, 50 channels, lines/s" in text
+    assert "(14) file → relay serve, 50 channels ÷ raw Batch with keys, 4 in flight" in text
     assert "(4) p99 ms, file source at 1,000 msg/s" in text
     assert "(5) relay peak RSS" in text
     for plot in ("throughput", "rss", "latency", "sizes"):
         assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
         assert f"](plots/{plot}.png)" in text
     figures = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert figures["file"]["figures"]["relay file→serve"]["lines"] == run.QUICK.file_lines
+    # Issue 14: the file is drained spread over channels (all lanes busy) and to one channel (one lane),
+    # each counted over the channels it went to.
+    file = figures["file"]["figures"]
+    assert file["relay file→serve, 50 channels"]["lines"] == run.QUICK.file_lines
+    assert file["relay file→serve, 50 channels"]["channels"] == 50
+    assert file["relay file→serve, 1 channel"]["lines"] == run.QUICK.file_lines
+    assert file["relay file→serve, 1 channel"]["cpu_us_per_record"] > 0
     assert {r["messages"] for r in figures["latency-file"]["figures"].values()} == {1000, 10000}
 
 
@@ -40,6 +47,16 @@ def test_the_committed_figures_still_render(tmp_path: Path) -> None:
     for goal in ("(1)", "(2)", "(3)", "(4)", "(5)"):
         assert goal in text
     assert set(plots) == {"throughput", "rss", "latency", "sizes", "centrifugo"}
+
+
+def test_the_ticker_benchmark_spreads_over_channels(tmp_path: Path) -> None:
+    """Issue 14's ticker figure: 16 tickers on 16 channels (all lanes busy) beside one on one channel."""
+    out = tmp_path / "BENCHMARKS.md"
+    assert run.main(["--quick", "--only", "pipeline", "--out", str(out)]) == 0
+    ticker = json.loads((tmp_path / "results.json").read_text())["results"]["pipeline"]["figures"]
+    assert ticker["relay ticker→serve, 16 channels"]["count"] == run.QUICK.pipeline_count
+    assert ticker["relay ticker→serve, 1 channel"]["count"] == run.QUICK.pipeline_count
+    assert "(14) ticker → relay serve, 16 channels ÷ raw Batch with keys, 4 in flight" in out.read_text()
 
 
 @pytest.mark.kafka

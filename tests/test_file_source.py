@@ -838,3 +838,32 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
     expected += [b"%d c" % i for i in range(0, 40, 3)] + [b"1 late", b"e 1"]
     assert sorted(collector.lines()) == sorted(expected)
     assert len({m.position for m in collector.messages}) == len(expected)
+
+
+def test_the_line_splitter_cuts_the_same_lines_whatever_path_a_chunk_takes() -> None:
+    """A chunk whose lines are all short and free of `\\r` takes the quick path; one with a `\\r` or a
+    line that may be too long takes the checked path. Both give the same offsets, numbers and data;
+    the lines of one chunk share one read time."""
+    from relay.sources.file.reader import LineSplitter, TailedFile
+
+    def cut(chunks: list[bytes], limit: int) -> list[Message]:
+        f = TailedFile(path="/logs/app.log", fd=-1, dev=1, ino=2, stream="s")
+        splitter, out = LineSplitter("logs", limit), []
+        for chunk in chunks:
+            splitter.split(f, chunk, out)
+        return out
+
+    quick = cut([b"ab\ncd\n", b"efg\nh"], 10)  # every line under 10 bytes, no \r
+    assert [m.data for m in quick] == [b"ab", b"cd", b"efg"]
+    assert [m.offset for m in quick] == [3, 6, 10]
+    assert [(m.attributes["file.line"], m.attributes["file.offset"]) for m in quick] == [(1, 0), (2, 3), (3, 6)]
+    assert quick[0].read_at == quick[1].read_at and not quick[0].headers
+    # The same bytes with a \r and with lines at and over the limit: exactly 10 bytes is a line,
+    # 11 is a dead letter; the \r is dropped.
+    checked = cut([b"ab\r\ncd\n0123456789\n0123456789a\nok\n"], 10)
+    assert [m.data for m in checked] == [b"ab", b"cd", b"0123456789", b"0123456789a", b"ok"]
+    assert [bool(m.error) for m in checked] == [False, False, False, True, False]
+    assert [m.offset for m in checked] == [4, 7, 18, 30, 33]
+    assert [m.attributes["file.line"] for m in checked] == [1, 2, 3, 4, 5]
+    # A chunk whose lines together are longer than the limit but each under it: all plain lines.
+    assert [m.data for m in cut([b"0123456\n0123456\n0123456\n"], 10)] == [b"0123456"] * 3

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
-from relay.message import Message
+from relay.message import NOTHING, Message
 from relay.sources.file.identity import CHUNK, TAIL, Key
 
 log = logging.getLogger("relay.sources.file")
@@ -86,7 +87,6 @@ class LineSplitter:
         f.read_pos += len(data)
         f.tail = data[-TAIL:] if len(data) >= TAIL else (f.tail + data)[-TAIL:]
         buf = f.pending + data if f.pending else data
-        stream = f.stream
         if f.skip is not None:
             i = buf.find(b"\n")
             if i < 0:
@@ -102,29 +102,53 @@ class LineSplitter:
         rest, rest_start = buf, start
         if last >= 0:
             rest, rest_start = buf[last + 1:], start + last + 1
-            name, path, file_name = self.source, f.path, f.name
-            limit = self.max_line_bytes
-            append = out.append
-            n, pos = f.line_no, start
-            for line in buf[:last].split(b"\n"):
-                n += 1
-                length = len(line)
-                end = pos + length + 1
-                if length > limit:
-                    f.line_no = n
-                    append(self.oversized(f, pos, end, length, line[:PREVIEW]))
-                else:
-                    if line[-1:] == b"\r":
-                        line = line[:-1]
-                    append(Message(name, line, stream, end, None, {}, {
-                        "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}))
-                pos = end
-            f.line_no, f.emitted = n, pos
+            lines = buf[:last]
+            if last <= self.max_line_bytes and b"\r" not in lines:
+                self._lines(f, lines, start, out)  # the usual chunk: no line can be too long, no \r
+            else:
+                self._checked_lines(f, lines, start, out)
         if len(rest) > self.max_line_bytes:
             f.skip = Skip(start=rest_start, length=len(rest), preview=rest[:PREVIEW])
             f.pending = b""
         else:
             f.pending = rest
+
+    def _lines(self, f: TailedFile, lines: bytes, start: int, out: list[Message]) -> None:
+        """`lines` (without the last newline) starting at `start`, each under the limit, no `\r`."""
+        name, stream, path, file_name = self.source, f.stream, f.path, f.name
+        append = out.append
+        read_at = time.monotonic()  # one clock reading for the chunk: its lines were read together
+        n, pos = f.line_no, start
+        for line in lines.split(b"\n"):
+            n += 1
+            end = pos + len(line) + 1
+            append(Message(name, line, stream, end, None, NOTHING, {
+                "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, read_at=read_at))
+            pos = end
+        f.line_no, f.emitted = n, pos
+
+    def _checked_lines(self, f: TailedFile, lines: bytes, start: int, out: list[Message]) -> None:
+        """`lines` as `_lines` does, but a line may be over the limit or end in `\r`."""
+        name, stream, path, file_name = self.source, f.stream, f.path, f.name
+        limit = self.max_line_bytes
+        append = out.append
+        read_at = time.monotonic()
+        n, pos = f.line_no, start
+        for line in lines.split(b"\n"):
+            n += 1
+            length = len(line)
+            end = pos + length + 1
+            if length > limit:
+                f.line_no = n
+                append(self.oversized(f, pos, end, length, line[:PREVIEW]))
+            else:
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                append(Message(name, line, stream, end, None, NOTHING, {
+                    "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos},
+                    read_at=read_at))
+            pos = end
+        f.line_no, f.emitted = n, pos
 
     def last_line(self, f: TailedFile, out: list[Message]) -> None:
         """A file that is finished for good: its unfinished last line is complete as it is."""

@@ -72,6 +72,10 @@ class Rejection:
     channels: tuple[str, ...] = ()
 
 
+# `json.a.b` field names → their path, split once (the names are those of the config: few).
+_JSON_PATHS: dict[str, list[str]] = {}
+
+
 class _Fields:
     """Template values of one message; JSON is parsed at most once, and only if asked for."""
 
@@ -90,6 +94,14 @@ class _Fields:
         return self._json
 
     def get(self, name: str) -> str | None:
+        path = _JSON_PATHS.get(name)
+        if path is not None:  # {{ json.room }}: the path split once, a string found in one lookup
+            doc = self.json()
+            if len(path) == 1 and type(doc) is dict:
+                value = doc.get(path[0])
+                if type(value) is str:
+                    return value
+            return _json_path(doc, path)
         msg = self.message
         if name == "key":
             return msg.key
@@ -98,7 +110,8 @@ class _Fields:
         if name.startswith("header."):
             return msg.headers.get(name[7:])
         if name.startswith("json."):
-            return _json_path(self.json(), name[5:].split("."))
+            path = _JSON_PATHS[name] = name[5:].split(".")
+            return _json_path(self.json(), path)
         value = msg.attributes.get(name)
         return None if value is None else str(value)
 

@@ -123,7 +123,7 @@ class LineSplitter:
             n += 1
             end = pos + len(line) + 1
             append(Message(name, line, stream, end, None, NOTHING, {
-                "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, read_at=read_at))
+                "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, read_at))
             pos = end
         f.line_no, f.emitted = n, pos
 
@@ -146,7 +146,7 @@ class LineSplitter:
                     line = line[:-1]
                 append(Message(name, line, stream, end, None, NOTHING, {
                     "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos},
-                    read_at=read_at))
+                    read_at))
             pos = end
         f.line_no, f.emitted = n, pos
 

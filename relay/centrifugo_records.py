@@ -116,9 +116,10 @@ class PlainPublish(CentrifugoRecord):
     __slots__ = ()
 
 
-# Channels of plain publishes as written (bytes) or found (str) → the checked channel tuple every
-# record to it shares (bounded: a few thousand channels at most are kept).
-_PLAIN_CHANNELS: dict[bytes | str, tuple[str]] = {}
+# Channels of plain publishes as written → the checked channel tuple every record to it shares
+# (bounded: a few thousand channels at most are kept); and by name, for `plain_record`.
+_PLAIN_CHANNELS: dict[bytes, tuple[str]] = {}
+_PLAIN_CHANNEL_NAMES: dict[str, tuple[str]] = {}
 PLAIN_CHANNELS_MAX = 4096
 _new_record = tuple.__new__
 
@@ -142,13 +143,13 @@ def plain_record(channel: str, data: bytes) -> CentrifugoRecord:
     """A publish of `data` (known to be one JSON value) to `channel` with no options, for a source
     that found them itself (an outbox row's columns): a PlainPublish when the channel is well-formed,
     else a record routing checks, and dead-letters saying why."""
-    channels = _PLAIN_CHANNELS.get(channel)
+    channels = _PLAIN_CHANNEL_NAMES.get(channel)
     if channels is None:
         if channel_problem(channel) is not None:
             return CentrifugoRecord("publish", (channel,), data)
-        if len(_PLAIN_CHANNELS) >= PLAIN_CHANNELS_MAX:
-            _PLAIN_CHANNELS.clear()
-        channels = _PLAIN_CHANNELS[channel] = (channel,)
+        if len(_PLAIN_CHANNEL_NAMES) >= PLAIN_CHANNELS_MAX:
+            _PLAIN_CHANNEL_NAMES.clear()
+        channels = _PLAIN_CHANNEL_NAMES[channel] = (channel,)
     return _new_record(PlainPublish, ("publish", channels, data, "", _NOTHING, False, False, 0, "", _NOTHING))
 
 

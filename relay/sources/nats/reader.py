@@ -42,7 +42,10 @@ import logging
 import ssl
 import time
 import uuid
-from collections import OrderedDict, deque
+from bisect import bisect_left
+from collections import deque
+from itertools import islice
+from operator import itemgetter, lt
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,81 @@ def sequence(reply: bytes) -> int:
     account hash first (nats-py's `msg.metadata` parses all of it, three times slower)."""
     tokens = reply.split(b".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+_reply = itemgetter(1)
+
+
+class _InFlight:
+    """Read and not yet acked, in the order emitted: one run per read, of ascending sequences and
+    the reply subjects to ack them with. Kept per run, not per message: a read adds one run and a
+    commit takes whole runs, so the per-message work is done by list operations in C."""
+
+    def __init__(self) -> None:
+        self._runs: deque[tuple[list[int], list[bytes]]] = deque()
+        self._count = 0
+        # The highest sequence ever emitted (not reset by clear()): a delivery above it is new, so
+        # neither in flight nor acked lately, which is what lets a read skip those lookups.
+        self.top = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._count = 0
+
+    def add(self, seqs: list[int], replies: list[bytes]) -> None:
+        """A run of ascending sequences, emitted after every run added before."""
+        self._runs.append((seqs, replies))
+        self._count += len(seqs)
+        self.top = max(self.top, seqs[-1])
+
+    def seqs(self) -> set[int]:
+        return {seq for seqs, _ in self._runs for seq in seqs}
+
+    def take_below(self, position: int) -> tuple[list[int], list[bytes]]:
+        """Remove and return, in the order emitted, what was emitted before the first sequence at or
+        past `position` (the engine's contiguous settled prefix)."""
+        taken: list[int] = []
+        replies: list[bytes] = []
+        runs = self._runs
+        while runs:
+            seqs, run_replies = runs[0]
+            below = bisect_left(seqs, position)
+            if below == len(seqs):
+                runs.popleft()
+                taken += seqs
+                replies += run_replies
+                continue
+            if below:
+                runs[0] = (seqs[below:], run_replies[below:])
+                taken += seqs[:below]
+                replies += run_replies[:below]
+            break
+        self._count -= len(taken)
+        return taken, replies
+
+
+class _Acked:
+    """The sequences acked last, at least `limit` of them: a redelivery of one of these is an ack
+    that was lost, not a message of another relay on the durable."""
+
+    def __init__(self, limit: int) -> None:
+        self._runs: deque[list[int]] = deque()
+        self._count = 0
+        self._limit = limit
+
+    def add(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        self._runs.append(seqs)
+        self._count += len(seqs)
+        while self._count - len(self._runs[0]) >= self._limit:
+            self._count -= len(self._runs.popleft())
+
+    def seqs(self) -> set[int]:
+        return {seq for seqs in self._runs for seq in seqs}
 
 
 class _Hold:
@@ -193,14 +271,9 @@ class NatsReader:
         self._wire: PullWire | None = None
         self._lost = False  # the pull connection is down and that was logged
         self._unsent: list[bytes] = []  # acks committed while the pull connection was down
-        # The sequences acked last (a set, and their order to forget the oldest): a redelivery of
-        # one of these is an ack that was lost, not a message of another relay on the durable.
-        self._acked: set[int] = set()
-        self._acked_order: deque[int] = deque()
-        self._acked_limit = ACKED_MEMORY * config.max_ack_pending
+        self._acked = _Acked(ACKED_MEMORY * config.max_ack_pending)
         self._watcher: asyncio.Task[None] | None = None
-        # Read and not yet acked, in stream order: sequence -> the reply subject to ack it with.
-        self._in_flight: OrderedDict[int, bytes] = OrderedDict()
+        self._in_flight = _InFlight()
         self._hold = _Hold(0, 0, config.ack_wait)
         self._refused = asyncio.Event()
         self._refusal = ""
@@ -251,18 +324,9 @@ class NatsReader:
         position = positions.get(self.config.stream)
         if position is None:
             return
-        acks = []
-        in_flight, acked, order = self._in_flight, self._acked, self._acked_order
-        while in_flight:
-            seq = next(iter(in_flight))
-            if seq >= position:
-                break
-            acks.append(in_flight.pop(seq))
-            acked.add(seq)
-            order.append(seq)
-        while len(order) > self._acked_limit:
-            acked.discard(order.popleft())
-        self._ack(acks)
+        seqs, replies = self._in_flight.take_below(position)
+        self._acked.add(seqs)
+        self._ack(replies)
 
     def _ack(self, replies: list[bytes]) -> None:
         """Ack these deliveries now, or after the reconnect while the pull connection is down."""
@@ -453,15 +517,26 @@ class NatsReader:
     def _accept(self, batch: list[Delivery]) -> list[Message]:
         """The messages to emit, in stream order: redeliveries of what is in flight dropped, and
         everything held while a previous reader's in-flight messages are owed."""
+        if not batch:
+            return []
+        seqs = [sequence(reply) for _, reply, _, _ in batch]
         hold = self._hold
-        in_flight = self._in_flight
-        out: list[tuple[int, Delivery]] = []
+        # The usual read: new sequences only, ascending, nothing held; it needs no lookups.
+        if (seqs[0] > self._in_flight.top and not hold.active and not hold.held
+                and all(map(lt, seqs, islice(seqs, 1, None)))):
+            return self._messages(seqs, batch)
+        return self._accept_again(seqs, batch)
+
+    def _accept_again(self, seqs: list[int], batch: list[Delivery]) -> list[Message]:
+        """`_accept` of a read with redeliveries, sequences out of order, or the hold on."""
+        hold = self._hold
+        in_flight, acked = self._in_flight.seqs(), self._acked.seqs()
+        out: dict[int, Delivery] = {}
         acked_again: list[bytes] = []
-        for delivery in batch:
-            seq = sequence(delivery[1])
+        for seq, delivery in zip(seqs, batch, strict=True):
             if seq in in_flight:
                 continue  # redelivered after ack_wait while still ours: the first delivery settles it
-            if seq in self._acked:
+            if seq in acked:
                 # Ours and acked, but the ack was lost (written as the connection died, or nats-server
                 # died before it stored it): ack it again. Emitted again, it would sit at a position
                 # the engine already committed, so its ack would never come.
@@ -472,31 +547,33 @@ class NatsReader:
             if hold.active:
                 hold.add(seq, delivery)
             else:
-                out.append((seq, delivery))
+                out[seq] = delivery  # a second delivery in one read replaces the first: its ack is as good
         if hold.held and (not hold.active or time.monotonic() > hold.deadline):
             log.info("nats source %s: releasing %d held message(s): %s", self.name, len(hold.held),
                      "twice ack_wait passed, order may break" if hold.active else "the owed ones arrived")
-            out = hold.release() + out
+            out = {**dict(hold.release()), **out}
         elif hold.active and time.monotonic() > hold.deadline:
             hold.release()
-        out.sort(key=lambda pair: pair[0])  # already sorted but for redeliveries: cheap
         if acked_again:
             self._ack(acked_again)
-        return self._messages(out)
+        if not out:
+            return []
+        ordered = sorted(out)
+        return self._messages(ordered, [out[seq] for seq in ordered])
 
-    def _messages(self, deliveries: list[tuple[int, Delivery]]) -> list[Message]:
-        """The messages of deliveries, now in flight. This runs for every message: what is the
-        same for all of them is looked up once, and headers are parsed only where there are some."""
+    def _messages(self, seqs: list[int], deliveries: list[Delivery]) -> list[Message]:
+        """The messages of deliveries (`seqs` their sequences, ascending), now in flight. This runs
+        for every message: what is the same for all of them is looked up once, and headers are
+        parsed only where there are some."""
+        self._in_flight.add(seqs, list(map(_reply, deliveries)))
         name, stream = self.name, self.config.stream
         centrifugo = self.config.format == "centrifugo"
-        in_flight = self._in_flight
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
-        for seq, (subject, reply, header, data) in deliveries:
+        for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
             fields = headers(header) if header else {}
             record, error = read_publication(data, fields) if centrifugo else (None, "")
-            in_flight[seq] = reply
             attributes = {"subject": subject.decode("utf-8", "replace"), "offset": seq}
             append(Message(name, data, stream, seq, None, fields, attributes, read_at=read_at, record=record,
                            error=error))

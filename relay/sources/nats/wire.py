@@ -263,7 +263,8 @@ class PullWire(asyncio.Protocol):
         """Ack deliveries by their reply subjects, in one write."""
         if not self.connected:
             raise ConnectionError("the pull connection is down")
-        self._write(b"".join([b"PUB " + reply + b" 0\r\n\r\n" for reply in replies]))
+        if replies:  # one join, not a line built per ack
+            self._write(b"PUB " + b" 0\r\n\r\nPUB ".join(replies) + b" 0\r\n\r\n")
 
     async def drain(self, timeout: float) -> None:
         """Wait until the server read everything written so far (its PONG to our PING), at most

@@ -25,7 +25,7 @@ def acked(transport: Transport) -> list[int]:
 
 
 def reader() -> tuple[NatsReader, Transport]:
-    nats = NatsReader("jet", Config(type="nats", stream="S"))
+    nats = NatsReader("jet", Config.model_validate({"type": "nats", "stream": "S"}))
     wire = PullWire(b"_INBOX.x")
     transport = Transport()
     wire.connection_made(transport)

@@ -567,16 +567,20 @@ class NatsReader:
         parsed only where there are some."""
         self._in_flight.add(seqs, list(map(_reply, deliveries)))
         name, stream = self.name, self.config.stream
-        centrifugo = self.config.format == "centrifugo"
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
+        if self.config.format == "data":
+            for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
+                append(Message(name, data, stream, seq, None, headers(header) if header else {},
+                               {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at))
+            return messages
         for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
             fields = headers(header) if header else {}
-            record, error = read_publication(data, fields) if centrifugo else (None, "")
-            attributes = {"subject": subject.decode("utf-8", "replace"), "offset": seq}
-            append(Message(name, data, stream, seq, None, fields, attributes, read_at=read_at, record=record,
-                           error=error))
+            record, error = read_publication(data, fields)
+            append(Message(name, data, stream, seq, None, fields,
+                           {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at,
+                           record=record, error=error))
         return messages
 
     # -- acknowledging -----------------------------------------------------------------------

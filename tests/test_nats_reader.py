@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from relay.sources.nats import Config, NatsReader
+from relay.sources.nats.reader import COMMIT_INTERVAL, MIN_COMMIT_INTERVAL
 from relay.sources.nats.wire import Delivery, PullWire
 from tests.test_nats_wire import Transport
 
@@ -85,3 +86,14 @@ def test_a_lower_sequence_than_any_emitted_is_new_when_it_was_not_ours() -> None
     assert offsets(nats, 3) == [3]
     commit(nats, 13)
     assert acked(transport) == [10, 11, 12, 3]  # in the order emitted, as the engine counts them
+
+
+def test_a_durable_with_a_small_max_ack_pending_is_acked_more_often() -> None:
+    # The server sends no more than max_ack_pending unacked messages: 100 acked every 50 ms is 2,000/s.
+    def interval(max_ack_pending: int) -> float:
+        config = Config.model_validate({"type": "nats", "stream": "S", "max_ack_pending": max_ack_pending})
+        return NatsReader("jet", config).commit_interval
+    assert interval(5000) == COMMIT_INTERVAL == 0.05  # the default durable: as before
+    assert interval(100_000) == COMMIT_INTERVAL
+    assert interval(1000) == 0.01
+    assert interval(100) == interval(1) == MIN_COMMIT_INTERVAL

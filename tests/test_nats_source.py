@@ -201,7 +201,8 @@ async def test_an_existing_durable_with_a_smaller_max_ack_pending_than_fetch_bat
     finally:
         await nc.close()
     publish(nats_server, stream, 1000)
-    async with running(source(nats_server, stream, use_existing=True, fetch_batch=500)) as reader:
+    src = source(nats_server, stream, use_existing=True, fetch_batch=500)
+    async with running(src) as reader:
         async with asyncio.timeout(30):
             while len(reader.got) < 1000:
                 for m in reader.got:
@@ -211,6 +212,8 @@ async def test_an_existing_durable_with_a_smaller_max_ack_pending_than_fetch_bat
         for m in reader.got:
             m.settle()
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 1000 and i.num_ack_pending == 0)
+    # Acked as often as the durable's own window needs (the config's max_ack_pending is 5000).
+    assert src.reader.commit_interval == 0.002  # type: ignore[attr-defined]
 
 
 async def reads_one_message(server: NatsServer, options: dict[str, object]) -> None:

@@ -80,6 +80,10 @@ CONNECT_WAIT = 5.0
 # server hands out at most max_ack_pending unacked messages, so this bounds the rate: 5000 per 0.2 s
 # was bench/nats_bench.py's ceiling of 25k messages/s.
 COMMIT_INTERVAL = 0.05
+# A durable with a small max_ack_pending (Centrifugo's own consumer makes them with 100) is acked
+# more often, so that its window allows about WINDOW_RATE messages/s, but not more often than this.
+MIN_COMMIT_INTERVAL = 0.002
+WINDOW_RATE = 100_000
 # Pull requests of fetch_batch messages kept in flight.
 REQUESTS = 2
 # How many acked sequences are remembered, in units of max_ack_pending (the most the server can
@@ -90,6 +94,13 @@ ACKED_MEMORY = 4
 RECONNECT_WAIT = FETCH_WAIT + 0.1
 # How often consumer info is read (pending metric, the start-up order hold).
 INFO_INTERVAL = 1.0
+
+
+def commit_interval(max_ack_pending: int) -> float:
+    """How often settled positions are acked for a durable with this max_ack_pending: the server
+    sends no more unacked messages than that, so acking every COMMIT_INTERVAL would cap a window of
+    100 at 2,000 messages/s."""
+    return min(COMMIT_INTERVAL, max(MIN_COMMIT_INTERVAL, max_ack_pending / WINDOW_RATE))
 
 
 class NatsSourceError(RuntimeError):
@@ -264,7 +275,8 @@ class NatsReader:
         self.config = config
         # The engine's per-stream cap: the server's own, so neither waits on the other.
         self.max_in_flight = config.max_ack_pending
-        self.commit_interval = COMMIT_INTERVAL
+        # The durable's own max_ack_pending replaces it once known (one made elsewhere may differ).
+        self.commit_interval = commit_interval(config.max_ack_pending)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._puller = _Puller(config)
@@ -497,6 +509,8 @@ class NatsReader:
                 raise NatsSourceError(f"nats source {self.name!r}: {what}") from None
             info = await js.add_consumer(cfg.stream, self._consumer_config())
             log.info("nats source %s: created durable %s on stream %s", self.name, cfg.durable, cfg.stream)
+        if info.config.max_ack_pending:
+            self.commit_interval = commit_interval(info.config.max_ack_pending)
         if info.num_ack_pending:
             self._hold = _Hold(info.delivered.stream_seq, info.num_ack_pending, info.config.ack_wait or 30.0)
             log.info("nats source %s: %d message(s) in flight by a previous reader; holding newer ones "

@@ -97,3 +97,9 @@ def test_a_durable_with_a_small_max_ack_pending_is_acked_more_often() -> None:
     assert interval(100_000) == COMMIT_INTERVAL
     assert interval(1000) == 0.01
     assert interval(100) == interval(1) == MIN_COMMIT_INTERVAL
+
+
+def test_the_engine_cap_is_above_the_servers_window() -> None:
+    # The server never hands out more than max_ack_pending: the engine's pause never comes first.
+    config = Config.model_validate({"type": "nats", "stream": "S", "max_ack_pending": 100})
+    assert NatsReader("jet", config).max_in_flight == 101

@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from bench import centrifugo_bench, kafka_bench, latency_bench, nats_bench, postgres_bench, report, run
+from bench import (
+    centrifugo_bench,
+    kafka_bench,
+    latency_bench,
+    nats_bench,
+    nats_source_bench,
+    postgres_bench,
+    report,
+    run,
+)
 from tests.harness.kafka import KafkaBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +101,12 @@ def test_the_nats_benchmark_runs(centrifugo_bin: Path, tmp_path: Path) -> None:
     text = report.markdown({**json.loads((ROOT / "bench" / "results.json").read_text())["machine"]},
                            {"nats": {"figures": {"1 stream": both}, "seconds": 1, "command": "x"}}, {})
     assert "NATS JetStream → real Centrifugo" in text
+def test_the_nats_source_benchmark_runs() -> None:
+    results = nats_source_bench.run(2000, 1, [str(ROOT)])
+    assert sorted(results) == [f"{ROOT} centrifugo", f"{ROOT} data"]
+    assert all(r["messages"] == 2000 and r["cpu_us_per_message"] > 0 for r in results.values())
+
+
 def test_the_postgres_benchmark_runs(postgres_server: Any, centrifugo_bin: Path, tmp_path: Path) -> None:
     compare = postgres_bench.run(2000, (2,), repeats=1)
     both = compare["2 partitions"]

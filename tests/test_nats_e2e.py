@@ -154,7 +154,7 @@ def test_nats_server_restarted_mid_stream_nothing_lost(own_nats: tuple[NatsServe
                                                      tmp_path: Path) -> None:
     nats, stream = own_nats
     rooms = Rooms()
-    nats.publish(rooms.items(6000))
+    nats.publish(rooms.items(30_000))  # enough that the relay is still reading when the restart comes
     proc = relay(tmp_path, relay_config(tmp_path, nats, embedded_server, stream, max_ack_pending=500,
                                         fetch_batch=100), embedded_server).start()
     try:

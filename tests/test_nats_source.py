@@ -12,8 +12,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 import trustme
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from relay import sources
 from relay.message import Message
@@ -185,6 +187,33 @@ async def test_use_existing_refuses_a_missing_durable_and_a_missing_stream(nats_
         await source(nats_server, stream, use_existing=True).run(Reader(None).emit)  # type: ignore[arg-type]
     with pytest.raises(NatsSourceError, match="stream 'NOPE' does not exist"):
         await source(nats_server, "NOPE").run(Reader(None).emit)  # type: ignore[arg-type]
+
+
+async def test_an_existing_durable_with_a_smaller_max_ack_pending_than_fetch_batch_is_read(
+        nats_server: NatsServer, stream: str) -> None:
+    # The durable Centrifugo's own consumer makes (max_ack_pending 100), taken over with use_existing:
+    # the server refuses a pull request for more than that (409 Exceeded MaxAckPending).
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().add_consumer(stream, ConsumerConfig(
+            durable_name="relay", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=100))
+    finally:
+        await nc.close()
+    publish(nats_server, stream, 1000)
+    src = source(nats_server, stream, use_existing=True, fetch_batch=500)
+    async with running(src) as reader:
+        async with asyncio.timeout(30):
+            while len(reader.got) < 1000:
+                for m in reader.got:
+                    m.settle()
+                await asyncio.sleep(0.02)
+        assert [m.offset for m in reader.got] == list(range(1, 1001))
+        for m in reader.got:
+            m.settle()
+        await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 1000 and i.num_ack_pending == 0)
+    # Acked as often as the durable's own window needs (the config's max_ack_pending is 5000).
+    assert src.reader.commit_interval == 0.002  # type: ignore[attr-defined]
 
 
 async def reads_one_message(server: NatsServer, options: dict[str, object]) -> None:

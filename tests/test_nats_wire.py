@@ -83,8 +83,9 @@ def test_headers_keep_the_first_value_as_centrifugo_reads_them_and_status_is_rea
 
 
 def test_a_malformed_message_line_closes_the_connection() -> None:
-    wire, transport = fed(b"MSG chat.a 1 many\r\nhello\r\n")
-    assert transport.closed and not wire.connected and wire.received == []
+    for line in (b"MSG chat.a 1 many", b"MSG chat.a 1 $JS.ACK.S.d.1.1.1.1.0 five", b"HMSG chat.a 1 r 5"):
+        wire, transport = fed(line + b"\r\nhello\r\n")
+        assert transport.closed and not wire.connected and wire.received == [], line
 
 
 def credentials(path: Path) -> tuple[str, str]:

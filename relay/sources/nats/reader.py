@@ -8,8 +8,9 @@ Built on the source engine (relay/sources/engine.py): `NatsReader` connects, rea
 `commit()`. Delivery: messages are emitted in stream order. A message is acked only once it and
 every message emitted before it are settled (published or dead-lettered): the engine's contiguous
 commit positions say which; so the durable consumer's ack floor means "delivered up to here".
-`max_ack_pending` is the cap on unsettled messages, on the server and in the engine, so memory
-stays bounded. Messages that stay in flight longer than
+`max_ack_pending` is the cap on unsettled messages, on the server and (one more, so that it never
+pauses reading first) in the engine, so memory stays bounded; a small one is acked more often
+(`commit_interval()`). Messages that stay in flight longer than
 `ack_wait` (a slow or absent sink) are redelivered by the server; a redelivery of a sequence this
 relay still holds is dropped (the first delivery's ack settles it: the server takes an ack for a
 sequence from any of its deliveries), so a long sink outage neither duplicates nor reorders.
@@ -42,7 +43,10 @@ import logging
 import ssl
 import time
 import uuid
-from collections import OrderedDict, deque
+from bisect import bisect_left
+from collections import deque
+from itertools import islice
+from operator import itemgetter, lt
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,10 @@ CONNECT_WAIT = 5.0
 # server hands out at most max_ack_pending unacked messages, so this bounds the rate: 5000 per 0.2 s
 # was bench/nats_bench.py's ceiling of 25k messages/s.
 COMMIT_INTERVAL = 0.05
+# A durable with a small max_ack_pending (Centrifugo's own consumer makes them with 100) is acked
+# more often, so that its window allows about WINDOW_RATE messages/s, but not more often than this.
+MIN_COMMIT_INTERVAL = 0.002
+WINDOW_RATE = 100_000
 # Pull requests of fetch_batch messages kept in flight.
 REQUESTS = 2
 # How many acked sequences are remembered, in units of max_ack_pending (the most the server can
@@ -89,6 +97,13 @@ RECONNECT_WAIT = FETCH_WAIT + 0.1
 INFO_INTERVAL = 1.0
 
 
+def commit_interval(max_ack_pending: int) -> float:
+    """How often settled positions are acked for a durable with this max_ack_pending: the server
+    sends no more unacked messages than that, so acking every COMMIT_INTERVAL would cap a window of
+    100 at 2,000 messages/s."""
+    return min(COMMIT_INTERVAL, max(MIN_COMMIT_INTERVAL, max_ack_pending / WINDOW_RATE))
+
+
 class NatsSourceError(RuntimeError):
     """The source cannot run: credentials refused, the stream or durable missing, a secret unset."""
 
@@ -99,6 +114,81 @@ def sequence(reply: bytes) -> int:
     account hash first (nats-py's `msg.metadata` parses all of it, three times slower)."""
     tokens = reply.split(b".")
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+_reply = itemgetter(1)
+
+
+class _InFlight:
+    """Read and not yet acked, in the order emitted: one run per read, of ascending sequences and
+    the reply subjects to ack them with. Kept per run, not per message: a read adds one run and a
+    commit takes whole runs, so the per-message work is done by list operations in C."""
+
+    def __init__(self) -> None:
+        self._runs: deque[tuple[list[int], list[bytes]]] = deque()
+        self._count = 0
+        # The highest sequence ever emitted (not reset by clear()): a delivery above it is new, so
+        # neither in flight nor acked lately, which is what lets a read skip those lookups.
+        self.top = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._count = 0
+
+    def add(self, seqs: list[int], replies: list[bytes]) -> None:
+        """A run of ascending sequences, emitted after every run added before."""
+        self._runs.append((seqs, replies))
+        self._count += len(seqs)
+        self.top = max(self.top, seqs[-1])
+
+    def seqs(self) -> set[int]:
+        return {seq for seqs, _ in self._runs for seq in seqs}
+
+    def take_below(self, position: int) -> tuple[list[int], list[bytes]]:
+        """Remove and return, in the order emitted, what was emitted before the first sequence at or
+        past `position` (the engine's contiguous settled prefix)."""
+        taken: list[int] = []
+        replies: list[bytes] = []
+        runs = self._runs
+        while runs:
+            seqs, run_replies = runs[0]
+            below = bisect_left(seqs, position)
+            if below == len(seqs):
+                runs.popleft()
+                taken += seqs
+                replies += run_replies
+                continue
+            if below:
+                runs[0] = (seqs[below:], run_replies[below:])
+                taken += seqs[:below]
+                replies += run_replies[:below]
+            break
+        self._count -= len(taken)
+        return taken, replies
+
+
+class _Acked:
+    """The sequences acked last, at least `limit` of them: a redelivery of one of these is an ack
+    that was lost, not a message of another relay on the durable."""
+
+    def __init__(self, limit: int) -> None:
+        self._runs: deque[list[int]] = deque()
+        self._count = 0
+        self._limit = limit
+
+    def add(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        self._runs.append(seqs)
+        self._count += len(seqs)
+        while self._count - len(self._runs[0]) >= self._limit:
+            self._count -= len(self._runs.popleft())
+
+    def seqs(self) -> set[int]:
+        return {seq for seqs in self._runs for seq in seqs}
 
 
 class _Hold:
@@ -184,23 +274,22 @@ class NatsReader:
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
         self.config = config
-        # The engine's per-stream cap: the server's own, so neither waits on the other.
-        self.max_in_flight = config.max_ack_pending
-        self.commit_interval = COMMIT_INTERVAL
+        # The engine's per-stream cap: one more than the server's window, which it never reaches.
+        # Equal, the engine paused at the window and read again only once half of it settled, while
+        # the server sent more as soon as acks came (max_ack_pending 100: 7k → 11k messages/s).
+        self.max_in_flight = config.max_ack_pending + 1
+        # The durable's own max_ack_pending replaces it once known (one made elsewhere may differ;
+        # the engine reads this at its start, so until it reads it again only the config counts).
+        self.commit_interval = commit_interval(config.max_ack_pending)
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._puller = _Puller(config)
         self._wire: PullWire | None = None
         self._lost = False  # the pull connection is down and that was logged
         self._unsent: list[bytes] = []  # acks committed while the pull connection was down
-        # The sequences acked last (a set, and their order to forget the oldest): a redelivery of
-        # one of these is an ack that was lost, not a message of another relay on the durable.
-        self._acked: set[int] = set()
-        self._acked_order: deque[int] = deque()
-        self._acked_limit = ACKED_MEMORY * config.max_ack_pending
+        self._acked = _Acked(ACKED_MEMORY * config.max_ack_pending)
         self._watcher: asyncio.Task[None] | None = None
-        # Read and not yet acked, in stream order: sequence -> the reply subject to ack it with.
-        self._in_flight: OrderedDict[int, bytes] = OrderedDict()
+        self._in_flight = _InFlight()
         self._hold = _Hold(0, 0, config.ack_wait)
         self._refused = asyncio.Event()
         self._refusal = ""
@@ -251,18 +340,9 @@ class NatsReader:
         position = positions.get(self.config.stream)
         if position is None:
             return
-        acks = []
-        in_flight, acked, order = self._in_flight, self._acked, self._acked_order
-        while in_flight:
-            seq = next(iter(in_flight))
-            if seq >= position:
-                break
-            acks.append(in_flight.pop(seq))
-            acked.add(seq)
-            order.append(seq)
-        while len(order) > self._acked_limit:
-            acked.discard(order.popleft())
-        self._ack(acks)
+        seqs, replies = self._in_flight.take_below(position)
+        self._acked.add(seqs)
+        self._ack(replies)
 
     def _ack(self, replies: list[bytes]) -> None:
         """Ack these deliveries now, or after the reconnect while the pull connection is down."""
@@ -433,6 +513,8 @@ class NatsReader:
                 raise NatsSourceError(f"nats source {self.name!r}: {what}") from None
             info = await js.add_consumer(cfg.stream, self._consumer_config())
             log.info("nats source %s: created durable %s on stream %s", self.name, cfg.durable, cfg.stream)
+        if info.config.max_ack_pending:
+            self.commit_interval = commit_interval(info.config.max_ack_pending)
         if info.num_ack_pending:
             self._hold = _Hold(info.delivered.stream_seq, info.num_ack_pending, info.config.ack_wait or 30.0)
             log.info("nats source %s: %d message(s) in flight by a previous reader; holding newer ones "
@@ -453,15 +535,26 @@ class NatsReader:
     def _accept(self, batch: list[Delivery]) -> list[Message]:
         """The messages to emit, in stream order: redeliveries of what is in flight dropped, and
         everything held while a previous reader's in-flight messages are owed."""
+        if not batch:
+            return []
+        seqs = [sequence(reply) for _, reply, _, _ in batch]
         hold = self._hold
-        in_flight = self._in_flight
-        out: list[tuple[int, Delivery]] = []
+        # The usual read: new sequences only, ascending, nothing held; it needs no lookups.
+        if (seqs[0] > self._in_flight.top and not hold.active and not hold.held
+                and all(map(lt, seqs, islice(seqs, 1, None)))):
+            return self._messages(seqs, batch)
+        return self._accept_again(seqs, batch)
+
+    def _accept_again(self, seqs: list[int], batch: list[Delivery]) -> list[Message]:
+        """`_accept` of a read with redeliveries, sequences out of order, or the hold on."""
+        hold = self._hold
+        in_flight, acked = self._in_flight.seqs(), self._acked.seqs()
+        out: dict[int, Delivery] = {}
         acked_again: list[bytes] = []
-        for delivery in batch:
-            seq = sequence(delivery[1])
+        for seq, delivery in zip(seqs, batch, strict=True):
             if seq in in_flight:
                 continue  # redelivered after ack_wait while still ours: the first delivery settles it
-            if seq in self._acked:
+            if seq in acked:
                 # Ours and acked, but the ack was lost (written as the connection died, or nats-server
                 # died before it stored it): ack it again. Emitted again, it would sit at a position
                 # the engine already committed, so its ack would never come.
@@ -472,34 +565,40 @@ class NatsReader:
             if hold.active:
                 hold.add(seq, delivery)
             else:
-                out.append((seq, delivery))
+                out[seq] = delivery  # a second delivery in one read replaces the first: its ack is as good
         if hold.held and (not hold.active or time.monotonic() > hold.deadline):
             log.info("nats source %s: releasing %d held message(s): %s", self.name, len(hold.held),
                      "twice ack_wait passed, order may break" if hold.active else "the owed ones arrived")
-            out = hold.release() + out
+            out = {**dict(hold.release()), **out}
         elif hold.active and time.monotonic() > hold.deadline:
             hold.release()
-        out.sort(key=lambda pair: pair[0])  # already sorted but for redeliveries: cheap
         if acked_again:
             self._ack(acked_again)
-        return self._messages(out)
+        if not out:
+            return []
+        ordered = sorted(out)
+        return self._messages(ordered, [out[seq] for seq in ordered])
 
-    def _messages(self, deliveries: list[tuple[int, Delivery]]) -> list[Message]:
-        """The messages of deliveries, now in flight. This runs for every message: what is the
-        same for all of them is looked up once, and headers are parsed only where there are some."""
+    def _messages(self, seqs: list[int], deliveries: list[Delivery]) -> list[Message]:
+        """The messages of deliveries (`seqs` their sequences, ascending), now in flight. This runs
+        for every message: what is the same for all of them is looked up once, and headers are
+        parsed only where there are some."""
+        self._in_flight.add(seqs, list(map(_reply, deliveries)))
         name, stream = self.name, self.config.stream
-        centrifugo = self.config.format == "centrifugo"
-        in_flight = self._in_flight
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
-        for seq, (subject, reply, header, data) in deliveries:
+        if self.config.format == "data":
+            for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
+                append(Message(name, data, stream, seq, None, headers(header) if header else {},
+                               {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at))
+            return messages
+        for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
             fields = headers(header) if header else {}
-            record, error = read_publication(data, fields) if centrifugo else (None, "")
-            in_flight[seq] = reply
-            attributes = {"subject": subject.decode("utf-8", "replace"), "offset": seq}
-            append(Message(name, data, stream, seq, None, fields, attributes, read_at=read_at, record=record,
-                           error=error))
+            record, error = read_publication(data, fields)
+            append(Message(name, data, stream, seq, None, fields,
+                           {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at,
+                           record=record, error=error))
         return messages
 
     # -- acknowledging -----------------------------------------------------------------------

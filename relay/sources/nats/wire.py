@@ -196,14 +196,26 @@ class PullWire(asyncio.Protocol):
         pos, size = 0, len(buf)
         received = self.received
         count = len(received)
+        find, append = buf.find, received.append
         while pos < size:
-            eol = buf.find(b"\r\n", pos)
+            eol = find(b"\r\n", pos)
             if eol < 0:
                 if size - pos > MAX_CONTROL_LINE:
                     return self._fail("a protocol line too long")
                 break
             op = buf[pos:pos + 4]
-            if op == b"MSG " or op == b"HMSG":
+            if op == b"MSG ":
+                args = buf[pos + 4:eol].split()
+                if len(args) == 4 and args[3].isdigit():  # subject sid reply size: a JetStream delivery
+                    subject, _, reply, total_field = args
+                    end = eol + 2 + int(total_field)
+                    if end + 2 > size:  # the rest of its bytes comes with the next reads
+                        self._needed = end + 2 - pos
+                        break
+                    append((subject, reply, b"", buf[eol + 2:end]))
+                    pos = end + 2
+                    continue
+            if op == b"MSG " or op == b"HMSG":  # the other forms: no reply, or headers
                 args = buf[pos + 4:eol].split()  # subject sid [reply] [header size] size
                 try:
                     total = int(args[-1])
@@ -216,8 +228,7 @@ class PullWire(asyncio.Protocol):
                     self._needed = end + 2 - pos
                     break
                 with_reply = len(args) == (5 if op == b"HMSG" else 4)
-                received.append((args[0], args[2] if with_reply else b"", buf[start:start + header],
-                                 buf[start + header:end]))
+                append((args[0], args[2] if with_reply else b"", buf[start:start + header], buf[start + header:end]))
                 pos = end + 2
                 continue
             line = buf[pos:eol]
@@ -263,7 +274,8 @@ class PullWire(asyncio.Protocol):
         """Ack deliveries by their reply subjects, in one write."""
         if not self.connected:
             raise ConnectionError("the pull connection is down")
-        self._write(b"".join([b"PUB " + reply + b" 0\r\n\r\n" for reply in replies]))
+        if replies:  # one join, not a line built per ack
+            self._write(b"PUB " + b" 0\r\n\r\nPUB ".join(replies) + b" 0\r\n\r\n")
 
     async def drain(self, timeout: float) -> None:
         """Wait until the server read everything written so far (its PONG to our PING), at most

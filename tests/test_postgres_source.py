@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.message import Message
-from relay.sources.postgres import Config, PostgresReader, _runs
+from relay.sources.postgres import PUBLISH_OPTIONS, Config, PostgresReader, _record, _runs
 from tests.harness.e2e import ROOMS, SERVER_KEY_ENV, delivered, kill_at_random_moments, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
@@ -154,6 +154,63 @@ def test_reader_deletes_only_what_the_engine_says_is_settled(postgres_server: Po
     assert pg.psql("SELECT count(*) FROM outbox WHERE partition = 0", db) == "0"
     assert remaining(pg, db) == 23 - 7  # partitions 1 and 2 untouched
     assert got["outbox/0"][0].record.channels == ("chat:room-0",)
+
+
+# Rows in every shape a producer may write: (method, payload JSON text, a plain publish).
+ROW_FORMS = [
+    ("publish", '{"channel": "chat:a", "data": {"x": 1, "s": "\u00fcn \\"q\\""}}', True),
+    ("publish", '{"channel": "chat:a", "data": null}', True),  # null data is data
+    ("publish", '{"channel": "chat:a", "data": [1, 2], "note": "ignored"}', True),  # a key Centrifugo ignores
+    *[("publish", f'{{"channel": "chat:a", "data": {{"n": 1}}, "{key}": {value}}}', False)
+      for key, value in [("b64data", '"eyJuIjogNX0="'), ("idempotency_key", '"k1"'), ("tags", '{"t": "1"}'),
+                         ("skip_history", "true"), ("delta", "true"), ("version", "3"),
+                         ("version_epoch", '"e"')]],
+    ("publish", '{"channel": 5, "data": 1}', False),  # a channel that is not a string
+    ("publish", '{"channel": "", "data": 1}', False),
+    ("publish", '{"channel": "chat:a"}', False),  # no data
+    ("publish", '"{\\"channel\\": \\"chat:a\\", \\"data\\": 1}"', False),  # a JSON string (Debezium)
+    ("publish", '["channel", "data"]', False),
+    ("broadcast", '{"channels": ["chat:a", "chat:b"], "data": {"n": 2}}', False),
+    ("subscribe", '{"user": "u", "channel": "chat:a"}', False),
+    ("Publish", '{"channel": "chat:a", "data": 1}', False),
+]
+
+
+def test_rows_read_as_from_the_whole_payload_and_a_plain_publish_carries_its_data(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL takes a plain publish apart (channel and data; its payload is not fetched): every row
+    shape gives the record, or the reason it is none, that reading its whole payload gives; a plain
+    publish's message data is its publication data, any other row's is its payload."""
+    import asyncpg
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    for method, payload, _ in ROW_FORMS:
+        pg.psql(f"INSERT INTO outbox (method, payload) VALUES ('{method}', '{payload}')", db)
+    assert {key for _, payload, _ in ROW_FORMS for key in PUBLISH_OPTIONS if f'"{key}"' in payload} == \
+        set(PUBLISH_OPTIONS)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox"), tmp_path)
+
+    async def scenario() -> tuple[list[Message], list[Any]]:
+        conn = await asyncpg.connect(pg.dsn(db))
+        whole = await conn.fetch("SELECT id, method, convert_to(payload::text, 'UTF8') AS payload, "
+                                 "convert_to((payload->'data')::text, 'UTF8') AS data FROM outbox ORDER BY id")
+        await conn.close()
+        await reader.connect()
+        messages = [m for batch in await reader.read() or [] for m in batch.messages]
+        await reader.close()
+        return messages, list(whole)
+
+    messages, whole = asyncio.run(scenario())
+    assert [m.offset for m in messages] == [row["id"] for row in whole]
+    for message, row, (_, _, plain) in zip(messages, whole, ROW_FORMS, strict=True):
+        try:
+            want, why = _record(row["method"], row["payload"], row["data"]), ""
+        except ValueError as err:
+            want, why = None, f"row id {row['id']}: {err}"
+        assert (message.record, message.error) == (want, why), row["payload"]
+        assert message.data == (row["data"] if plain else row["payload"]), row["payload"]
+    assert sum(m.data != row["payload"] for m, row in zip(messages, whole, strict=True)) == 3
 
 
 def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:

@@ -30,8 +30,10 @@ unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
 own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
-never wait for it. The payload and its `data` arrive as the bytes PostgreSQL prints (bytea), so they are
-never decoded to text and back.
+never wait for it. The `data` arrives as the bytes PostgreSQL prints (bytea), never decoded to text and
+back. A plain publish (channel and data, none of PUBLISH_OPTIONS) is taken apart by the SELECT: only its
+channel and data are fetched, its data is also the message's (what a dead letter of it holds), and no
+JSON is parsed in the relay; any other row brings its whole payload, read as Centrifugo's consumer does.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -53,7 +55,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
@@ -72,6 +73,13 @@ READ_WAIT = 0.5
 # How often the rows pending per partition are counted (relay_source_lag).
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
+# Keys of a publish payload that change the publication (besides channel and data); a payload with
+# none of them is a plain publish, which PostgreSQL takes apart (keys Centrifugo does not know it ignores).
+PUBLISH_OPTIONS = ("b64data", "idempotency_key", "tags", "skip_history", "delta", "version", "version_epoch")
+# A plain publish row, tested in SQL: its payload is not fetched, only its channel and data.
+_PLAIN_PUBLISH = ("method = 'publish' AND jsonb_typeof(payload->'channel') = 'string' "
+                  "AND payload->>'channel' <> '' AND payload ? 'data' "
+                  f"AND NOT payload ?| array[{', '.join(repr(k) for k in PUBLISH_OPTIONS)}]")
 # Settled ids are deleted as runs of consecutive ids when the runs are this long on average, else one by one.
 RUN_MIN = 16
 
@@ -178,11 +186,12 @@ class PostgresReader:
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
         # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched,
-        # and the payload and its `data` as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C,
-        # never to str and back).
-        columns = ("id, method, convert_to(payload::text, 'UTF8') AS payload, "
-                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data" if config.format == "centrifugo"
-                   else "*, payload::text AS relay_payload_text")
+        # the data as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C, never to str and back).
+        # A plain publish comes as its channel and data; the whole payload only for any other row.
+        columns = ("id, method, payload->>'channel' AS relay_channel, "
+                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data, "
+                   f"CASE WHEN {_PLAIN_PUBLISH} THEN NULL ELSE convert_to(payload::text, 'UTF8') END AS payload"
+                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
         # Every partition due is read in one round trip: up to $3 rows of each, after its own last id.
         self._select = (f"SELECT p.number AS relay_partition, o.* "
                         f"FROM unnest($1::bigint[], $2::bigint[]) AS p(number, after) CROSS JOIN LATERAL "
@@ -415,7 +424,12 @@ class PostgresReader:
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
-        for _, row_id, method, payload, data in rows:
+        for _, row_id, method, channel, data, payload in rows:
+            if payload is None:  # a plain publish, taken apart by PostgreSQL: its data is the message's
+                append(Message(source=name, data=data, stream=stream, offset=row_id,
+                               attributes={"partition": number, "offset": row_id}, read_at=read_at,
+                               record=_new_record(CentrifugoRecord, ("publish", (channel,), data, *_PUBLISH_REST))))
+                continue
             error, record = "", None
             try:
                 record = _record(method or "", payload, data)
@@ -482,13 +496,9 @@ def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
 
 
 def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord:
-    """What a row asks Centrifugo to do, with the publication data as PostgreSQL prints it (`data`,
-    null when the payload has none): byte for byte what Centrifugo's own consumer publishes.
-    ValueError says why the row is none."""
-    if method == "publish" and data is not None:
-        record = _plain_publish(payload, data)
-        if record is not None:
-            return record
+    """What a row that is not a plain publish asks Centrifugo to do, with the publication data as
+    PostgreSQL prints it (`data`, null when the payload has none): byte for byte what Centrifugo's own
+    consumer publishes. ValueError says why the row is none."""
     try:
         doc: Any = load_json(payload)
     except (ValueError, UnicodeDecodeError):
@@ -497,20 +507,6 @@ def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord
     if data is not None and record.is_publication and not (isinstance(doc, dict) and doc.get("b64data")):
         record = record._replace(data=data)  # b64data, when there is one, is what gets published
     return record
-
-
-def _plain_publish(payload: bytes, data: bytes) -> CentrifugoRecord | None:
-    """The common {"channel", "data"} publish in one parse (not from_command's parse and re-encoding);
-    None for any other payload."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None  # from_command says why, or reads what orjson does not (big numbers)
-    if type(doc) is dict and len(doc) == 2:
-        channel = doc.get("channel")
-        if type(channel) is str and channel:
-            return CentrifugoRecord("publish", (channel,), data)
-    return None
 
 
 def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
@@ -536,3 +532,7 @@ def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
 
 
 _PARTITION = operator.itemgetter(0)
+# A plain publish's record from its channel and data: the other fields are the defaults, set as the
+# tuple itself (NamedTuple's __new__ with keywords costs more, and this runs for every row).
+_PUBLISH_REST = CentrifugoRecord("publish")[3:]
+_new_record = tuple.__new__

@@ -213,6 +213,59 @@ def test_rows_read_as_from_the_whole_payload_and_a_plain_publish_carries_its_dat
     assert sum(m.data != row["payload"] for m, row in zip(messages, whole, strict=True)) == 3
 
 
+def test_the_next_query_is_sent_before_the_rows_read_are_handed_over(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition that filled its batch is queried again before read() returns its rows, so
+    PostgreSQL reads on while they are built and delivered; the next read() takes those rows (no
+    query of its own first). A paused partition, or one that came back short, is not read ahead."""
+    import asyncpg
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    pg.psql("INSERT INTO outbox (method, payload) SELECT 'publish', jsonb_build_object('channel', 'chat:a', "
+            "'data', jsonb_build_object('s', g)) FROM generate_series(1, 1700) g", db)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox",
+                                             poll_interval="30s"), tmp_path)
+    log: list[str] = []
+    fetch = asyncpg.connection.Connection.fetch
+
+    async def logged_fetch(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "relay_partition" not in query:
+            return await fetch(conn, query, *args, **kwargs)
+        log.append("sent")
+        rows = await fetch(conn, query, *args, **kwargs)
+        log.append(f"{len(rows)} rows")
+        return rows
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", logged_fetch)
+
+    async def read() -> tuple[list[int], list[str]]:
+        ids = [m.offset for batch in await reader.read() or [] for m in batch.messages]
+        await asyncio.sleep(0.1)  # what was sent ahead has arrived by now
+        return ids, list(log)
+
+    async def scenario() -> list[tuple[list[int], list[str]]]:
+        await reader.connect()
+        steps = [await read(), await read()]
+        reader.pause("outbox/0")
+        steps.append(await read())  # rows read ahead still come; nothing more is asked for
+        reader.resume("outbox/0")
+        steps += [await read(), await read()]
+        await reader.close()
+        return steps
+
+    steps = asyncio.run(scenario())
+    assert [ids for ids, _ in steps] == [list(range(1, 501)), list(range(501, 1001)), list(range(1001, 1501)),
+                                         list(range(1501, 1701)), []]
+    assert [calls for _, calls in steps] == [
+        ["sent", "500 rows", "sent", "500 rows"],  # the second batch asked for before the first was handed over
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows"],
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows"],  # paused: not read ahead
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows", "sent", "200 rows"],  # resumed: read now
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows", "sent", "200 rows"],  # short: not read ahead
+    ]
+
+
 def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:
     """Settled ids are deleted as (first, last) runs: every id of a run was read, no other id is in
     one, whatever the gaps; ids too scattered for runs are deleted one by one (None)."""

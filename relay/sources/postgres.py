@@ -30,7 +30,8 @@ unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
 own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
-never wait for it. The `data` arrives as the bytes PostgreSQL prints (bytea), never decoded to text and
+never wait for it. Under a backlog the next SELECT is sent as soon as rows arrive, before they are
+built and handed over, so PostgreSQL reads the next rows while the relay delivers these. The `data` arrives as the bytes PostgreSQL prints (bytea), never decoded to text and
 back. A plain publish (channel and data, none of PUBLISH_OPTIONS) is taken apart by the SELECT: only its
 channel and data are fetched, its data is also the message's (what a dead letter of it holds), and no
 JSON is parsed in the relay; any other row brings its whole payload, read as Centrifugo's consumer does.
@@ -44,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import itertools
 import json
 import logging
 import operator
@@ -178,6 +178,12 @@ class PostgresReader:
         self._conn: Any = None      # holds the partition locks and reads
         self._deleter: Any = None   # deletes what settled, beside the reads (the engine commits in a task of its own)
         self._listener: Any = None  # LISTEN notify_channel
+        # The query sent ahead (the partitions it reads, its rows), while the rows before it are built
+        # and delivered; the next read() takes it.
+        self._ahead: tuple[list[_Partition], asyncio.Task[list[Any]]] | None = None
+        self._build = self._centrifugo_messages if config.format == "centrifugo" else self._data_messages
+        # A row's id: its second column in Centrifugo's format, by name among the table's own columns in data's.
+        self._row_id = _ID if config.format == "centrifugo" else operator.itemgetter("id")
         self._lock_due = 0.0
         self._lag_due = 0.0
         self._revoke: Revoke | None = None
@@ -231,15 +237,18 @@ class PostgresReader:
     async def read(self) -> Sequence[Batch] | None:
         async with self._errors():
             self._check_connections()
+            got = await self._take_ahead()
             now = time.monotonic()
             if now >= self._lock_due:
                 await self._balance()
                 self._lock_due = now + self.config.poll_interval
             await self._measure_lag(now)
-            due = [part for part in self._partitions.values()
-                   if not part.paused and not part.leaving and (part.more or now >= part.due)]
-            rows = await self._fetch(due) if due else []
-            batches = self._batches(due, rows)
+            if not got:
+                due = self._due(now)
+                got = self._take_rows(due, await self._fetch(due)) if due else []
+            if got:
+                self._read_ahead()
+            batches = [Batch(part.stream, self._build(part, rows), end=self._row_id(rows[-1])) for part, rows in got]
         if not batches:
             await self._sleep()
         return batches
@@ -293,6 +302,11 @@ class PostgresReader:
             self._wake.set()
 
     async def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+            with contextlib.suppress(BaseException):
+                await ahead[1]
         conns = (self._conn, self._deleter, self._listener)
         self._conn = self._deleter = self._listener = None
         for conn in conns:
@@ -391,6 +405,11 @@ class PostgresReader:
     def _lock_key(self, number: int) -> str:
         return f"{LOCK_PREFIX}:{self.config.table}:{number}"
 
+    def _due(self, now: float) -> list[_Partition]:
+        """Partitions to read now: a full batch last time (more wait), or their poll is due."""
+        return [part for part in self._partitions.values()
+                if not part.paused and not part.leaving and (part.more or now >= part.due)]
+
     async def _fetch(self, due: list[_Partition]) -> list[Any]:
         """The next rows of every partition in `due`, in one query, ordered by partition and id."""
         if self.config.delete:
@@ -400,22 +419,43 @@ class PostgresReader:
         return list(await self._conn.fetch(self._select, [p.number for p in due], [p.after for p in due],
                                            self.config.batch_size))
 
-    def _batches(self, due: list[_Partition], rows: list[Any]) -> list[Batch]:
-        """One batch per partition that had rows; each partition's next query is scheduled."""
-        got = {number: list(group) for number, group in itertools.groupby(rows, key=_PARTITION)}
+    def _read_ahead(self) -> None:
+        """Send the next query now, for the partitions that filled their batch: PostgreSQL reads the
+        next rows while the relay builds and delivers these (a backlog is read without waiting for
+        either). At most one batch per partition goes past the engine's cap this way."""
+        due = [part for part in self._partitions.values() if part.more and not part.paused and not part.leaving]
+        if due:
+            self._ahead = (due, asyncio.ensure_future(self._fetch(due)))
+
+    async def _take_ahead(self) -> list[tuple[_Partition, list[Any]]]:
+        """The rows of the query sent ahead by the last read (none if there is none)."""
+        if self._ahead is None:
+            return []
+        due, task = self._ahead
+        try:
+            rows = await task
+        finally:
+            self._ahead = None
+        return self._take_rows([part for part in due if self._partitions.get(part.number) is part], rows)
+
+    def _take_rows(self, due: list[_Partition], rows: list[Any]) -> list[tuple[_Partition, list[Any]]]:
+        """Rows of one query (ordered by partition and id) per partition that had some; each partition's
+        position moves past them and its next query is scheduled. Messages are built later, after the
+        next query was sent."""
         due_at = time.monotonic() + self.config.poll_interval
-        build = self._centrifugo_messages if self.config.format == "centrifugo" else self._data_messages
-        batches = []
-        for part in due:
-            part_rows = got.get(part.number, ())
+        got = []
+        end = 0
+        for part in sorted(due, key=_NUMBER):
+            start = bisect.bisect_left(rows, part.number, lo=end, key=_PARTITION)
+            end = bisect.bisect_right(rows, part.number, lo=start, key=_PARTITION)
+            part_rows = rows[start:end]
             part.more = len(part_rows) == self.config.batch_size
             part.due = due_at
             if part_rows:
-                messages = build(part, part_rows)
-                part.ids += [message.offset for message in messages]
-                part.after = messages[-1].offset
-                batches.append(Batch(part.stream, messages, end=part.after))
-        return batches
+                part.ids += map(self._row_id, part_rows)
+                part.after = part.ids[-1]
+                got.append((part, part_rows))
+        return got
 
     def _centrifugo_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
         """Rows in Centrifugo's layout as messages. This runs for every row: what is the same for all
@@ -532,6 +572,8 @@ def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
 
 
 _PARTITION = operator.itemgetter(0)
+_NUMBER = operator.attrgetter("number")
+_ID = operator.itemgetter(1)
 # A plain publish's record from its channel and data: the other fields are the defaults, set as the
 # tuple itself (NamedTuple's __new__ with keywords costs more, and this runs for every row).
 _PUBLISH_REST = CentrifugoRecord("publish")[3:]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.message import Message
-from relay.sources.postgres import PUBLISH_OPTIONS, Config, PostgresReader, _record, _runs
+from relay.sources.postgres import PUBLISH_OPTIONS, RUN_MIN, Config, PostgresReader, _record, _runs
 from tests.harness.e2e import ROOMS, SERVER_KEY_ENV, delivered, kill_at_random_moments, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
@@ -267,21 +267,31 @@ def test_the_next_query_is_sent_before_the_rows_read_are_handed_over(
 
 
 def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:
-    """Settled ids are deleted as (first, last) runs: every id of a run was read, no other id is in
-    one, whatever the gaps; ids too scattered for runs are deleted one by one (None)."""
+    """Settled ids are deleted as (first, last) runs and single ids: every id of a run was read, no
+    other id is in one, whatever the gaps; runs are maximal and long; every id read is deleted once."""
     rng = random.Random(16)
     for _ in range(2000):
         n = rng.randint(1, 400)
         ids = sorted(rng.sample(range(1, n * rng.choice([1, 1, 2, 50]) + 2), n))
-        runs = _runs(ids)
-        if runs is None:
-            continue
-        firsts, lasts = runs
+        firsts, lasts, singles = _runs(ids)
         covered = [i for first, last in zip(firsts, lasts, strict=True) for i in range(first, last + 1)]
-        assert covered == ids
+        assert sorted(covered + singles) == ids
+        assert all(last - first + 1 >= RUN_MIN for first, last in zip(firsts, lasts, strict=True))
         assert all(nxt > last + 1 for last, nxt in zip(lasts, firsts[1:], strict=False))  # runs are maximal
-    assert _runs(list(range(1, 5001))) == ([1], [5000])
-    assert _runs(list(range(1, 5001, 2))) is None
+    assert _runs(list(range(1, 5001))) == ([1], [5000], [])
+    assert _runs(list(range(1, 5001, 2))) == ([], [], list(range(1, 5001, 2)))
+    assert _runs([]) == ([], [], [])
+
+
+def test_partitions_settled_to_different_points_are_deleted_mostly_as_runs() -> None:
+    """Three partitions' ids interleave (id % 3) and settled to different points: the ids up to the
+    lowest point are one run, only those past it (with another partition's every third id missing)
+    go one by one."""
+    settled = {0: 9000, 1: 10_000, 2: 11_000}
+    ids = [i for i in range(1, 12_001) if i <= settled[i % 3]]
+    firsts, lasts, singles = _runs(ids)
+    assert (firsts, lasts) == ([1], [9002])  # 9001 and 9002 are partitions 1 and 2; 9003 is 0's, unsettled
+    assert singles == ids[9002:]
 
 
 def test_a_late_row_inside_runs_of_deleted_ids_is_read_not_deleted(

@@ -29,12 +29,14 @@ so a row whose transaction committed late (an id below rows already delivered) i
 unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
-own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
-never wait for it. Under a backlog the next SELECT is sent as soon as rows arrive, before they are
-built and handed over, so PostgreSQL reads the next rows while the relay delivers these. The `data` arrives as the bytes PostgreSQL prints (bytea), never decoded to text and
-back. A plain publish (channel and data, none of PUBLISH_OPTIONS) is taken apart by the SELECT: only its
-channel and data are fetched, its data is also the message's (what a dead letter of it holds), and no
-JSON is parsed in the relay; any other row brings its whole payload, read as Centrifugo's consumer does.
+own last id), and one DELETE removes what settled in all of them (runs of consecutive ids as ranges,
+the rest by id), on a second connection so that reads never wait for it. Under a backlog the next
+SELECT is sent as soon as rows arrive, before they are built and handed over, so PostgreSQL reads the
+next rows while the relay delivers these. The `data` arrives as the bytes PostgreSQL prints (bytea),
+never decoded to text and back. A plain publish (channel and data, none of PUBLISH_OPTIONS) is taken
+apart by the SELECT: only its channel and data are fetched, its data is also the message's (what a
+dead letter of it holds), and no JSON is parsed in the relay; any other row brings its whole payload,
+read as Centrifugo's consumer does.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -80,7 +82,7 @@ PUBLISH_OPTIONS = ("b64data", "idempotency_key", "tags", "skip_history", "delta"
 _PLAIN_PUBLISH = ("method = 'publish' AND jsonb_typeof(payload->'channel') = 'string' "
                   "AND payload->>'channel' <> '' AND payload ? 'data' "
                   f"AND NOT payload ?| array[{', '.join(repr(k) for k in PUBLISH_OPTIONS)}]")
-# Settled ids are deleted as runs of consecutive ids when the runs are this long on average, else one by one.
+# Settled ids are deleted as runs of consecutive ids where they make runs this long, the others one by one.
 RUN_MIN = 16
 
 # Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
@@ -205,10 +207,12 @@ class PostgresReader:
                         f"ORDER BY id LIMIT $3) AS o ORDER BY p.number, o.id")
         # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
-        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
-        self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
-        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
-                             f"WHERE {table}.id BETWEEN run.first AND run.last")
+        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read;
+        # the ids in no long run (partitions settled to different points, other relays' rows between) one by
+        # one, in the same statement.
+        self._delete = (f"WITH runs AS (DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) "
+                        f"AS run(first, last) WHERE {table}.id BETWEEN run.first AND run.last) "
+                        f"DELETE FROM {table} WHERE id = ANY($3::bigint[])")
         # Live relays of this table: each holds an advisory lock (key, its backend pid) while connected.
         self._relays_key = f"{LOCK_PREFIX}:{table}:relays"
         self._count_relays = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
@@ -277,9 +281,7 @@ class PostgresReader:
             for part, count in settled:
                 done += part.ids[:count]
             done.sort()  # each partition's ids are sorted: a merge
-            runs = _runs(done)  # one statement for every partition
-            await (self._deleter.execute(self._delete, done) if runs is None else
-                   self._deleter.execute(self._delete_runs, *runs))
+            await self._deleter.execute(self._delete, *_runs(done))  # one statement for every partition
         changed = False
         for part, count in settled:
             last_id = part.ids[count - 1]
@@ -549,26 +551,33 @@ def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord
     return record
 
 
-def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
-    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts); None when they are too
-    scattered for runs to be worth it. Halving finds a run of any length in a few steps."""
+def _runs(ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts), and the ids in no run of
+    RUN_MIN or more (`singles`). Halving finds a run of any length in a few steps, and stops at
+    pieces too short to hold one."""
     firsts: list[int] = []
     lasts: list[int] = []
-    todo = [(0, len(ids) - 1)]
+    singles: list[int] = []
+    todo = [(0, len(ids) - 1)] if ids else []
     while todo:
         i, j = todo.pop()
         if ids[j] - ids[i] == j - i:  # distinct and sorted: ids[i..j] are consecutive
             if lasts and lasts[-1] + 1 == ids[i]:
                 lasts[-1] = ids[j]
-            else:
+            elif j - i + 1 >= RUN_MIN:
                 firsts.append(ids[i])
                 lasts.append(ids[j])
-        elif len(firsts) * RUN_MIN > len(ids):
-            return None
+            else:
+                singles += ids[i:j + 1]
+        elif j - i < RUN_MIN:  # too short to hold a run of its own: what continues the last run joins it
+            while lasts and i <= j and lasts[-1] + 1 == ids[i]:
+                lasts[-1] = ids[i]
+                i += 1
+            singles += ids[i:j + 1]
         else:
             middle = (i + j) // 2
             todo += ((middle + 1, j), (i, middle))  # the left half is taken first: runs come in order
-    return firsts, lasts
+    return firsts, lasts, singles
 
 
 _PARTITION = operator.itemgetter(0)

@@ -266,6 +266,35 @@ def test_the_next_query_is_sent_before_the_rows_read_are_handed_over(
     ]
 
 
+def test_a_partition_that_becomes_due_is_read_while_another_drains_a_backlog(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries sent ahead for a partition with a backlog also read the other partitions once they
+    are due (poll_interval): a new row of an idle partition does not wait for the backlog to end."""
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    row = ("INSERT INTO outbox (method, payload, partition) SELECT 'publish', jsonb_build_object('channel', "
+           "'chat:a', 'data', jsonb_build_object('s', g)), {p} FROM generate_series(1, {n}) g")
+    pg.psql(row.format(p=0, n=5000), db)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox", partitions=2,
+                                             poll_interval="50ms"), tmp_path)
+
+    async def scenario() -> list[dict[str, int]]:
+        await reader.connect()
+        reads = []
+        for n in range(8):  # the backlog of partition 0 takes 10 reads
+            if n == 1:
+                pg.psql(row.format(p=1, n=1), db)
+                await asyncio.sleep(0.1)  # partition 1 is due again
+            reads.append({b.stream: len(b.messages) for b in await reader.read() or []})
+        await reader.close()
+        return reads
+
+    reads = asyncio.run(scenario())
+    assert all(r.get("outbox/0") == 500 for r in reads), reads  # the backlog is read on all along
+    assert sum(r.get("outbox/1", 0) for r in reads[1:4]) == 1, reads  # and the new row comes with it
+
+
 def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:
     """Settled ids are deleted as (first, last) runs and single ids: every id of a run was read, no
     other id is in one, whatever the gaps; runs are maximal and long; every id read is deleted once."""

@@ -422,10 +422,11 @@ class PostgresReader:
                                            self.config.batch_size))
 
     def _read_ahead(self) -> None:
-        """Send the next query now, for the partitions that filled their batch: PostgreSQL reads the
-        next rows while the relay builds and delivers these (a backlog is read without waiting for
-        either). At most one batch per partition goes past the engine's cap this way."""
-        due = [part for part in self._partitions.values() if part.more and not part.paused and not part.leaving]
+        """Send the next query now, for the partitions that filled their batch (and any other that is
+        due): PostgreSQL reads the next rows while the relay builds and delivers these (a backlog is
+        read without waiting for either). At most one batch per partition goes past the engine's cap
+        this way."""
+        due = self._due(time.monotonic())
         if due:
             self._ahead = (due, asyncio.ensure_future(self._fetch(due)))
 

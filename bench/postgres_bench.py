@@ -17,7 +17,9 @@ empty. PostgreSQL 15 runs from /usr/lib/postgresql/15/bin as in the tests (tests
 what each drain cost it in CPU is counted too (its queries share the machine with both sides).
 
 `--baseline DIR` drains a third copy in each turn with the relay code of DIR (a checkout of another
-commit: `git worktree add /tmp/base main`), so a change is measured before and after in one run.
+commit: `git worktree add /tmp/base main`), so a change is measured before and after in one run. Both
+relays of a turn get the same PYTHONHASHSEED (random per turn): the lanes of the 12 channels, picked
+by hash, are then the same for both (how evenly they spread moves a drain's rate by a third).
 
     .venv/bin/python bench/postgres_bench.py [--count 100000] [--partitions 1 --partitions 3] [--repeats 3]
         [--baseline DIR]
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -71,13 +74,13 @@ def centrifugo_rate(pg: PostgresServer, db: str, count: int, partitions: int, wo
 
 
 def relay_rate(pg: PostgresServer, db: str, count: int, partitions: int, workdir: Path,
-               code: str = "") -> dict[str, Any]:
+               code: str = "", seed: str = "random") -> dict[str, Any]:
     """The relay drains the table into a Centrifugo with no consumer of its own; it deletes the last
     rows when it stops (its final commit), so the table is checked after that. `code`: a directory
-    whose relay package runs instead of this one (--baseline)."""
+    whose relay package runs instead of this one (--baseline); `seed`, its PYTHONHASHSEED."""
     body = "\n".join(["[sources.outbox]", 'type = "postgres"', f'dsn_env = "{DSN_ENV}"', 'table = "outbox"',
                       'format = "centrifugo"', f"partitions = {partitions}"])
-    env = {DSN_ENV: pg.dsn(db), **({"PYTHONPATH": os.path.abspath(code)} if code else {})}
+    env = {DSN_ENV: pg.dsn(db), "PYTHONHASHSEED": seed, **({"PYTHONPATH": os.path.abspath(code)} if code else {})}
     before = pg.cpu_seconds()
     rate = source_rate(body, count, workdir, env=env)
     return {**rate, "cpu_seconds_postgres": round(pg.cpu_seconds() - before, 2), "rows_left": remaining(pg, db)}
@@ -98,11 +101,12 @@ def run(count: int = 100_000, partitions: tuple[int, ...] = PARTITIONS, repeats:
                     db, took = fill(pg, count, parts)
                     fill_seconds = took
                     natives.append(centrifugo_rate(pg, db, count, parts, Path(tmp) / f"native-{n}"))
+                    seed = str(random.randrange(2**32)) if baseline else "random"
                     db, _ = fill(pg, count, parts)
-                    relays.append(relay_rate(pg, db, count, parts, Path(tmp) / f"relay-{n}"))
+                    relays.append(relay_rate(pg, db, count, parts, Path(tmp) / f"relay-{n}", seed=seed))
                     if baseline:
                         db, _ = fill(pg, count, parts)
-                        baselines.append(relay_rate(pg, db, count, parts, Path(tmp) / f"base-{n}", baseline))
+                        baselines.append(relay_rate(pg, db, count, parts, Path(tmp) / f"base-{n}", baseline, seed))
             native, relay = median_run(natives), median_run(relays)
             result = {"partitions": parts, "rows": count, "insert_seconds": round(fill_seconds, 2),
                       "repeats": repeats, "centrifugo": native, "relay": relay, **ratios(native, relay)}

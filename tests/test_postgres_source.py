@@ -210,6 +210,7 @@ def test_rows_read_as_from_the_whole_payload_and_a_plain_publish_carries_its_dat
             want, why = None, f"row id {row['id']}: {err}"
         assert (message.record, message.error) == (want, why), row["payload"]
         assert message.data == (row["data"] if plain else row["payload"]), row["payload"]
+        assert message.attributes == {}  # the record names its channels: no route reads template fields
     assert sum(m.data != row["payload"] for m, row in zip(messages, whole, strict=True)) == 3
 
 

@@ -6,10 +6,10 @@ Centrifugo's own `postgresql` consumer keep working as they are.
 
 Every row becomes a `Message` with `stream = "<table>/<partition>"` and `offset` = the row's id, so
 idempotency keys come from (source, table, id) and stay the same across restarts and relays. Routes
-see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and `{{ json.PATH }}` (on the
-payload). `format = "centrifugo"` reads `method` + `payload` the way Centrifugo's consumer does
-(publish and broadcast; any other method goes to the dead letter file with the reason);
-`format = "data"` makes the payload the publication data and routes name the channels.
+(`format = "data"`) see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and
+`{{ json.PATH }}` (on the payload). `format = "centrifugo"` reads `method` + `payload` the way
+Centrifugo's consumer does (publish and broadcast; any other method goes to the dead letter file with
+the reason); `format = "data"` makes the payload the publication data and routes name the channels.
 
 Ownership: a relay owns a partition while it holds a session-level advisory lock on it
 (`pg_try_advisory_lock(hashtext('centrifugo-relay:<table>:<partition>'))`) on its connection. Several
@@ -462,15 +462,15 @@ class PostgresReader:
 
     def _centrifugo_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
         """Rows in Centrifugo's layout as messages. This runs for every row: what is the same for all
-        of them is looked up once."""
-        name, stream, number = self.name, part.stream, part.number
+        of them is looked up once. Such a record names its own channels and no route reads its
+        template fields, so the messages carry none."""
+        name, stream = self.name, part.stream
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
         for _, row_id, method, channel, data, payload in rows:
             if payload is None:  # a plain publish, taken apart by PostgreSQL: its data is the message's
-                append(Message(source=name, data=data, stream=stream, offset=row_id,
-                               attributes={"partition": number, "offset": row_id}, read_at=read_at,
+                append(Message(source=name, data=data, stream=stream, offset=row_id, read_at=read_at,
                                record=_new_record(CentrifugoRecord, ("publish", (channel,), data, *_PUBLISH_REST))))
                 continue
             error, record = "", None
@@ -478,8 +478,7 @@ class PostgresReader:
                 record = _record(method or "", payload, data)
             except ValueError as err:
                 error = f"row id {row_id}: {err}"
-            append(Message(source=name, data=payload, stream=stream, offset=row_id,
-                           attributes={"partition": number, "offset": row_id}, read_at=read_at, record=record,
+            append(Message(source=name, data=payload, stream=stream, offset=row_id, read_at=read_at, record=record,
                            error=error))
         return messages
 

@@ -13,15 +13,24 @@ side drains its own copy of the backlog (a fresh database) into a fresh Centrifu
 Rates are measured on Centrifugo the same way as bench/centrifugo_bench.py (stream tops of the 12
 channels, first publication seen to last), the median of `--repeats` drains per side, taking turns;
 after each drain every channel's last publication and the total are checked, and the table must be
-empty. PostgreSQL 15 runs from /usr/lib/postgresql/15/bin as in the tests (tests/harness/postgres.py).
+empty. PostgreSQL 15 runs from /usr/lib/postgresql/15/bin as in the tests (tests/harness/postgres.py);
+what each drain cost it in CPU is counted too (its queries share the machine with both sides).
+
+`--baseline DIR` drains a third copy in each turn with the relay code of DIR (a checkout of another
+commit: `git worktree add /tmp/base main`), so a change is measured before and after in one run. Both
+relays of a turn get the same PYTHONHASHSEED (random per turn): the lanes of the 12 channels, picked
+by hash, are then the same for both (how evenly they spread moves a drain's rate by a third).
 
     .venv/bin/python bench/postgres_bench.py [--count 100000] [--partitions 1 --partitions 3] [--repeats 3]
+        [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
 import tempfile
 import time
@@ -59,51 +68,72 @@ def centrifugo_rate(pg: PostgresServer, db: str, count: int, partitions: int, wo
     """Centrifugo's own consumer drains the table; counted from its start."""
     consumer = {"name": "bench", "enabled": True, "type": "postgresql",
                 "postgresql": {"dsn": pg.dsn(db), "outbox_table_name": "outbox", "num_partitions": partitions}}
-    return {**consumer_rate(consumer, count, workdir), "rows_left": remaining(pg, db)}
+    before = pg.cpu_seconds()
+    rate = consumer_rate(consumer, count, workdir)
+    return {**rate, "cpu_seconds_postgres": round(pg.cpu_seconds() - before, 2), "rows_left": remaining(pg, db)}
 
 
-def relay_rate(pg: PostgresServer, db: str, count: int, partitions: int, workdir: Path) -> dict[str, Any]:
+def relay_rate(pg: PostgresServer, db: str, count: int, partitions: int, workdir: Path,
+               code: str = "", seed: str = "random") -> dict[str, Any]:
     """The relay drains the table into a Centrifugo with no consumer of its own; it deletes the last
-    rows when it stops (its final commit), so the table is checked after that."""
+    rows when it stops (its final commit), so the table is checked after that. `code`: a directory
+    whose relay package runs instead of this one (--baseline); `seed`, its PYTHONHASHSEED."""
     body = "\n".join(["[sources.outbox]", 'type = "postgres"', f'dsn_env = "{DSN_ENV}"', 'table = "outbox"',
                       'format = "centrifugo"', f"partitions = {partitions}"])
-    return {**source_rate(body, count, workdir, env={DSN_ENV: pg.dsn(db)}), "rows_left": remaining(pg, db)}
+    env = {DSN_ENV: pg.dsn(db), "PYTHONHASHSEED": seed, **({"PYTHONPATH": os.path.abspath(code)} if code else {})}
+    before = pg.cpu_seconds()
+    rate = source_rate(body, count, workdir, env=env)
+    return {**rate, "cpu_seconds_postgres": round(pg.cpu_seconds() - before, 2), "rows_left": remaining(pg, db)}
 
 
-def run(count: int = 100_000, partitions: tuple[int, ...] = PARTITIONS, repeats: int = 3) -> dict[str, dict[str, Any]]:
+def run(count: int = 100_000, partitions: tuple[int, ...] = PARTITIONS, repeats: int = 3,
+        baseline: str = "") -> dict[str, dict[str, Any]]:
     """For each partition count: drain a fresh copy of the backlog both ways `repeats` times, taking
-    turns; the median run of each side counts."""
+    turns (and with the relay code of `baseline` too, when given); the median run of each side counts."""
     pg = PostgresServer().start()
     results: dict[str, dict[str, Any]] = {}
     try:
         for parts in partitions:
-            natives, relays = [], []
+            natives, relays, baselines = [], [], []
             fill_seconds = 0.0
             with tempfile.TemporaryDirectory(prefix="relay-pg-bench-") as tmp:
                 for n in range(repeats):
                     db, took = fill(pg, count, parts)
                     fill_seconds = took
                     natives.append(centrifugo_rate(pg, db, count, parts, Path(tmp) / f"native-{n}"))
+                    seed = str(random.randrange(2**32)) if baseline else "random"
                     db, _ = fill(pg, count, parts)
-                    relays.append(relay_rate(pg, db, count, parts, Path(tmp) / f"relay-{n}"))
+                    relays.append(relay_rate(pg, db, count, parts, Path(tmp) / f"relay-{n}", seed=seed))
+                    if baseline:
+                        db, _ = fill(pg, count, parts)
+                        baselines.append(relay_rate(pg, db, count, parts, Path(tmp) / f"base-{n}", baseline, seed))
             native, relay = median_run(natives), median_run(relays)
-            results[f"{parts} partition{'s' if parts > 1 else ''}"] = {
-                "partitions": parts, "rows": count, "insert_seconds": round(fill_seconds, 2),
-                "repeats": repeats, "centrifugo": native, "relay": relay, **ratios(native, relay)}
+            result = {"partitions": parts, "rows": count, "insert_seconds": round(fill_seconds, 2),
+                      "repeats": repeats, "centrifugo": native, "relay": relay, **ratios(native, relay)}
+            if baseline:
+                base = median_run(baselines)
+                result["baseline"] = {"code": baseline, "relay": base,
+                                      **{f"baseline_{k}": v for k, v in ratios(native, base).items()}}
+            results[f"{parts} partition{'s' if parts > 1 else ''}"] = result
     finally:
         pg.close()
     return results
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'backlog':<14} {'relay rows/s':>12} {'Centrifugo/s':>13} {'relay / C':>10} {'middle':>7} "
-             f"{'relay CPU us/row':>17} {'CPU s relay+C':>14} {'CPU s C':>8}"]
+    lines = [f"{'backlog':<22} {'relay rows/s':>12} {'Centrifugo/s':>13} {'relay / C':>10} {'middle':>7} "
+             f"{'relay CPU us/row':>17} {'CPU s relay+C':>14} {'CPU s C':>8} {'PG CPU s relay/C':>17}"]
     for name, r in results.items():
-        middle = r["relay_over_centrifugo_middle"]
-        lines.append(f"{name:<14} {r['relay']['per_second']:>12,} {r['centrifugo']['per_second']:>13,} "
-                     f"{r['relay_over_centrifugo'] or 0:>10.2f} {middle or 0:>7.2f} "
-                     f"{r['relay']['cpu_us_per_record']:>17} {r['relay']['cpu_seconds']:>14} "
-                     f"{r['centrifugo']['cpu_seconds']:>8}")
+        sides = [(name, r["relay"], r["relay_over_centrifugo"], r["relay_over_centrifugo_middle"])]
+        if "baseline" in r:
+            b = r["baseline"]
+            sides.append((f"{name} (baseline)", b["relay"], b["baseline_relay_over_centrifugo"],
+                          b["baseline_relay_over_centrifugo_middle"]))
+        for label, relay, ratio, middle in sides:
+            lines.append(f"{label:<22} {relay['per_second']:>12,} {r['centrifugo']['per_second']:>13,} "
+                         f"{ratio or 0:>10.2f} {middle or 0:>7.2f} {relay['cpu_us_per_record']:>17} "
+                         f"{relay['cpu_seconds']:>14} {r['centrifugo']['cpu_seconds']:>8} "
+                         f"{relay['cpu_seconds_postgres']:>8}/{r['centrifugo']['cpu_seconds_postgres']}")
     return "\n".join(lines)
 
 
@@ -113,8 +143,10 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, action="append", help="default: 1 and 3")
     parser.add_argument("--repeats", type=int, default=3, help="drains per side (the median counts)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--baseline", default="", metavar="DIR",
+                        help="also drain with the relay code in DIR (a checkout of another commit), in turn")
     args = parser.parse_args()
-    results = run(args.count, tuple(args.partitions or PARTITIONS), args.repeats)
+    results = run(args.count, tuple(args.partitions or PARTITIONS), args.repeats, args.baseline)
     print(json.dumps(results, indent=2) if args.json else table(results))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from relay.message import Message
-from relay.sources.postgres import Config, PostgresReader, _runs
+from relay.sources.postgres import PUBLISH_OPTIONS, RUN_MIN, Config, PostgresReader, _record, _runs
 from tests.harness.e2e import ROOMS, SERVER_KEY_ENV, delivered, kill_at_random_moments, sequences
 from tests.harness.embedded import EmbeddedServerProcess
 from tests.harness.history import history
@@ -156,22 +156,172 @@ def test_reader_deletes_only_what_the_engine_says_is_settled(postgres_server: Po
     assert got["outbox/0"][0].record.channels == ("chat:room-0",)
 
 
+# Rows in every shape a producer may write: (method, payload JSON text, a plain publish).
+ROW_FORMS = [
+    ("publish", '{"channel": "chat:a", "data": {"x": 1, "s": "\u00fcn \\"q\\""}}', True),
+    ("publish", '{"channel": "chat:a", "data": null}', True),  # null data is data
+    ("publish", '{"channel": "chat:a", "data": [1, 2], "note": "ignored"}', True),  # a key Centrifugo ignores
+    *[("publish", f'{{"channel": "chat:a", "data": {{"n": 1}}, "{key}": {value}}}', False)
+      for key, value in [("b64data", '"eyJuIjogNX0="'), ("idempotency_key", '"k1"'), ("tags", '{"t": "1"}'),
+                         ("skip_history", "true"), ("delta", "true"), ("version", "3"),
+                         ("version_epoch", '"e"')]],
+    ("publish", '{"channel": 5, "data": 1}', False),  # a channel that is not a string
+    ("publish", '{"channel": "", "data": 1}', False),
+    ("publish", '{"channel": "chat:a"}', False),  # no data
+    ("publish", '"{\\"channel\\": \\"chat:a\\", \\"data\\": 1}"', False),  # a JSON string (Debezium)
+    ("publish", '["channel", "data"]', False),
+    ("broadcast", '{"channels": ["chat:a", "chat:b"], "data": {"n": 2}}', False),
+    ("subscribe", '{"user": "u", "channel": "chat:a"}', False),
+    ("Publish", '{"channel": "chat:a", "data": 1}', False),
+]
+
+
+def test_rows_read_as_from_the_whole_payload_and_a_plain_publish_carries_its_data(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL takes a plain publish apart (channel and data; its payload is not fetched): every row
+    shape gives the record, or the reason it is none, that reading its whole payload gives; a plain
+    publish's message data is its publication data, any other row's is its payload."""
+    import asyncpg
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    for method, payload, _ in ROW_FORMS:
+        pg.psql(f"INSERT INTO outbox (method, payload) VALUES ('{method}', '{payload}')", db)
+    assert {key for _, payload, _ in ROW_FORMS for key in PUBLISH_OPTIONS if f'"{key}"' in payload} == \
+        set(PUBLISH_OPTIONS)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox"), tmp_path)
+
+    async def scenario() -> tuple[list[Message], list[Any]]:
+        conn = await asyncpg.connect(pg.dsn(db))
+        whole = await conn.fetch("SELECT id, method, convert_to(payload::text, 'UTF8') AS payload, "
+                                 "convert_to((payload->'data')::text, 'UTF8') AS data FROM outbox ORDER BY id")
+        await conn.close()
+        await reader.connect()
+        messages = [m for batch in await reader.read() or [] for m in batch.messages]
+        await reader.close()
+        return messages, list(whole)
+
+    messages, whole = asyncio.run(scenario())
+    assert [m.offset for m in messages] == [row["id"] for row in whole]
+    for message, row, (_, _, plain) in zip(messages, whole, ROW_FORMS, strict=True):
+        try:
+            want, why = _record(row["method"], row["payload"], row["data"]), ""
+        except ValueError as err:
+            want, why = None, f"row id {row['id']}: {err}"
+        assert (message.record, message.error) == (want, why), row["payload"]
+        assert message.data == (row["data"] if plain else row["payload"]), row["payload"]
+        assert message.attributes == {}  # the record names its channels: no route reads template fields
+    assert sum(m.data != row["payload"] for m, row in zip(messages, whole, strict=True)) == 3
+
+
+def test_the_next_query_is_sent_before_the_rows_read_are_handed_over(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition that filled its batch is queried again before read() returns its rows, so
+    PostgreSQL reads on while they are built and delivered; the next read() takes those rows (no
+    query of its own first). A paused partition, or one that came back short, is not read ahead."""
+    import asyncpg
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    pg.psql("INSERT INTO outbox (method, payload) SELECT 'publish', jsonb_build_object('channel', 'chat:a', "
+            "'data', jsonb_build_object('s', g)) FROM generate_series(1, 1700) g", db)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox",
+                                             poll_interval="30s"), tmp_path)
+    log: list[str] = []
+    fetch = asyncpg.connection.Connection.fetch
+
+    async def logged_fetch(conn: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "relay_partition" not in query:
+            return await fetch(conn, query, *args, **kwargs)
+        log.append("sent")
+        rows = await fetch(conn, query, *args, **kwargs)
+        log.append(f"{len(rows)} rows")
+        return rows
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", logged_fetch)
+
+    async def read() -> tuple[list[int], list[str]]:
+        ids = [m.offset for batch in await reader.read() or [] for m in batch.messages]
+        await asyncio.sleep(0.1)  # what was sent ahead has arrived by now
+        return ids, list(log)
+
+    async def scenario() -> list[tuple[list[int], list[str]]]:
+        await reader.connect()
+        steps = [await read(), await read()]
+        reader.pause("outbox/0")
+        steps.append(await read())  # rows read ahead still come; nothing more is asked for
+        reader.resume("outbox/0")
+        steps += [await read(), await read()]
+        await reader.close()
+        return steps
+
+    steps = asyncio.run(scenario())
+    assert [ids for ids, _ in steps] == [list(range(1, 501)), list(range(501, 1001)), list(range(1001, 1501)),
+                                         list(range(1501, 1701)), []]
+    assert [calls for _, calls in steps] == [
+        ["sent", "500 rows", "sent", "500 rows"],  # the second batch asked for before the first was handed over
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows"],
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows"],  # paused: not read ahead
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows", "sent", "200 rows"],  # resumed: read now
+        ["sent", "500 rows", "sent", "500 rows", "sent", "500 rows", "sent", "200 rows"],  # short: not read ahead
+    ]
+
+
+def test_a_partition_that_becomes_due_is_read_while_another_drains_a_backlog(
+        postgres_server: PostgresServer, postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries sent ahead for a partition with a backlog also read the other partitions once they
+    are due (poll_interval): a new row of an idle partition does not wait for the backlog to end."""
+    pg, db = postgres_server, postgres_db
+    create_outbox(pg, db)
+    row = ("INSERT INTO outbox (method, payload, partition) SELECT 'publish', jsonb_build_object('channel', "
+           "'chat:a', 'data', jsonb_build_object('s', g)), {p} FROM generate_series(1, {n}) g")
+    pg.psql(row.format(p=0, n=5000), db)
+    monkeypatch.setenv(DSN_ENV, pg.dsn(db))
+    reader = PostgresReader("outbox", Config(type="postgres", dsn_env=DSN_ENV, table="outbox", partitions=2,
+                                             poll_interval="50ms"), tmp_path)
+
+    async def scenario() -> list[dict[str, int]]:
+        await reader.connect()
+        reads = []
+        for n in range(8):  # the backlog of partition 0 takes 10 reads
+            if n == 1:
+                pg.psql(row.format(p=1, n=1), db)
+                await asyncio.sleep(0.1)  # partition 1 is due again
+            reads.append({b.stream: len(b.messages) for b in await reader.read() or []})
+        await reader.close()
+        return reads
+
+    reads = asyncio.run(scenario())
+    assert all(r.get("outbox/0") == 500 for r in reads), reads  # the backlog is read on all along
+    assert sum(r.get("outbox/1", 0) for r in reads[1:4]) == 1, reads  # and the new row comes with it
+
+
 def test_runs_of_consecutive_ids_cover_exactly_the_ids_read() -> None:
-    """Settled ids are deleted as (first, last) runs: every id of a run was read, no other id is in
-    one, whatever the gaps; ids too scattered for runs are deleted one by one (None)."""
+    """Settled ids are deleted as (first, last) runs and single ids: every id of a run was read, no
+    other id is in one, whatever the gaps; runs are maximal and long; every id read is deleted once."""
     rng = random.Random(16)
     for _ in range(2000):
         n = rng.randint(1, 400)
         ids = sorted(rng.sample(range(1, n * rng.choice([1, 1, 2, 50]) + 2), n))
-        runs = _runs(ids)
-        if runs is None:
-            continue
-        firsts, lasts = runs
+        firsts, lasts, singles = _runs(ids)
         covered = [i for first, last in zip(firsts, lasts, strict=True) for i in range(first, last + 1)]
-        assert covered == ids
+        assert sorted(covered + singles) == ids
+        assert all(last - first + 1 >= RUN_MIN for first, last in zip(firsts, lasts, strict=True))
         assert all(nxt > last + 1 for last, nxt in zip(lasts, firsts[1:], strict=False))  # runs are maximal
-    assert _runs(list(range(1, 5001))) == ([1], [5000])
-    assert _runs(list(range(1, 5001, 2))) is None
+    assert _runs(list(range(1, 5001))) == ([1], [5000], [])
+    assert _runs(list(range(1, 5001, 2))) == ([], [], list(range(1, 5001, 2)))
+    assert _runs([]) == ([], [], [])
+
+
+def test_partitions_settled_to_different_points_are_deleted_mostly_as_runs() -> None:
+    """Three partitions' ids interleave (id % 3) and settled to different points: the ids up to the
+    lowest point are one run, only those past it (with another partition's every third id missing)
+    go one by one."""
+    settled = {0: 9000, 1: 10_000, 2: 11_000}
+    ids = [i for i in range(1, 12_001) if i <= settled[i % 3]]
+    firsts, lasts, singles = _runs(ids)
+    assert (firsts, lasts) == ([1], [9002])  # 9001 and 9002 are partitions 1 and 2; 9003 is 0's, unsettled
+    assert singles == ids[9002:]
 
 
 def test_a_late_row_inside_runs_of_deleted_ids_is_read_not_deleted(

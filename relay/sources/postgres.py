@@ -6,10 +6,10 @@ Centrifugo's own `postgresql` consumer keep working as they are.
 
 Every row becomes a `Message` with `stream = "<table>/<partition>"` and `offset` = the row's id, so
 idempotency keys come from (source, table, id) and stay the same across restarts and relays. Routes
-see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and `{{ json.PATH }}` (on the
-payload). `format = "centrifugo"` reads `method` + `payload` the way Centrifugo's consumer does
-(publish and broadcast; any other method goes to the dead letter file with the reason);
-`format = "data"` makes the payload the publication data and routes name the channels.
+(`format = "data"`) see `{{ partition }}`, `{{ offset }}` (the id), `{{ column.NAME }}` and
+`{{ json.PATH }}` (on the payload). `format = "centrifugo"` reads `method` + `payload` the way
+Centrifugo's consumer does (publish and broadcast; any other method goes to the dead letter file with
+the reason); `format = "data"` makes the payload the publication data and routes name the channels.
 
 Ownership: a relay owns a partition while it holds a session-level advisory lock on it
 (`pg_try_advisory_lock(hashtext('centrifugo-relay:<table>:<partition>'))`) on its connection. Several
@@ -29,9 +29,14 @@ so a row whose transaction committed late (an id below rows already delivered) i
 unread: a partition with nothing in flight is read from its start again.
 
 Round trips: one SELECT reads every partition that is due (up to `batch_size` rows of each, after its
-own last id), and one DELETE removes what settled in all of them, on a second connection so that reads
-never wait for it. The payload and its `data` arrive as the bytes PostgreSQL prints (bytea), so they are
-never decoded to text and back.
+own last id), and one DELETE removes what settled in all of them (runs of consecutive ids as ranges,
+the rest by id), on a second connection so that reads never wait for it. Under a backlog the next
+SELECT is sent as soon as rows arrive, before they are built and handed over, so PostgreSQL reads the
+next rows while the relay delivers these. The `data` arrives as the bytes PostgreSQL prints (bytea),
+never decoded to text and back. A plain publish (channel and data, none of PUBLISH_OPTIONS) is taken
+apart by the SELECT: only its channel and data are fetched, its data is also the message's (what a
+dead letter of it holds), and no JSON is parsed in the relay; any other row brings its whole payload,
+read as Centrifugo's consumer does.
 
 The source engine (relay/sources/engine.py) owns the rest: caps, commits, reconnecting with backoff
 after a lost connection or a restarted server (what was not deleted is read again).
@@ -42,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import itertools
 import json
 import logging
 import operator
@@ -53,7 +57,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
@@ -72,7 +75,14 @@ READ_WAIT = 0.5
 # How often the rows pending per partition are counted (relay_source_lag).
 LAG_INTERVAL = 5.0
 LOCK_PREFIX = "centrifugo-relay"
-# Settled ids are deleted as runs of consecutive ids when the runs are this long on average, else one by one.
+# Keys of a publish payload that change the publication (besides channel and data); a payload with
+# none of them is a plain publish, which PostgreSQL takes apart (keys Centrifugo does not know it ignores).
+PUBLISH_OPTIONS = ("b64data", "idempotency_key", "tags", "skip_history", "delta", "version", "version_epoch")
+# A plain publish row, tested in SQL: its payload is not fetched, only its channel and data.
+_PLAIN_PUBLISH = ("method = 'publish' AND jsonb_typeof(payload->'channel') = 'string' "
+                  "AND payload->>'channel' <> '' AND payload ? 'data' "
+                  f"AND NOT payload ?| array[{', '.join(repr(k) for k in PUBLISH_OPTIONS)}]")
+# Settled ids are deleted as runs of consecutive ids where they make runs this long, the others one by one.
 RUN_MIN = 16
 
 # Errors that mean "the server went away": reconnect. Anything else from the server is fatal.
@@ -170,6 +180,12 @@ class PostgresReader:
         self._conn: Any = None      # holds the partition locks and reads
         self._deleter: Any = None   # deletes what settled, beside the reads (the engine commits in a task of its own)
         self._listener: Any = None  # LISTEN notify_channel
+        # The query sent ahead (the partitions it reads, its rows), while the rows before it are built
+        # and delivered; the next read() takes it.
+        self._ahead: tuple[list[_Partition], asyncio.Task[list[Any]]] | None = None
+        self._build = self._centrifugo_messages if config.format == "centrifugo" else self._data_messages
+        # A row's id: its second column in Centrifugo's format, by name among the table's own columns in data's.
+        self._row_id = _ID if config.format == "centrifugo" else operator.itemgetter("id")
         self._lock_due = 0.0
         self._lag_due = 0.0
         self._revoke: Revoke | None = None
@@ -178,11 +194,12 @@ class PostgresReader:
         self._positions: dict[int, int] = self._load_positions() if not config.delete else {}
         table = config.table
         # Centrifugo's format names its own channels (routes do not apply): only what it reads is fetched,
-        # and the payload and its `data` as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C,
-        # never to str and back).
-        columns = ("id, method, convert_to(payload::text, 'UTF8') AS payload, "
-                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data" if config.format == "centrifugo"
-                   else "*, payload::text AS relay_payload_text")
+        # the data as the bytes PostgreSQL prints (bytea: decoded by asyncpg in C, never to str and back).
+        # A plain publish comes as its channel and data; the whole payload only for any other row.
+        columns = ("id, method, payload->>'channel' AS relay_channel, "
+                   "convert_to((payload->'data')::text, 'UTF8') AS relay_data, "
+                   f"CASE WHEN {_PLAIN_PUBLISH} THEN NULL ELSE convert_to(payload::text, 'UTF8') END AS payload"
+                   if config.format == "centrifugo" else "*, payload::text AS relay_payload_text")
         # Every partition due is read in one round trip: up to $3 rows of each, after its own last id.
         self._select = (f"SELECT p.number AS relay_partition, o.* "
                         f"FROM unnest($1::bigint[], $2::bigint[]) AS p(number, after) CROSS JOIN LATERAL "
@@ -190,10 +207,12 @@ class PostgresReader:
                         f"ORDER BY id LIMIT $3) AS o ORDER BY p.number, o.id")
         # By id, not `id <= n`: a row whose transaction committed late, with an id below n, is not deleted
         # unread (and the primary key finds each row without walking the dead index entries of earlier deletes).
-        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read.
-        self._delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
-        self._delete_runs = (f"DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) AS run(first, last) "
-                             f"WHERE {table}.id BETWEEN run.first AND run.last")
+        # Ids read are mostly consecutive: runs of them are sent as (first, last), every id of which was read;
+        # the ids in no long run (partitions settled to different points, other relays' rows between) one by
+        # one, in the same statement.
+        self._delete = (f"WITH runs AS (DELETE FROM {table} USING unnest($1::bigint[], $2::bigint[]) "
+                        f"AS run(first, last) WHERE {table}.id BETWEEN run.first AND run.last) "
+                        f"DELETE FROM {table} WHERE id = ANY($3::bigint[])")
         # Live relays of this table: each holds an advisory lock (key, its backend pid) while connected.
         self._relays_key = f"{LOCK_PREFIX}:{table}:relays"
         self._count_relays = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted "
@@ -222,15 +241,18 @@ class PostgresReader:
     async def read(self) -> Sequence[Batch] | None:
         async with self._errors():
             self._check_connections()
+            got = await self._take_ahead()
             now = time.monotonic()
             if now >= self._lock_due:
                 await self._balance()
                 self._lock_due = now + self.config.poll_interval
             await self._measure_lag(now)
-            due = [part for part in self._partitions.values()
-                   if not part.paused and not part.leaving and (part.more or now >= part.due)]
-            rows = await self._fetch(due) if due else []
-            batches = self._batches(due, rows)
+            if not got:
+                due = self._due(now)
+                got = self._take_rows(due, await self._fetch(due)) if due else []
+            if got:
+                self._read_ahead()
+            batches = [Batch(part.stream, self._build(part, rows), end=self._row_id(rows[-1])) for part, rows in got]
         if not batches:
             await self._sleep()
         return batches
@@ -259,9 +281,7 @@ class PostgresReader:
             for part, count in settled:
                 done += part.ids[:count]
             done.sort()  # each partition's ids are sorted: a merge
-            runs = _runs(done)  # one statement for every partition
-            await (self._deleter.execute(self._delete, done) if runs is None else
-                   self._deleter.execute(self._delete_runs, *runs))
+            await self._deleter.execute(self._delete, *_runs(done))  # one statement for every partition
         changed = False
         for part, count in settled:
             last_id = part.ids[count - 1]
@@ -284,6 +304,11 @@ class PostgresReader:
             self._wake.set()
 
     async def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+            with contextlib.suppress(BaseException):
+                await ahead[1]
         conns = (self._conn, self._deleter, self._listener)
         self._conn = self._deleter = self._listener = None
         for conn in conns:
@@ -382,6 +407,11 @@ class PostgresReader:
     def _lock_key(self, number: int) -> str:
         return f"{LOCK_PREFIX}:{self.config.table}:{number}"
 
+    def _due(self, now: float) -> list[_Partition]:
+        """Partitions to read now: a full batch last time (more wait), or their poll is due."""
+        return [part for part in self._partitions.values()
+                if not part.paused and not part.leaving and (part.more or now >= part.due)]
+
     async def _fetch(self, due: list[_Partition]) -> list[Any]:
         """The next rows of every partition in `due`, in one query, ordered by partition and id."""
         if self.config.delete:
@@ -391,38 +421,64 @@ class PostgresReader:
         return list(await self._conn.fetch(self._select, [p.number for p in due], [p.after for p in due],
                                            self.config.batch_size))
 
-    def _batches(self, due: list[_Partition], rows: list[Any]) -> list[Batch]:
-        """One batch per partition that had rows; each partition's next query is scheduled."""
-        got = {number: list(group) for number, group in itertools.groupby(rows, key=_PARTITION)}
+    def _read_ahead(self) -> None:
+        """Send the next query now, for the partitions that filled their batch (and any other that is
+        due): PostgreSQL reads the next rows while the relay builds and delivers these (a backlog is
+        read without waiting for either). At most one batch per partition goes past the engine's cap
+        this way."""
+        due = self._due(time.monotonic())
+        if due:
+            self._ahead = (due, asyncio.ensure_future(self._fetch(due)))
+
+    async def _take_ahead(self) -> list[tuple[_Partition, list[Any]]]:
+        """The rows of the query sent ahead by the last read (none if there is none)."""
+        if self._ahead is None:
+            return []
+        due, task = self._ahead
+        try:
+            rows = await task
+        finally:
+            self._ahead = None
+        return self._take_rows([part for part in due if self._partitions.get(part.number) is part], rows)
+
+    def _take_rows(self, due: list[_Partition], rows: list[Any]) -> list[tuple[_Partition, list[Any]]]:
+        """Rows of one query (ordered by partition and id) per partition that had some; each partition's
+        position moves past them and its next query is scheduled. Messages are built later, after the
+        next query was sent."""
         due_at = time.monotonic() + self.config.poll_interval
-        build = self._centrifugo_messages if self.config.format == "centrifugo" else self._data_messages
-        batches = []
-        for part in due:
-            part_rows = got.get(part.number, ())
+        got = []
+        end = 0
+        for part in sorted(due, key=_NUMBER):
+            start = bisect.bisect_left(rows, part.number, lo=end, key=_PARTITION)
+            end = bisect.bisect_right(rows, part.number, lo=start, key=_PARTITION)
+            part_rows = rows[start:end]
             part.more = len(part_rows) == self.config.batch_size
             part.due = due_at
             if part_rows:
-                messages = build(part, part_rows)
-                part.ids += [message.offset for message in messages]
-                part.after = messages[-1].offset
-                batches.append(Batch(part.stream, messages, end=part.after))
-        return batches
+                part.ids += map(self._row_id, part_rows)
+                part.after = part.ids[-1]
+                got.append((part, part_rows))
+        return got
 
     def _centrifugo_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
         """Rows in Centrifugo's layout as messages. This runs for every row: what is the same for all
-        of them is looked up once."""
-        name, stream, number = self.name, part.stream, part.number
+        of them is looked up once. Such a record names its own channels and no route reads its
+        template fields, so the messages carry none."""
+        name, stream = self.name, part.stream
         read_at = time.monotonic()
         messages: list[Message] = []
         append = messages.append
-        for _, row_id, method, payload, data in rows:
+        for _, row_id, method, channel, data, payload in rows:
+            if payload is None:  # a plain publish, taken apart by PostgreSQL: its data is the message's
+                append(Message(source=name, data=data, stream=stream, offset=row_id, read_at=read_at,
+                               record=_new_record(CentrifugoRecord, ("publish", (channel,), data, *_PUBLISH_REST))))
+                continue
             error, record = "", None
             try:
                 record = _record(method or "", payload, data)
             except ValueError as err:
                 error = f"row id {row_id}: {err}"
-            append(Message(source=name, data=payload, stream=stream, offset=row_id,
-                           attributes={"partition": number, "offset": row_id}, read_at=read_at, record=record,
+            append(Message(source=name, data=payload, stream=stream, offset=row_id, read_at=read_at, record=record,
                            error=error))
         return messages
 
@@ -482,13 +538,9 @@ def build(name: str, config: Config, state_dir: Path) -> PostgresReader:
 
 
 def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord:
-    """What a row asks Centrifugo to do, with the publication data as PostgreSQL prints it (`data`,
-    null when the payload has none): byte for byte what Centrifugo's own consumer publishes.
-    ValueError says why the row is none."""
-    if method == "publish" and data is not None:
-        record = _plain_publish(payload, data)
-        if record is not None:
-            return record
+    """What a row that is not a plain publish asks Centrifugo to do, with the publication data as
+    PostgreSQL prints it (`data`, null when the payload has none): byte for byte what Centrifugo's own
+    consumer publishes. ValueError says why the row is none."""
     try:
         doc: Any = load_json(payload)
     except (ValueError, UnicodeDecodeError):
@@ -499,40 +551,39 @@ def _record(method: str, payload: bytes, data: bytes | None) -> CentrifugoRecord
     return record
 
 
-def _plain_publish(payload: bytes, data: bytes) -> CentrifugoRecord | None:
-    """The common {"channel", "data"} publish in one parse (not from_command's parse and re-encoding);
-    None for any other payload."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None  # from_command says why, or reads what orjson does not (big numbers)
-    if type(doc) is dict and len(doc) == 2:
-        channel = doc.get("channel")
-        if type(channel) is str and channel:
-            return CentrifugoRecord("publish", (channel,), data)
-    return None
-
-
-def _runs(ids: list[int]) -> tuple[list[int], list[int]] | None:
-    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts); None when they are too
-    scattered for runs to be worth it. Halving finds a run of any length in a few steps."""
+def _runs(ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Sorted distinct ids as runs of consecutive numbers, (firsts, lasts), and the ids in no run of
+    RUN_MIN or more (`singles`). Halving finds a run of any length in a few steps, and stops at
+    pieces too short to hold one."""
     firsts: list[int] = []
     lasts: list[int] = []
-    todo = [(0, len(ids) - 1)]
+    singles: list[int] = []
+    todo = [(0, len(ids) - 1)] if ids else []
     while todo:
         i, j = todo.pop()
         if ids[j] - ids[i] == j - i:  # distinct and sorted: ids[i..j] are consecutive
             if lasts and lasts[-1] + 1 == ids[i]:
                 lasts[-1] = ids[j]
-            else:
+            elif j - i + 1 >= RUN_MIN:
                 firsts.append(ids[i])
                 lasts.append(ids[j])
-        elif len(firsts) * RUN_MIN > len(ids):
-            return None
+            else:
+                singles += ids[i:j + 1]
+        elif j - i < RUN_MIN:  # too short to hold a run of its own: what continues the last run joins it
+            while lasts and i <= j and lasts[-1] + 1 == ids[i]:
+                lasts[-1] = ids[i]
+                i += 1
+            singles += ids[i:j + 1]
         else:
             middle = (i + j) // 2
             todo += ((middle + 1, j), (i, middle))  # the left half is taken first: runs come in order
-    return firsts, lasts
+    return firsts, lasts, singles
 
 
 _PARTITION = operator.itemgetter(0)
+_NUMBER = operator.attrgetter("number")
+_ID = operator.itemgetter(1)
+# A plain publish's record from its channel and data: the other fields are the defaults, set as the
+# tuple itself (NamedTuple's __new__ with keywords costs more, and this runs for every row).
+_PUBLISH_REST = CentrifugoRecord("publish")[3:]
+_new_record = tuple.__new__

@@ -119,6 +119,26 @@ class PostgresServer:
                 raise PostgresUnavailable(f"postgres not ready after {START_TIMEOUT}s")
             time.sleep(0.1)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far: the postmaster, its live backends and the ones that
+        ended (bench/: what the queries of a drain cost PostgreSQL)."""
+        assert self._proc is not None
+        root, total = self._proc.pid, 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile: counted in the postmaster's children times
+            if int(entry) == root:
+                total += sum(int(f) for f in fields[11:15]) / tick  # its own and its ended children's
+            elif int(fields[1]) == root:
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 

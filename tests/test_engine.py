@@ -113,6 +113,29 @@ async def test_everything_is_emitted_in_chunks_and_committed_contiguously_at_clo
     assert reader.closed == 1
 
 
+async def test_a_commit_interval_the_reader_learns_on_connecting_is_the_one_used() -> None:
+    # A NATS durable made elsewhere tells its window only once connected; the engine must then
+    # commit at the reader's new pace, not the one it read when it was built.
+    reader = ListReader(total=1000, size=10)  # more than it may read: the input does not end
+    reader.commit_interval = 3600.0
+    learn = reader.connect
+
+    async def connect() -> None:
+        await learn()
+        reader.commit_interval = 0.01
+
+    reader.connect = connect  # type: ignore[method-assign]
+    engine = SourceEngine("mem", reader, max_in_flight=10)
+    emit = Collect()
+    task = asyncio.create_task(engine.run(emit))
+    await until(lambda: len(emit.got) == 10)
+    for msg in emit.got[:10]:
+        msg.settle()
+    await until(lambda: (last_commit(reader, "s") or 0) >= 10)  # within seconds, not an hour
+    await engine.stop()
+    await task
+
+
 async def test_a_stream_pauses_at_the_cap_exactly_and_resumes_at_half() -> None:
     reader = ListReader(streams=("a", "b"), total=10_000, size=7)
     engine = SourceEngine("mem", reader, max_in_flight=50)

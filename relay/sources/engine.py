@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -487,8 +488,15 @@ class SourceEngine:
 
     async def _commit_loop(self) -> None:
         pending = getattr(self.reader, "pending", None)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self._commit_interval)
+            # The interval is read again at least every second: a reader may learn its pace only on
+            # connecting (a NATS durable made elsewhere tells its window then).
+            wait = last + float(getattr(self.reader, "commit_interval", self._commit_interval)) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 1.0))
+                continue
+            last = time.monotonic()
             if self._connected:
                 await self._commit(list(self._streams.values()))
                 if callable(pending):

@@ -59,8 +59,8 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay.centrifugo_records import CentrifugoRecord, from_command, load_json
-from relay.message import Message
+from relay.centrifugo_records import CentrifugoRecord, from_command, load_json, plain_record
+from relay.message import NOTHING, Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
 from relay.units import Duration
@@ -470,16 +470,15 @@ class PostgresReader:
         append = messages.append
         for _, row_id, method, channel, data, payload in rows:
             if payload is None:  # a plain publish, taken apart by PostgreSQL: its data is the message's
-                append(Message(source=name, data=data, stream=stream, offset=row_id, read_at=read_at,
-                               record=_new_record(CentrifugoRecord, ("publish", (channel,), data, *_PUBLISH_REST))))
+                append(Message(name, data, stream, row_id, None, NOTHING, NOTHING, read_at,
+                               plain_record(channel, data)))
                 continue
             error, record = "", None
             try:
                 record = _record(method or "", payload, data)
             except ValueError as err:
                 error = f"row id {row_id}: {err}"
-            append(Message(source=name, data=payload, stream=stream, offset=row_id, read_at=read_at, record=record,
-                           error=error))
+            append(Message(name, payload, stream, row_id, None, NOTHING, NOTHING, read_at, record, error))
         return messages
 
     def _data_messages(self, part: _Partition, rows: Sequence[Any]) -> list[Message]:
@@ -583,7 +582,3 @@ def _runs(ids: list[int]) -> tuple[list[int], list[int], list[int]]:
 _PARTITION = operator.itemgetter(0)
 _NUMBER = operator.attrgetter("number")
 _ID = operator.itemgetter(1)
-# A plain publish's record from its channel and data: the other fields are the defaults, set as the
-# tuple itself (NamedTuple's __new__ with keywords costs more, and this runs for every row).
-_PUBLISH_REST = CentrifugoRecord("publish")[3:]
-_new_record = tuple.__new__

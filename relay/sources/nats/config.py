@@ -44,8 +44,8 @@ class Config(BaseModel):
                             "centrifugo-method header, or centrifugo-* headers).")
     max_ack_pending: int = Field(5000, ge=1, description="Unacked messages the server hands this durable "
                                                          "at most (the in-flight cap), when created; a small "
-                                                         "one is acked more often (with use_existing: set "
-                                                         "the durable's).")
+                                                         "one is acked more often (with use_existing, the "
+                                                         "durable's own sets the pace).")
     ack_wait: Duration = Field(30.0, description="Unacked messages are redelivered after this long, "
                                                  "when created.")
     fetch_batch: int = Field(500, ge=1, le=10_000, description="Messages asked for per pull request.")

@@ -59,7 +59,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from relay import events
 from relay.centrifugo_records import read_publication
-from relay.message import Message
+from relay.message import NOTHING, Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import Batch, SourceUnavailable
 from relay.sources.nats.config import Config
@@ -590,15 +590,14 @@ class NatsReader:
         append = messages.append
         if self.config.format == "data":
             for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
-                append(Message(name, data, stream, seq, None, headers(header) if header else {},
-                               {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at))
+                append(Message(name, data, stream, seq, None, headers(header) if header else NOTHING,
+                               {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at))
             return messages
-        for seq, (subject, _, header, data) in zip(seqs, deliveries, strict=True):
-            fields = headers(header) if header else {}
+        for seq, (_, _, header, data) in zip(seqs, deliveries, strict=True):
+            fields = headers(header) if header else NOTHING
             record, error = read_publication(data, fields)
-            append(Message(name, data, stream, seq, None, fields,
-                           {"subject": subject.decode("utf-8", "replace"), "offset": seq}, read_at=read_at,
-                           record=record, error=error))
+            # The record names its channels: no route reads attributes.
+            append(Message(name, data, stream, seq, None, fields, NOTHING, read_at, record, error))
         return messages
 
     # -- acknowledging -----------------------------------------------------------------------

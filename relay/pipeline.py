@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -28,6 +29,8 @@ log = logging.getLogger("relay.pipeline")
 # under a backlog the sources refill them within a turn or two, so batches fill (a Batch call costs
 # about the same whatever its size); when input is sparse the batch goes at once.
 FILL_TURNS = 4
+# Channels whose lane is remembered (a few thousand: the busy ones are found again at once).
+LANES_OF_MAX = 4096
 
 
 class Lane:
@@ -88,6 +91,7 @@ class Pipeline:
         self._batch_max_size = batch_max_size
         self._batch_linger = batch_linger
         self.lanes = [Lane(batch_max_size * 4, batch_max_size, self._watch_input) for _ in range(lanes)]
+        self._lanes_of: dict[str, int] = {}  # channel → lane, for the channels seen most
         self._emits = 0  # chunks routed so far: the lanes' batches fill while this keeps growing
         self._unsettled = 0
         self._idle = asyncio.Event()
@@ -139,20 +143,31 @@ class Pipeline:
         for lane in self.lanes:
             lane.go()
 
+    def _lane_of(self, channel: str) -> int:
+        """A channel's lane: the same in every run (CRC-32, not Python's per-process string hash, so
+        how channels share lanes does not change from one start to the next), remembered."""
+        lane = self._lanes_of.get(channel)
+        if lane is None:
+            if len(self._lanes_of) >= LANES_OF_MAX:
+                self._lanes_of.clear()  # recomputed alike: a channel never changes lane
+            lane = self._lanes_of[channel] = zlib.crc32(channel.encode()) % len(self.lanes)
+        return lane
+
     def _assign(self, pubs: list[Publication]) -> list[list[Publication]]:
         """The publications of each lane, by the lanes of their channels; counts each part in its
         message's `pending`."""
-        n = len(self.lanes)
-        per_lane: list[list[Publication]] = [[] for _ in range(n)]
+        per_lane: list[list[Publication]] = [[] for _ in self.lanes]
+        lanes_of, lane_of = self._lanes_of, self._lane_of
         for pub in pubs:
             channels = pub.channels
             if len(channels) == 1:
-                per_lane[hash(channels[0]) % n].append(pub)
+                lane = lanes_of.get(channels[0])
+                per_lane[lane_of(channels[0]) if lane is None else lane].append(pub)
                 pub.message.pending += 1
                 continue
             groups: dict[int, list[str]] = {}
             for channel in channels:
-                groups.setdefault(hash(channel) % n, []).append(channel)
+                groups.setdefault(lane_of(channel), []).append(channel)
             for index, group in groups.items():
                 per_lane[index].append(pub if len(groups) == 1 else replace(pub, channels=group))
                 pub.message.pending += 1

@@ -5,7 +5,11 @@ real servers: tests/test_sink.py, test_daemon.py, test_real_centrifugo*.py."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,3 +171,19 @@ async def test_a_lone_message_is_sent_at_once(tmp_path: Path) -> None:
     assert sink.sizes == [1]
     assert loop.time() - started < 0.05
     await p.stop()
+
+
+def test_channels_keep_their_lanes_from_one_start_to_the_next() -> None:
+    # Python's string hash changes with every process; lanes picked by it made every run share the
+    # channels out differently (12 channels: 3 to 10 on the busiest of 4 lanes).
+    script = ("import asyncio, sys\n"
+              "from relay.pipeline import Pipeline\n"
+              "async def main():\n"
+              "    p = Pipeline(None, None, None, 4, 500, 0.0)\n"
+              "    print([p._lane_of(f'chat:room-{i}') for i in range(50)])\n"
+              "asyncio.run(main())\n")
+    runs = [subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")]
+    assert runs[0] == runs[1] == runs[2]
+    lanes = json.loads(runs[0])
+    assert sorted(collections.Counter(lanes).values()) == [12, 12, 13, 13]  # and spread

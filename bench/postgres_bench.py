@@ -18,9 +18,8 @@ what each drain cost it in CPU is counted too (its queries share the machine wit
 
 `--baseline DIR` drains a third copy in each turn with the relay code of DIR (a checkout of another
 commit: `git worktree add /tmp/base main`), so a change is measured before and after in one run. Both
-relays of a turn get the same PYTHONHASHSEED (random per turn): code before the relay picked lanes by
-Python's string hash (since, by CRC-32: the same in every run), so an older baseline spreads the 12
-channels over its lanes as the current code would have in that turn's process.
+relays of a turn get the same PYTHONHASHSEED (random per turn); it matters only to a baseline from
+before lanes were picked by CRC-32 (they were picked by Python's string hash, which the seed sets).
 
     .venv/bin/python bench/postgres_bench.py [--count 100000] [--partitions 1 --partitions 3] [--repeats 3]
         [--baseline DIR]

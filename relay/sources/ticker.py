@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from relay.message import Message
+from relay.message import NOTHING, Message
 from relay.sources.engine import READ_MAX, READ_MAX_BYTES, Batch
 from relay.templates import Template
 from relay.units import Duration
@@ -69,11 +69,10 @@ class Ticker:
         self._fast = not config.cron and config.interval == 0
         self._read_max = max(1, min(READ_MAX, READ_MAX_BYTES // max(1, len(config.data))))
 
-    def _message(self, seq: int, now: str) -> Message:
+    def _message(self, seq: int, now: str, read_at: float) -> Message:
         values = {"seq": str(seq), "now": now, "source": self.name}
         data = self._template.render(values.get).encode()
-        return Message(source=self.name, data=data, stream=self._stream, offset=seq,
-                       attributes={"seq": seq, "now": now})
+        return Message(self.name, data, self._stream, seq, None, NOTHING, {"seq": seq, "now": now}, read_at)
 
     async def _sleep_until_next(self) -> None:
         if self.config.cron:
@@ -98,7 +97,9 @@ class Ticker:
         self._seq += n
         # One clock reading per read: a batch of ticks is made within a millisecond or so.
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return [Batch(self._stream, [self._message(seq, now) for seq in range(first, first + n)], end=self._seq + 1)]
+        read_at = time.monotonic()
+        return [Batch(self._stream, [self._message(seq, now, read_at) for seq in range(first, first + n)],
+                      end=self._seq + 1)]
 
     async def commit(self, positions: dict[str, int]) -> None:
         return None

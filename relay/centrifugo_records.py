@@ -124,18 +124,27 @@ PLAIN_CHANNELS_MAX = 4096
 _new_record = tuple.__new__
 
 
+def _checked_channels(channel: str) -> tuple[str] | None:
+    """The shared channel tuple of a well-formed channel name; None when it is not (routing then
+    says why)."""
+    channels = _PLAIN_CHANNEL_NAMES.get(channel)
+    if channels is None and channel_problem(channel) is None:
+        if len(_PLAIN_CHANNEL_NAMES) >= PLAIN_CHANNELS_MAX:
+            _PLAIN_CHANNEL_NAMES.clear()
+        channels = _PLAIN_CHANNEL_NAMES[channel] = (channel,)
+    return channels
+
+
 def _plain_channels(raw: bytes) -> tuple[str] | None:
-    """The channel tuple of a channel name as written, None when it is not well-formed (the full
-    way then says why)."""
+    """`_checked_channels` of a channel name as written, remembered by its bytes."""
     try:
-        channel = raw.decode()
+        channels = _checked_channels(raw.decode())
     except UnicodeDecodeError:
         return None
-    if channel_problem(channel) is not None:
-        return None
-    if len(_PLAIN_CHANNELS) >= PLAIN_CHANNELS_MAX:
-        _PLAIN_CHANNELS.clear()
-    channels = _PLAIN_CHANNELS[raw] = (channel,)
+    if channels is not None:
+        if len(_PLAIN_CHANNELS) >= PLAIN_CHANNELS_MAX:
+            _PLAIN_CHANNELS.clear()
+        _PLAIN_CHANNELS[raw] = channels
     return channels
 
 
@@ -143,13 +152,9 @@ def plain_record(channel: str, data: bytes) -> CentrifugoRecord:
     """A publish of `data` (known to be one JSON value) to `channel` with no options, for a source
     that found them itself (an outbox row's columns): a PlainPublish when the channel is well-formed,
     else a record routing checks, and dead-letters saying why."""
-    channels = _PLAIN_CHANNEL_NAMES.get(channel)
+    channels = _checked_channels(channel)
     if channels is None:
-        if channel_problem(channel) is not None:
-            return CentrifugoRecord("publish", (channel,), data)
-        if len(_PLAIN_CHANNEL_NAMES) >= PLAIN_CHANNELS_MAX:
-            _PLAIN_CHANNEL_NAMES.clear()
-        channels = _PLAIN_CHANNEL_NAMES[channel] = (channel,)
+        return CentrifugoRecord("publish", (channel,), data)
     return _new_record(PlainPublish, ("publish", channels, data, "", _NOTHING, False, False, 0, "", _NOTHING))
 
 

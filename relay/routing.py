@@ -270,15 +270,10 @@ class RoutingTable:
         inline: this runs for every message, and a call each costs as much as the routing."""
         route_into = self.route_into
         append = pubs.append
-        source = stream = prefix = ""
         for message in messages:
             record = message.record
-            if type(record) is PlainPublish and not message.error:
-                if message.stream is not stream or message.source is not source or not prefix:
-                    source, stream = message.source, message.stream  # a chunk is one stream: found once
-                    prefix = message.position.removesuffix(str(message.offset))
-                # The key is `message.position + "#c"`, as in _native, from the stream's prefix.
-                append(Publication(record.channels, record.data, message, f"{prefix}{message.offset}#c", NO_TAGS))
+            if type(record) is PlainPublish and not message.error:  # route_into's first case, inline
+                append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
             else:
                 route_into(message, pubs, rejects)
 

@@ -841,9 +841,8 @@ async def test_more_files_than_descriptors_are_read_in_turns(tmp_path: Path) -> 
 
 
 def test_the_line_splitter_cuts_the_same_lines_whatever_path_a_chunk_takes() -> None:
-    """A chunk whose lines are all short and free of `\\r` takes the quick path; one with a `\\r` or a
-    line that may be too long takes the checked path. Both give the same offsets, numbers and data;
-    the lines of one chunk share one read time."""
+    """Short lines, a `\r` before the newline, lines at and over the limit: each gets its offset,
+    number and data (over the limit: a dead letter); the lines of one chunk share one read time."""
     from relay.sources.file.reader import LineSplitter, TailedFile
 
     def cut(chunks: list[bytes], limit: int) -> list[Message]:

@@ -523,20 +523,15 @@ def _encode_all(pubs: list[Publication], keyed: bool) -> tuple[list[bytes], bool
 def encode_command(pub: Publication, channels: Sequence[str], keyed: bool) -> bytes:
     """One entry of BatchRequest.commands (tag, length, Command) publishing `pub` to `channels`.
 
-    The common publish — a channel, data and maybe an idempotency key — is written directly: the
-    bytes upb writes (tests/test_sink_encoding.py checks it) at half its cost, and this runs for
-    every publication. Anything else is built by upb."""
+    A publish with a channel, data and maybe an idempotency key (nothing else) is written directly:
+    the bytes upb writes (tests/test_sink_encoding.py checks it) at half its cost. The usual one of
+    those is written by `_encode_all` in its loop; anything else is built by upb."""
     if len(channels) == 1 and not (pub.tags or pub.skip_history or pub.delta or pub.version):
+        # PublishRequest: channel (1), data (2, tag 0x12), idempotency_key (6, tag 0x32), inside
+        # Command.publish = 4 (tag 0x22) inside BatchRequest.commands = 1 (tag 0x0a).
         channel = _CHANNEL_FIELDS.get(channels[0]) or _channel_field(channels[0])
         data = pub.data
         key = pub.idempotency_key.encode() if keyed else b""
-        if data and key and len(data) < 1 << 14 and len(key) < 1 << 7:  # the usual publication
-            # PublishRequest: channel (1), data (2, tag 0x12), idempotency_key (6, tag 0x32).
-            size = len(channel) + 1 + len(_VARINTS[len(data)]) + len(data) + 2 + len(key)
-            length = _varint(size)
-            # Command.publish = 4 (tag 0x22) inside BatchRequest.commands = 1 (tag 0x0a).
-            return b"".join((b"\n", _varint(1 + len(length) + size), b'"', length, channel,
-                             b"\x12", _VARINTS[len(data)], data, b"2", _VARINTS[len(key)], key))
         parts = [channel]
         if data:
             parts += (b"\x12", _varint(len(data)), data)

@@ -102,11 +102,7 @@ class LineSplitter:
         rest, rest_start = buf, start
         if last >= 0:
             rest, rest_start = buf[last + 1:], start + last + 1
-            lines = buf[:last]
-            if last <= self.max_line_bytes and b"\r" not in lines:
-                self._lines(f, lines, start, out)  # the usual chunk: no line can be too long, no \r
-            else:
-                self._checked_lines(f, lines, start, out)
+            self._lines(f, buf[:last], start, out)
         if len(rest) > self.max_line_bytes:
             f.skip = Skip(start=rest_start, length=len(rest), preview=rest[:PREVIEW])
             f.pending = b""
@@ -114,25 +110,12 @@ class LineSplitter:
             f.pending = rest
 
     def _lines(self, f: TailedFile, lines: bytes, start: int, out: list[Message]) -> None:
-        """`lines` (without the last newline) starting at `start`, each under the limit, no `\r`."""
-        name, stream, path, file_name = self.source, f.stream, f.path, f.name
-        append = out.append
-        read_at = time.monotonic()  # one clock reading for the chunk: its lines were read together
-        n, pos = f.line_no, start
-        for line in lines.split(b"\n"):
-            n += 1
-            end = pos + len(line) + 1
-            append(Message(name, line, stream, end, None, NOTHING, {
-                "file.path": path, "file.name": file_name, "file.line": n, "file.offset": pos}, read_at))
-            pos = end
-        f.line_no, f.emitted = n, pos
-
-    def _checked_lines(self, f: TailedFile, lines: bytes, start: int, out: list[Message]) -> None:
-        """`lines` as `_lines` does, but a line may be over the limit or end in `\r`."""
+        """`lines` (without the last newline) starting at `start` as messages; a line over the limit
+        is a dead letter with its preview, a `\r` before the newline is dropped."""
         name, stream, path, file_name = self.source, f.stream, f.path, f.name
         limit = self.max_line_bytes
         append = out.append
-        read_at = time.monotonic()
+        read_at = time.monotonic()  # one clock reading for the chunk: its lines were read together
         n, pos = f.line_no, start
         for line in lines.split(b"\n"):
             n += 1

@@ -1,8 +1,9 @@
 """`type = "kafka"`: records of Kafka topics, consumed in a consumer group, committed at least once.
 
 Every record becomes a `Message` with `stream = "<topic>/<partition>"`, `offset` = the record's
-offset, `key` (UTF-8, undecodable bytes replaced), `headers` (values as UTF-8 text) and the
-attributes `topic`, `partition`, `offset` and `timestamp` (milliseconds since the epoch) for routes.
+offset, `key` (UTF-8, undecodable bytes replaced), `headers` (values as UTF-8 text) and, with
+`format = "data"`, the attributes `topic`, `partition`, `offset` and `timestamp` (milliseconds
+since the epoch) for routes.
 
 Delivery: a partition's records are emitted in order. An offset is committed only when it and every
 earlier offset of its partition were settled (published or dead-lettered), periodically, on

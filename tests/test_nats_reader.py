@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.sources.nats import Config, NatsReader
+import pytest
+
+from relay.sources.nats import Config, NatsReader, NatsSourceError
 from relay.sources.nats.reader import COMMIT_INTERVAL, MIN_COMMIT_INTERVAL
 from relay.sources.nats.wire import Delivery, PullWire
 from tests.test_nats_wire import Transport
 
 
-def delivery(seq: int, delivered: int = 1) -> Delivery:
-    return (b"s.%d" % seq, b"$JS.ACK.S.d.%d.%d.%d.1700000000000000000.0" % (delivered, seq, seq), b"", b"%d" % seq)
+def delivery(seq: int, delivered: int = 1, dseq: int | None = None) -> Delivery:
+    """A delivery of stream sequence `seq` (consumer sequence `dseq`, by default the same)."""
+    reply = b"$JS.ACK.S.d.%d.%d.%d.1700000000000000000.0" % (delivered, seq, seq if dseq is None else dseq)
+    return (b"s.%d" % seq, reply, b"", b"%d" % seq)
 
 
 def acked(transport: Transport) -> list[int]:
@@ -25,8 +29,9 @@ def acked(transport: Transport) -> list[int]:
     return [int(line.split(b".")[5]) for line in lines if line.startswith(b"PUB ")]
 
 
-def reader() -> tuple[NatsReader, Transport]:
-    nats = NatsReader("jet", Config.model_validate({"type": "nats", "stream": "S"}))
+def reader(ack_policy: str = "explicit") -> tuple[NatsReader, Transport]:
+    """A reader of a durable acked per message (`explicit`) or up to a sequence (`all`)."""
+    nats = NatsReader("jet", Config.model_validate({"type": "nats", "stream": "S", "ack_policy": ack_policy}))
     wire = PullWire(b"_INBOX.x")
     transport = Transport()
     wire.connection_made(transport)
@@ -103,3 +108,45 @@ def test_the_engine_cap_is_above_the_servers_window() -> None:
     # The server never hands out more than max_ack_pending: the engine's pause never comes first.
     config = Config.model_validate({"type": "nats", "stream": "S", "max_ack_pending": 100})
     assert NatsReader("jet", config).max_in_flight == 101
+
+
+def test_with_ack_policy_all_a_commit_sends_one_ack_the_highest_settled() -> None:
+    nats, transport = reader("all")
+    assert offsets(nats, 1, 2, 3) == [1, 2, 3]
+    assert offsets(nats, 4, 5, 6) == [4, 5, 6]
+    commit(nats, 5)
+    assert acked(transport) == [4]  # settles 1..4 on the server
+    commit(nats, 5)
+    assert acked(transport) == []
+    commit(nats, 7)
+    assert acked(transport) == [6]
+
+
+def test_with_ack_policy_all_no_ack_passes_an_unsettled_message_of_ours() -> None:
+    # 3 came after 10..12 (the start-up hold gave up): an ack of 10 would settle 3 before it was.
+    nats, transport = reader("all")
+
+    def read(*deliveries: Delivery) -> list[int]:
+        return [m.offset for m in nats._accept(list(deliveries))]
+
+    assert read(delivery(10, dseq=1), delivery(11, dseq=2), delivery(12, dseq=3)) == [10, 11, 12]
+    assert read(delivery(3, dseq=4)) == [3]
+    commit(nats, 12)  # 10 and 11 settled, 12 and 3 not
+    assert acked(transport) == []
+    assert read(delivery(11, 2, dseq=5), delivery(10, 2, dseq=6)) == []  # settled, their ack waits
+    commit(nats, 13)
+    assert acked(transport) == [12]
+
+
+def test_with_ack_policy_all_another_client_on_the_durable_stops_the_reader_before_emitting() -> None:
+    nats, _ = reader("all")
+    assert offsets(nats, 1, 2, 3) == [1, 2, 3]
+    with pytest.raises(NatsSourceError, match=r"another client reads durable 'centrifugo-relay' too \(its "
+                                              r"deliveries 4 to 5 went there\)"):
+        nats._accept([delivery(4, dseq=6)])
+    nats, _ = reader("all")
+    with pytest.raises(NatsSourceError, match="deliveries some of 1 to 4 went there"):
+        nats._accept([delivery(1), delivery(2), delivery(3, dseq=4)])
+    nats, _ = reader("explicit")  # acks of its own only: others may share the durable
+    assert offsets(nats, 1, 2, 3) == [1, 2, 3]
+    assert [m.offset for m in nats._accept([delivery(4, dseq=6)])] == [4]

@@ -216,6 +216,48 @@ async def test_an_existing_durable_with_a_smaller_max_ack_pending_than_fetch_bat
     assert src.reader.commit_interval == 0.002  # type: ignore[attr-defined]
 
 
+async def test_a_second_client_on_an_ack_all_durable_stops_the_relay_before_its_acks_cover_that_clients(
+        nats_server: NatsServer, stream: str) -> None:
+    # The relay makes its durable with ack_policy all: one ack settles everything before it. Another
+    # client pulling from it too would lose what it holds when it dies, as the relay's acks pass it.
+    publish(nats_server, stream, 200)
+    src = source(nats_server, stream, fetch_batch=20)
+    reader = Reader(src)
+
+    async def emit(batch: list[Message]) -> None:
+        reader.got.extend(batch)
+        for m in batch:
+            m.settle()
+
+    reader.task = asyncio.create_task(src.run(emit))
+    await reader.wait_for(200)
+    info = await asyncio.to_thread(nats_server.consumer_info, stream, "relay")
+    assert info is not None and info.config.ack_policy == AckPolicy.ALL
+    nc = await nats.connect(nats_server.url)
+    taken: list[int] = []
+    published = 200
+    try:
+        rogue = await nc.jetstream().pull_subscribe_bind("relay", stream)
+        async with asyncio.timeout(30):
+            while not reader.task.done():
+                # More than the relay's two pull requests take, so the other client's gets some.
+                await asyncio.to_thread(publish, nats_server, stream, 60, published)
+                published += 60
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    taken += [m.metadata.sequence.stream for m in await rogue.fetch(1, timeout=0.2)]
+        with pytest.raises(NatsSourceError, match="another client reads durable 'relay' too"):
+            await reader.task
+        await src.close()  # commits what settled
+        assert taken, "the other client got nothing: the test proves nothing"
+        info = await asyncio.to_thread(nats_server.consumer_info, stream, "relay")
+        assert info is not None and info.ack_floor.stream_seq < min(taken), (info.ack_floor, taken)
+        assert info.num_ack_pending >= len(taken)  # still the other client's, none acked by the relay
+        assert [m.offset for m in reader.got] == sorted({m.offset for m in reader.got})
+        assert not set(taken) & {m.offset for m in reader.got}
+    finally:
+        await nc.close()
+
+
 async def reads_one_message(server: NatsServer, options: dict[str, object]) -> None:
     """A message published to a new stream of `server` reaches a source with `options`."""
     name = unique("A")

@@ -33,7 +33,8 @@ class Config(BaseModel):
     subjects: list[str] = Field(default_factory=list,
                                 description="Subject filters of the consumer; empty = the whole stream.")
     durable: str = Field("centrifugo-relay", min_length=1,
-                         description="Durable consumer name; relays with the same durable share its messages.")
+                         description="Durable consumer name; relays with the same durable share its messages "
+                                     "(with ack_policy = explicit).")
     use_existing: bool = Field(False, description="Use the durable as it is and fail if it is missing, "
                                                   "instead of creating it.")
     deliver: Literal["all", "new"] = Field("all", description="Where a newly created durable starts: "
@@ -46,6 +47,11 @@ class Config(BaseModel):
                                                          "at most (the in-flight cap), when created; a small "
                                                          "one is acked more often (with use_existing, the "
                                                          "durable's own sets the pace).")
+    ack_policy: Literal["all", "explicit"] = Field(
+        "all", description="How a durable the relay creates is acked: all = one ack per commit covers "
+                           "every message before it (one relay per durable); explicit = an ack per "
+                           "message (several relays may share the durable). An existing durable keeps "
+                           "its own.")
     ack_wait: Duration = Field(30.0, description="Unacked messages are redelivered after this long, "
                                                  "when created.")
     fetch_batch: int = Field(500, ge=1, le=10_000, description="Messages asked for per pull request.")

@@ -8,6 +8,9 @@ Built on the source engine (relay/sources/engine.py): `NatsReader` connects, rea
 `commit()`. Delivery: messages are emitted in stream order. A message is acked only once it and
 every message emitted before it are settled (published or dead-lettered): the engine's contiguous
 commit positions say which; so the durable consumer's ack floor means "delivered up to here".
+A durable with ack_policy all (the relay makes its own so) gets one ack per commit, the highest
+settled sequence below everything still in flight, and a reader that sees another client take
+deliveries of it stops (its acks would settle that client's messages); explicit: one per message.
 `max_ack_pending` is the cap on unsettled messages, on the server and (one more, so that it never
 pauses reading first) in the engine, so memory stays bounded; a small one is acked more often
 (`commit_interval()`). Messages that stay in flight longer than
@@ -116,6 +119,13 @@ def sequence(reply: bytes) -> int:
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
+def consumer_sequence(reply: bytes) -> int:
+    """The consumer sequence in a delivery's reply subject (after the stream sequence): the
+    durable counts every delivery, to any client, one up."""
+    tokens = reply.split(b".")
+    return int(tokens[6] if len(tokens) == 9 else tokens[8])
+
+
 _reply = itemgetter(1)
 
 
@@ -146,6 +156,10 @@ class _InFlight:
 
     def seqs(self) -> set[int]:
         return {seq for seqs, _ in self._runs for seq in seqs}
+
+    def lowest(self) -> float:
+        """The lowest sequence in flight (each run ascends); infinity when none is."""
+        return min((seqs[0] for seqs, _ in self._runs), default=float("inf"))
 
     def take_below(self, position: int) -> tuple[list[int], list[bytes]]:
         """Remove and return, in the order emitted, what was emitted before the first sequence at or
@@ -290,6 +304,13 @@ class NatsReader:
         self._acked = _Acked(ACKED_MEMORY * config.max_ack_pending)
         self._watcher: asyncio.Task[None] | None = None
         self._in_flight = _InFlight()
+        # ack_policy all: one ack settles every sequence up to its own (the durable's policy, once bound).
+        self._ack_all = config.ack_policy == "all"
+        # Settled but not acked yet, as an unsettled message of ours lies below them (ack_policy all).
+        self._waiting: list[tuple[int, bytes]] = []
+        # The durable's consumer sequence of the last delivery this reader knows of (it counts every
+        # delivery, to any client): with ack_policy all, a jump means another client reads it too.
+        self._delivered: int | None = None
         self._hold = _Hold(0, 0, config.ack_wait)
         self._refused = asyncio.Event()
         self._refusal = ""
@@ -308,6 +329,7 @@ class NatsReader:
             raise SourceUnavailable(f"{self.config.url} does not answer") from None
         self._nc, self._js = nc, js
         self._in_flight.clear()
+        self._waiting = []
         self._unsent = []
         try:
             await self._bind(js)
@@ -342,7 +364,19 @@ class NatsReader:
             return
         seqs, replies = self._in_flight.take_below(position)
         self._acked.add(seqs)
-        self._ack(replies)
+        self._ack(self._covering(seqs, replies) if self._ack_all else replies)
+
+    def _covering(self, seqs: list[int], replies: list[bytes]) -> list[bytes]:
+        """With ack_policy all, the one ack that settles what a commit took: the reply of the
+        highest settled sequence below every message still in flight (a settled one above an
+        unsettled message of ours waits: its ack would settle that message too)."""
+        lowest = self._in_flight.lowest()
+        if not self._waiting and seqs and seqs[-1] < lowest and seqs[-1] == max(seqs):
+            return replies[-1:]  # the usual commit: nothing of ours below the last one is unsettled
+        pairs = self._waiting + list(zip(seqs, replies, strict=True))
+        self._waiting = [pair for pair in pairs if pair[0] > lowest]
+        ackable = [pair for pair in pairs if pair[0] < lowest]
+        return [max(ackable)[1]] if ackable else []
 
     def _ack(self, replies: list[bytes]) -> None:
         """Ack these deliveries now, or after the reconnect while the pull connection is down."""
@@ -471,6 +505,7 @@ class NatsReader:
         if self._wire is not None and not self._lost:
             log.warning("nats source %s: pull connection lost; reconnecting", self.name)
             self._lost = True
+        self._delivered = None  # what went to the lost connection's requests is read anew below
         await asyncio.sleep(RECONNECT_WAIT)
         try:
             self._wire = await asyncio.wait_for(self._open_wire(), CONNECT_WAIT)
@@ -494,7 +529,8 @@ class NatsReader:
         except (nats.errors.Error, TimeoutError) as err:
             log.debug("nats source %s: consumer info failed: %s", self.name, err)
             return
-        owed = (info.num_ack_pending or 0) - len(self._in_flight)
+        self._delivered = info.delivered.consumer_seq
+        owed = (info.num_ack_pending or 0) - len(self._in_flight) - len(self._waiting)
         if owed > 0 and not self._hold.active:
             self._hold = _Hold(info.delivered.stream_seq, owed, info.config.ack_wait or self.config.ack_wait)
             log.info("nats source %s: %d message(s) were on their way when the connection dropped; holding "
@@ -513,6 +549,8 @@ class NatsReader:
                 raise NatsSourceError(f"nats source {self.name!r}: {what}") from None
             info = await js.add_consumer(cfg.stream, self._consumer_config())
             log.info("nats source %s: created durable %s on stream %s", self.name, cfg.durable, cfg.stream)
+        self._ack_all = info.config.ack_policy == AckPolicy.ALL
+        self._delivered = info.delivered.consumer_seq
         if info.config.max_ack_pending:
             self.commit_interval = commit_interval(info.config.max_ack_pending)
         if info.num_ack_pending:
@@ -524,7 +562,7 @@ class NatsReader:
         cfg = self.config
         subjects = list(cfg.subjects)
         return ConsumerConfig(
-            durable_name=cfg.durable, ack_policy=AckPolicy.EXPLICIT,
+            durable_name=cfg.durable, ack_policy=AckPolicy.ALL if cfg.ack_policy == "all" else AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL if cfg.deliver == "all" else DeliverPolicy.NEW,
             ack_wait=cfg.ack_wait, max_ack_pending=cfg.max_ack_pending, max_deliver=-1,
             filter_subject=subjects[0] if len(subjects) == 1 else None,
@@ -537,6 +575,8 @@ class NatsReader:
         everything held while a previous reader's in-flight messages are owed."""
         if not batch:
             return []
+        if self._ack_all:
+            self._check_sole_reader(batch)
         seqs = [sequence(reply) for _, reply, _, _ in batch]
         hold = self._hold
         # The usual read: new sequences only, ascending, nothing held; it needs no lookups.
@@ -545,10 +585,29 @@ class NatsReader:
             return self._messages(seqs, batch)
         return self._accept_again(seqs, batch)
 
+    def _check_sole_reader(self, batch: list[Delivery]) -> None:
+        """With ack_policy all, stop once another client took deliveries of the durable: an ack of
+        ours would settle its messages too, lost if it dies. Checked before anything of this read
+        is emitted, so no ack of ours has passed what it took (new messages go out in stream order)."""
+        first, last = consumer_sequence(batch[0][1]), consumer_sequence(batch[-1][1])
+        known = self._delivered
+        if known is not None and first > known + 1:
+            went = f"{known + 1} to {first - 1}"
+        elif last - first >= len(batch):
+            went = f"some of {first} to {last}"
+        else:
+            self._delivered = last
+            return
+        raise NatsSourceError(
+            f"nats source {self.name!r}: another client reads durable {self.config.durable!r} too (its "
+            f"deliveries {went} went there); with ack_policy all an ack settles every message before "
+            "it, that client's too: run one relay per durable, or use a durable made with "
+            'ack_policy = "explicit"')
+
     def _accept_again(self, seqs: list[int], batch: list[Delivery]) -> list[Message]:
         """`_accept` of a read with redeliveries, sequences out of order, or the hold on."""
         hold = self._hold
-        in_flight, acked = self._in_flight.seqs(), self._acked.seqs()
+        in_flight, acked = self._in_flight.seqs() | {seq for seq, _ in self._waiting}, self._acked.seqs()
         out: dict[int, Delivery] = {}
         acked_again: list[bytes] = []
         for seq, delivery in zip(seqs, batch, strict=True):

@@ -212,7 +212,7 @@ async def test_an_existing_durable_with_a_smaller_max_ack_pending_than_fetch_bat
         for m in reader.got:
             m.settle()
         await wait_info(nats_server, stream, lambda i: i.ack_floor.stream_seq == 1000 and i.num_ack_pending == 0)
-    # Acked as often as the durable's own window needs (the config's max_ack_pending is 5000).
+    # Acked as often as the durable's own window needs (the config's max_ack_pending is 20,000).
     assert src.reader.commit_interval == 0.002  # type: ignore[attr-defined]
 
 

@@ -71,12 +71,6 @@ def relay_config(workdir: Path, nats: NatsServer, server: EmbeddedServerProcess,
     return "\n".join(lines) + "\n"
 
 
-
-
-
-
-
-
 def wait_settled(nats: NatsServer, stream: str, rooms: Rooms, server: EmbeddedServerProcess,
                  proc: RelayProcess, timeout: float = 120) -> dict[int, list[int]]:
     """Until every room holds its last number and the durable has nothing pending or unacked."""
@@ -147,6 +141,46 @@ def test_20000_commands_relay_killed_three_times_each_arrives_once_in_order(
         proc.stop()
     assert kills[-1] < rooms.count, f"the last kill came after the end: {kills}"
     assert_exactly_once_in_order(seen, rooms)
+
+
+def test_two_relays_sharing_an_explicit_durable_one_killed_nothing_lost_nothing_twice(
+        own_nats: tuple[NatsServer, str], embedded_server: EmbeddedServerProcess, tmp_path: Path) -> None:
+    # ack_policy = "explicit": each relay acks its own messages only, so they may share the durable
+    # (order across them is not kept, as with Centrifugo's consumer run several times).
+    nats, stream = own_nats
+    rooms = Rooms()
+    publisher = Publisher(nats, rooms, total=5000, chunk=100, pause=0.05)
+    procs = [relay(tmp_path / name, relay_config(tmp_path / name, nats, embedded_server, stream,
+                                                 ack_policy="explicit"), embedded_server)
+             for name in ("a", "b")]
+    publisher.start()
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + 60
+        while delivered(embedded_server) < 1000:
+            assert time.monotonic() < deadline, procs[0].logs()[-3000:]
+            time.sleep(0.05)
+        procs[0].kill()  # its messages in flight come back to the other after ack_wait
+        killed_at = delivered(embedded_server)
+        publisher.join(120)
+        assert publisher.error is None, publisher.error
+        deadline = time.monotonic() + 120
+        while True:
+            info = nats.consumer_info(stream, "relay")
+            if (delivered(embedded_server) >= rooms.count and info is not None
+                    and info.num_pending == 0 and info.num_ack_pending == 0):
+                break
+            assert time.monotonic() < deadline, f"{delivered(embedded_server)} of {rooms.count}; {info}"
+            time.sleep(0.25)
+        seen = sequences(embedded_server, rooms.rooms)
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert killed_at < rooms.count
+    assert nats.consumer_info(stream, "relay").config.ack_policy == "explicit"  # type: ignore[union-attr]
+    for k in range(rooms.rooms):  # each exactly once (idempotency keys), in whichever order
+        assert sorted(seen[k]) == list(range(rooms.next_seq[k])), f"chat:room-{k}: {seen[k]}"
 
 
 def test_nats_server_restarted_mid_stream_nothing_lost(own_nats: tuple[NatsServer, str],

@@ -81,9 +81,9 @@ class _Fields:
 
     __slots__ = ("_json", "message")
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, parsed: Any = _MISSING) -> None:
         self.message = message
-        self._json: Any = _MISSING
+        self._json: Any = parsed  # the data's JSON when the caller parsed it already
 
     def json(self) -> Any:
         if self._json is _MISSING:
@@ -189,6 +189,32 @@ class Route:
                     return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
         return Publication(channels, data, msg, msg.position + self._key_suffix, tags, self._skip_history)
 
+    def quick(self, msg: Message) -> Publication | None:
+        """`build` in the usual case, for a route that is its source's only one, with no `when` and
+        no tags (so it takes every message); None when anything is unusual, and `build` decides
+        and words why. This runs for every message of such a source."""
+        data = msg.data
+        if self.data_mode == "json":
+            try:
+                fields = _Fields(msg, orjson.loads(data))  # one parse: the data check and json.* fields
+            except (ValueError, RecursionError):
+                return None
+        elif data:
+            fields = _Fields(msg)
+        else:  # raw: empty data is a dead letter
+            return None
+        # A constant route's list is shared by its publications: nothing changes channels in place.
+        channels = self._constant_channels
+        if channels is None:
+            try:
+                channel = self._single.render(fields.get) if self._single is not None else None
+            except TemplateError:
+                return None
+            if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
+                return None
+            channels = [channel]
+        return Publication(channels, data, msg, msg.position + self._key_suffix, NO_TAGS, self._skip_history)
+
     def _data(self, fields: _Fields) -> bytes:
         msg = fields.message
         if self.data_mode == "raw":
@@ -257,6 +283,10 @@ class RoutingTable:
         self._by_source: dict[str, list[Route]] = {}
         for route in self.routes:
             self._by_source.setdefault(route.source, []).append(route)
+        # Sources with one route that takes every message as it is (Route.quick).
+        self._quick = {source: routes[0] for source, routes in self._by_source.items()
+                       if len(routes) == 1 and not routes[0].when and not routes[0].tags
+                       and routes[0].data_mode in ("json", "raw")}
 
     def route(self, message: Message) -> tuple[list[Publication], list[Rejection]]:
         """The publications made from a message and the rejections (dead letters) it caused."""
@@ -270,10 +300,16 @@ class RoutingTable:
         inline: this runs for every message, and a call each costs as much as the routing."""
         route_into = self.route_into
         append = pubs.append
+        quick_routes = self._quick
         for message in messages:
             record = message.record
-            if type(record) is PlainPublish and not message.error:  # route_into's first case, inline
+            if message.error:
+                route_into(message, pubs, rejects)
+            elif type(record) is PlainPublish:  # route_into's first case, inline
                 append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+            elif record is None and (quick := quick_routes.get(message.source)) is not None \
+                    and (pub := quick.quick(message)) is not None:
+                append(pub)
             else:
                 route_into(message, pubs, rejects)
 

@@ -187,33 +187,32 @@ class Route:
                 problem = _channel_problem(channel)
                 if problem:
                     return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
-        return Publication(channels, data, msg, msg.position + self._key_suffix, tags, self._skip_history)
+        return Publication(channels, data, msg, msg.position_key(self._key_suffix), tags, self._skip_history)
 
     def quick(self, msg: Message) -> Publication | None:
         """`build` in the usual case, for a route that is its source's only one, with no `when` and
         no tags (so it takes every message); None when anything is unusual, and `build` decides
         and words why. This runs for every message of such a source."""
         data = msg.data
+        parsed: Any = _MISSING
         if self.data_mode == "json":
             try:
-                fields = _Fields(msg, orjson.loads(data))  # one parse: the data check and json.* fields
+                parsed = orjson.loads(data)  # one parse: the data check and json.* fields
             except (ValueError, RecursionError):
                 return None
-        elif data:
-            fields = _Fields(msg)
-        else:  # raw: empty data is a dead letter
+        elif not data:  # raw: empty data is a dead letter
             return None
         # A constant route's list is shared by its publications: nothing changes channels in place.
         channels = self._constant_channels
         if channels is None:
             try:
-                channel = self._single.render(fields.get) if self._single is not None else None
+                channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
             except TemplateError:
                 return None
             if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
                 return None
             channels = [channel]
-        return Publication(channels, data, msg, msg.position + self._key_suffix, NO_TAGS, self._skip_history)
+        return Publication(channels, data, msg, msg.position_key(self._key_suffix), NO_TAGS, self._skip_history)
 
     def _data(self, fields: _Fields) -> bytes:
         msg = fields.message
@@ -306,7 +305,7 @@ class RoutingTable:
             if message.error:
                 route_into(message, pubs, rejects)
             elif type(record) is PlainPublish:  # route_into's first case, inline
-                append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+                append(Publication(record.channels, record.data, message, message.position_key("#c"), NO_TAGS))
             elif record is None and (quick := quick_routes.get(message.source)) is not None \
                     and (pub := quick.quick(message)) is not None:
                 append(pub)
@@ -321,7 +320,7 @@ class RoutingTable:
         record = message.record
         if record is not None:
             if type(record) is PlainPublish:  # the common record: nothing to check, no options
-                pubs.append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+                pubs.append(Publication(record.channels, record.data, message, message.position_key("#c"), NO_TAGS))
             else:
                 self._native(message, record, pubs, rejects)
             return
@@ -362,7 +361,7 @@ class RoutingTable:
                 if problem:
                     rejects.append(Rejection(message, problem, channel=channel))
                     return
-        key = record.idempotency_key or message.position + "#c"
+        key = record.idempotency_key or message.position_key("#c")
         if record.tags or record.skip_history or record.delta or record.version:
             pubs.append(Publication(channels, record.data, message, key, record.tags, record.skip_history,
                                     record.delta, record.version, record.version_epoch))

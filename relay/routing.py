@@ -154,6 +154,14 @@ class Route:
         self._check_channels = not all(t.is_constant for t in self.channels)
         self._constant_channels = None if self._check_channels else [t.source for t in self.channels]
         self._single = self.channels[0] if len(self.channels) == 1 else None
+        # A channel template of one field, the key or a top-level JSON member: (before, member or
+        # None for the key, after), filled in `quick` without a lookup.
+        self._one_field: tuple[str, str | None, str] | None = None
+        if self._single is not None and len(self._single.fields) == 1:
+            name = self._single.fields[0]
+            member = name[5:] if name.startswith("json.") and "." not in name[5:] else None
+            if name == "key" or member is not None:
+                self._one_field = (self._single.literals[0], member, self._single.literals[1])
         self._key_suffix = f"#{index}"  # one message may feed several routes: one key each
         self._skip_history = config.skip_history
 
@@ -205,10 +213,18 @@ class Route:
         # A constant route's list is shared by its publications: nothing changes channels in place.
         channels = self._constant_channels
         if channels is None:
-            try:
-                channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
-            except TemplateError:
-                return None
+            one = self._one_field
+            if one is not None:
+                before, member, after = one
+                value = msg.key if member is None else parsed.get(member) if type(parsed) is dict else None
+                if type(value) is not str:  # missing, or a JSON value written out: `build` decides
+                    return None
+                channel: str | None = before + value + after
+            else:
+                try:
+                    channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
+                except TemplateError:
+                    return None
             if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
                 return None
             channels = [channel]

@@ -219,9 +219,12 @@ QUICK_ROUTES = [  # each its source's only route, without `when` or tags: route_
     '[[routes]]\nsource = "events"\nchannel = "chat:fixed"\ncontinue = true\n',
     '[[routes]]\nsource = "events"\nchannels = ["chat:a", "chat:b"]\n',
     '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.user.id }}"\n',
+    '[[routes]]\nsource = "events"\nchannel = "{{ key }}"\ndata = "raw"\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.room }}:{{ key }}"\n',
 ]
 QUICK_MESSAGES = [
-    (b'{"room": "r1", "user": {"id": 7}}', "k1", {"x-room": "h1"}),
+    # Keys and rooms cross (r1/r2): a channel made of the wrong field is still a known, good one.
+    (b'{"room": "r1", "user": {"id": 7}}', "r2", {"x-room": "h1"}),
     (b'{"room": "r1"}', None, {}),  # no key: a template error
     (b"not json", "k1", {"x-room": "h1"}),
     (b"", "k1", {"x-room": "h1"}),  # empty: not JSON, and raw refuses it
@@ -229,7 +232,9 @@ QUICK_MESSAGES = [
     (b'{"room": 1e400, "user": {"id": 1e400}}', "k1", {}),  # JSON orjson refuses
     (b'{"room": "bad channel\\u0000"}', "bad key\x00", {"x-room": "bad\x00"}),  # channels refused
     (b'{"room": "' + b"r" * 300 + b'"}', "k" * 300, {"x-room": "h" * 300}),  # channels too long
-    (b'{"room": "r2", "user": {"id": "u2"}}', "k2", {"x-room": "h2"}),
+    (b'{"room": "r2", "user": {"id": "u2"}}', "r1", {"x-room": "h2"}),
+    (b'{"room": 5, "user": {"id": true}}', "", {"x-room": ""}),  # JSON values written out; empty values
+    (b'["room"]', "k3", {}),  # JSON, not an object
     (b"[" * 2000 + b"]" * 2000, "k1", {}),  # nested too deeply
 ]
 

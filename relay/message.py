@@ -59,6 +59,13 @@ class Message:
         """A stable, printable source position; idempotency keys derive from it."""
         return f"{self.source}/{self.stream}/{self.offset}" if self.stream else f"{self.source}/{self.offset}"
 
+    def position_key(self, suffix: str) -> str:
+        """An idempotency key: `position` and `suffix` (which says what made it of this message),
+        in one formatting (this runs for every publication)."""
+        if self.stream:
+            return f"{self.source}/{self.stream}/{self.offset}{suffix}"
+        return f"{self.source}/{self.offset}{suffix}"
+
     def settle(self) -> None:
         """Called by the pipeline when nothing more is owed for this message."""
         self.on_settled(self)

@@ -81,9 +81,9 @@ class _Fields:
 
     __slots__ = ("_json", "message")
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, parsed: Any = _MISSING) -> None:
         self.message = message
-        self._json: Any = _MISSING
+        self._json: Any = parsed  # the data's JSON when the caller parsed it already
 
     def json(self) -> Any:
         if self._json is _MISSING:
@@ -154,6 +154,14 @@ class Route:
         self._check_channels = not all(t.is_constant for t in self.channels)
         self._constant_channels = None if self._check_channels else [t.source for t in self.channels]
         self._single = self.channels[0] if len(self.channels) == 1 else None
+        # A channel template of one field, the key or a top-level JSON member: (before, member or
+        # None for the key, after), filled in `quick` without a lookup.
+        self._one_field: tuple[str, str | None, str] | None = None
+        if self._single is not None and len(self._single.fields) == 1:
+            name = self._single.fields[0]
+            member = name[5:] if name.startswith("json.") and "." not in name[5:] else None
+            if name == "key" or member is not None:
+                self._one_field = (self._single.literals[0], member, self._single.literals[1])
         self._key_suffix = f"#{index}"  # one message may feed several routes: one key each
         self._skip_history = config.skip_history
 
@@ -187,7 +195,40 @@ class Route:
                 problem = _channel_problem(channel)
                 if problem:
                     return Rejection(msg, f"route {self.index}: {problem}", channel=channel)
-        return Publication(channels, data, msg, msg.position + self._key_suffix, tags, self._skip_history)
+        return Publication(channels, data, msg, msg.position_key(self._key_suffix), tags, self._skip_history)
+
+    def quick(self, msg: Message) -> Publication | None:
+        """`build` in the usual case, for a route that is its source's only one, with no `when` and
+        no tags (so it takes every message); None when anything is unusual, and `build` decides
+        and words why. This runs for every message of such a source."""
+        data = msg.data
+        parsed: Any = _MISSING
+        if self.data_mode == "json":
+            try:
+                parsed = orjson.loads(data)  # one parse: the data check and json.* fields
+            except (ValueError, RecursionError):
+                return None
+        elif not data:  # raw: empty data is a dead letter
+            return None
+        # A constant route's list is shared by its publications: nothing changes channels in place.
+        channels = self._constant_channels
+        if channels is None:
+            one = self._one_field
+            if one is not None:
+                before, member, after = one
+                value = msg.key if member is None else parsed.get(member) if type(parsed) is dict else None
+                if type(value) is not str:  # missing, or a JSON value written out: `build` decides
+                    return None
+                channel: str | None = before + value + after
+            else:
+                try:
+                    channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
+                except TemplateError:
+                    return None
+            if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
+                return None
+            channels = [channel]
+        return Publication(channels, data, msg, msg.position_key(self._key_suffix), NO_TAGS, self._skip_history)
 
     def _data(self, fields: _Fields) -> bytes:
         msg = fields.message
@@ -257,6 +298,10 @@ class RoutingTable:
         self._by_source: dict[str, list[Route]] = {}
         for route in self.routes:
             self._by_source.setdefault(route.source, []).append(route)
+        # Sources with one route that takes every message as it is (Route.quick).
+        self._quick = {source: routes[0] for source, routes in self._by_source.items()
+                       if len(routes) == 1 and not routes[0].when and not routes[0].tags
+                       and routes[0].data_mode in ("json", "raw")}
 
     def route(self, message: Message) -> tuple[list[Publication], list[Rejection]]:
         """The publications made from a message and the rejections (dead letters) it caused."""
@@ -270,10 +315,16 @@ class RoutingTable:
         inline: this runs for every message, and a call each costs as much as the routing."""
         route_into = self.route_into
         append = pubs.append
+        quick_routes = self._quick
         for message in messages:
             record = message.record
-            if type(record) is PlainPublish and not message.error:  # route_into's first case, inline
-                append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+            if message.error:
+                route_into(message, pubs, rejects)
+            elif type(record) is PlainPublish:  # route_into's first case, inline
+                append(Publication(record.channels, record.data, message, message.position_key("#c"), NO_TAGS))
+            elif record is None and (quick := quick_routes.get(message.source)) is not None \
+                    and (pub := quick.quick(message)) is not None:
+                append(pub)
             else:
                 route_into(message, pubs, rejects)
 
@@ -285,7 +336,7 @@ class RoutingTable:
         record = message.record
         if record is not None:
             if type(record) is PlainPublish:  # the common record: nothing to check, no options
-                pubs.append(Publication(record.channels, record.data, message, message.position + "#c", NO_TAGS))
+                pubs.append(Publication(record.channels, record.data, message, message.position_key("#c"), NO_TAGS))
             else:
                 self._native(message, record, pubs, rejects)
             return
@@ -326,7 +377,7 @@ class RoutingTable:
                 if problem:
                     rejects.append(Rejection(message, problem, channel=channel))
                     return
-        key = record.idempotency_key or message.position + "#c"
+        key = record.idempotency_key or message.position_key("#c")
         if record.tags or record.skip_history or record.delta or record.version:
             pubs.append(Publication(channels, record.data, message, key, record.tags, record.skip_history,
                                     record.delta, record.version, record.version_epoch))

@@ -5,6 +5,8 @@ checked here, only that every piece runs and says what it measured."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,14 @@ def test_the_ticker_benchmark_spreads_over_channels(tmp_path: Path) -> None:
 
 @pytest.mark.kafka
 @pytest.mark.centrifugo
+def test_the_hotpath_benchmark_runs_every_scenario() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "hotpath_bench.py"), "--count", "3200", "--turns", "1"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    for scenario in ("ticker16", "records", "json-key"):
+        line = next(line for line in out.splitlines() if line.startswith(scenario))
+        assert float(line.split()[2]) > 0
+
+
 def test_the_kafka_benchmarks_run(kafka_broker: KafkaBroker, centrifugo_bin: Path) -> None:
     kafka: dict[str, Any] = kafka_bench.run(3000, broker=kafka_broker)
     assert kafka["relay kafka→serve"]["records"] == 3000

@@ -210,3 +210,53 @@ def test_a_chunk_of_plain_records_gets_the_keys_each_message_would_get_alone() -
     alone = [RoutingTable([]).route(m)[0][0].idempotency_key for m in messages]
     assert [p.idempotency_key for p in pubs] == alone == [
         "kafka/t/0/7#c", "kafka/t/0/8#c", "kafka/9#c", "kafka/t/1/10#c", "kafka/t/0/100#c"]
+
+
+QUICK_ROUTES = [  # each its source's only route, without `when` or tags: route_chunk's quick way
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.room }}"\nskip_history = true\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ header.x-room }}"\ndata = "raw"\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:fixed"\ncontinue = true\n',
+    '[[routes]]\nsource = "events"\nchannels = ["chat:a", "chat:b"]\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.user.id }}"\n',
+    '[[routes]]\nsource = "events"\nchannel = "{{ key }}"\ndata = "raw"\n',
+    '[[routes]]\nsource = "events"\nchannel = "chat:{{ json.room }}:{{ key }}"\n',
+]
+QUICK_MESSAGES = [
+    # Keys and rooms cross (r1/r2): a channel made of the wrong field is still a known, good one.
+    (b'{"room": "r1", "user": {"id": 7}}', "r2", {"x-room": "h1"}),
+    (b'{"room": "r1"}', None, {}),  # no key: a template error
+    (b"not json", "k1", {"x-room": "h1"}),
+    (b"", "k1", {"x-room": "h1"}),  # empty: not JSON, and raw refuses it
+    (b"null", "k1", {"x-room": "h1"}),  # JSON null: valid data, but no json.* field
+    (b'{"room": 1e400, "user": {"id": 1e400}}', "k1", {}),  # JSON orjson refuses
+    (b'{"room": "bad channel\\u0000"}', "bad key\x00", {"x-room": "bad\x00"}),  # channels refused
+    (b'{"room": "' + b"r" * 300 + b'"}', "k" * 300, {"x-room": "h" * 300}),  # channels too long
+    (b'{"room": "r2", "user": {"id": "u2"}}', "r1", {"x-room": "h2"}),
+    (b'{"room": 5, "user": {"id": true}}', "", {"x-room": ""}),  # JSON values written out; empty values
+    (b'["room"]', "k3", {}),  # JSON, not an object
+    (b"[" * 2000 + b"]" * 2000, "k1", {}),  # nested too deeply
+]
+
+
+@pytest.mark.parametrize("route", QUICK_ROUTES)
+@pytest.mark.parametrize("unmatched", ["drop", "dead_letter"])
+def test_a_chunk_routes_as_each_message_alone(route: str, unmatched: str) -> None:
+    # route_chunk takes a quick way for a source's only route; what it makes must be what route()
+    # makes of each message alone, in order: publications, keys, options, dead letters and reasons.
+    routes = table(route, unmatched)
+    messages = [Message(source="events", data=data, stream="chat-events/0", offset=i, key=key, headers=headers)
+                for i, (data, key, headers) in enumerate(QUICK_MESSAGES * 2)]  # twice: channels now known
+    messages.append(Message(source="events", data=b"{}", offset=99, error="unreadable"))
+    pubs: list[Publication] = []
+    rejects: list[Rejection] = []
+    routes.route_chunk(messages, pubs, rejects)
+    alone = [routes.route(m) for m in messages]
+
+    def seen(pub: Publication) -> tuple[object, ...]:
+        return (tuple(pub.channels), pub.data, pub.message, pub.idempotency_key, dict(pub.tags), pub.skip_history,
+                pub.delta, pub.version, pub.version_epoch)
+
+    assert [seen(p) for p in pubs] == [seen(p) for result in alone for p in result[0]]
+    assert rejects == [r for result in alone for r in result[1]]
+    assert pubs and rejects

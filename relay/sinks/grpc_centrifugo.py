@@ -162,17 +162,29 @@ class GrpcCentrifugoSink:
         """Publish in order; returns the channels that failed for good, by publication index
         (an empty mapping when everything was accepted)."""
         failures: Failures = defaultdict(list)
-        # What is still owed: publication index → channels not yet accepted.
-        # The lists are never changed in place (a partly accepted broadcast gets a new one).
-        owed: dict[int, Sequence[str]] = dict(enumerate(pub.channels for pub in pubs))
         # Each publication as a command on the wire, encoded once; the sizes are exact.
         commands = _Commands(pubs, self.config.idempotency)
+        # What is still owed: publication index → channels not yet accepted; made only once a batch
+        # did not go through whole. The lists are never changed in place (a partly accepted
+        # broadcast gets a new one).
+        owed: dict[int, Sequence[str]] | None = None
         try:
-            await self._attempt(commands, owed, failures)
+            if self.config.api == "v6" and commands.total <= self._limit:
+                # The usual batch: one request, every reply a plain publish result.
+                raw = await self._call(commands.whole(), len(pubs))
+                if _accepted_replies(raw) == len(pubs):
+                    return failures
+                owed = commands.all_owed()
+                self._settle_replies(list(owed), raw, owed, failures)
+                if owed:
+                    raise _Temporary("temporary_error")
+            else:
+                owed = commands.all_owed()
+                await self._attempt(commands, owed, failures)
         except _Temporary as first:
             # Retrying machinery costs about as much as the call itself, so only a batch that
             # failed once pays for it.
-            await self._retry(commands, owed, failures, first)
+            await self._retry(commands, commands.all_owed() if owed is None else owed, failures, first)
         return failures
 
     async def _retry(self, commands: _Commands, owed: dict[int, Sequence[str]], failures: Failures,
@@ -307,14 +319,7 @@ class GrpcCentrifugoSink:
     async def _attempt_v6(self, commands: _Commands, sizes: dict[int, int], owed: dict[int, Sequence[str]],
                           failures: Failures) -> None:
         for chunk in self._chunks(sizes, owed):
-            request = commands.request(chunk, owed)
-            try:
-                raw: bytes = await self._batch_call(request, metadata=self._metadata, timeout=self.config.timeout)
-            except grpc.aio.AioRpcError as err:
-                too_large = self._learn_limit(err, len(request))
-                raise too_large or await self._failed(err) from None
-            events.BatchSent(len(chunk)).emit()
-            self._succeeded()
+            raw = await self._call(commands.request(chunk, owed), len(chunk))
             if _accepted_replies(raw) == len(chunk):
                 if len(chunk) == len(owed):
                     owed.clear()
@@ -322,14 +327,30 @@ class GrpcCentrifugoSink:
                     for i in chunk:
                         del owed[i]
                 continue
-            response = v6.BatchResponse.FromString(raw)
-            if len(response.replies) != len(chunk):
-                raise _Temporary("short_batch_reply")
-            for i, reply in zip(chunk, response.replies, strict=True):
-                if reply.HasField("error") or reply.HasField("broadcast"):
-                    self._settle_reply(i, reply, owed, failures)
-                else:
-                    del owed[i]  # the common case, accepted: kept inline, it runs per publication
+            self._settle_replies(chunk, raw, owed, failures)
+
+    async def _call(self, request: bytes, size: int) -> bytes:
+        """One Batch call of `size` commands; its reply as bytes, or _Temporary."""
+        try:
+            raw: bytes = await self._batch_call(request, metadata=self._metadata, timeout=self.config.timeout)
+        except grpc.aio.AioRpcError as err:
+            too_large = self._learn_limit(err, len(request))
+            raise too_large or await self._failed(err) from None
+        events.BatchSent(size).emit()
+        self._succeeded()
+        return raw
+
+    def _settle_replies(self, chunk: list[int], raw: bytes, owed: dict[int, Sequence[str]],
+                        failures: Failures) -> None:
+        """Take what the replies to the commands `chunk` say off `owed` (decoded: not all plain)."""
+        response = v6.BatchResponse.FromString(raw)
+        if len(response.replies) != len(chunk):
+            raise _Temporary("short_batch_reply")
+        for i, reply in zip(chunk, response.replies, strict=True):
+            if reply.HasField("error") or reply.HasField("broadcast"):
+                self._settle_reply(i, reply, owed, failures)
+            else:
+                del owed[i]  # the common case, accepted: kept inline, it runs per publication
 
     @staticmethod
     def _settle_reply(i: int, reply: Any, owed: dict[int, Sequence[str]], failures: Failures) -> None:
@@ -408,6 +429,19 @@ def _accepted_replies(raw: bytes) -> int:
 
     Each reply is then `0a LEN 22 LEN-2 <PublishResult>` (BatchResponse.replies = 1, Reply.publish
     = 4) with one-byte lengths; checking those bytes costs half of decoding and HasField."""
+    if len(raw) > 3 and 2 <= raw[1] < 0x80:
+        # Replies of one size (usual: offsets of the same varint length, epochs of one length) are
+        # checked in C, every fourth byte of each kind by one extended slice, not one at a time.
+        size = raw[1] + 2
+        count, rest = divmod(len(raw), size)
+        if not rest and raw[0::size].count(0x0A) == count and raw[1::size].count(size - 2) == count \
+                and raw[2::size].count(0x22) == count and raw[3::size].count(size - 4) == count:
+            return count
+    return _walk_replies(raw)
+
+
+def _walk_replies(raw: bytes) -> int:
+    """`_accepted_replies` reply by reply, whatever their sizes."""
     pos, end, count = 0, len(raw), 0
     while pos < end:
         length = raw[pos + 1] if pos + 1 < end else 128
@@ -430,13 +464,22 @@ class _Commands:
     left false), so sizes are exact and splitting a batch costs no re-encoding. A broadcast that
     was partly accepted is encoded again for the channels still owed."""
 
-    __slots__ = ("_again", "_broadcasts", "_first", "keyed", "pubs")
+    __slots__ = ("_again", "_broadcasts", "_first", "keyed", "pubs", "total")
 
     def __init__(self, pubs: list[Publication], keyed: bool) -> None:
         self.pubs = pubs
         self.keyed = keyed
         self._first, self._broadcasts = _encode_all(pubs, keyed)
+        self.total = sum(map(len, self._first))  # the size of the request of them all
         self._again: dict[int, tuple[Sequence[str], bytes]] = {}  # for the channels of a partial broadcast
+
+    def all_owed(self) -> dict[int, Sequence[str]]:
+        """Every publication with all its channels: what is owed before the first call."""
+        return dict(enumerate(pub.channels for pub in self.pubs))
+
+    def whole(self) -> bytes:
+        """The request of every command, as first encoded."""
+        return b"".join(self._first)
 
     def encoded(self, i: int, channels: Sequence[str]) -> bytes:
         if channels is self.pubs[i].channels:

@@ -73,7 +73,7 @@ class CentrifugoRecord(NamedTuple):
 def read_publication(value: bytes, fields: Mapping[str, str]) -> tuple[CentrifugoRecord | None, str]:
     """`parse_publication` as a source puts it on its Message: (the record, "") or (None, why not)."""
     if not fields:  # the usual record, in one call fewer: this runs for every record
-        plain = _plain_publish(value)
+        plain = plain_publish(value)
         if plain is not None:
             return plain, ""
     try:
@@ -85,7 +85,7 @@ def read_publication(value: bytes, fields: Mapping[str, str]) -> tuple[Centrifug
 def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
     """The publish or broadcast a record asks for; ValueError says why it is none."""
     if CHANNELS_FIELD not in fields and method_field not in fields:  # the body says it all
-        plain = _plain_publish(value)
+        plain = plain_publish(value)
         if plain is not None:
             return plain
     record = parse_record(value, fields, method_field)
@@ -158,7 +158,7 @@ def plain_record(channel: str, data: bytes) -> CentrifugoRecord:
     return _new_record(PlainPublish, ("publish", channels, data, "", _NOTHING, False, False, 0, "", _NOTHING))
 
 
-def _plain_publish(value: bytes) -> CentrifugoRecord | None:
+def plain_publish(value: bytes) -> CentrifugoRecord | None:
     """The common record read without building it; None for anything else, which takes the full
     way. This runs for every record."""
     match = _COMPACT_PUBLISH.match(value) or _SPACED_PUBLISH.match(value)

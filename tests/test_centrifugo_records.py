@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.centrifugo_records import PlainPublish, _plain_publish, parse_publication, parse_record, plain_record
+from relay.centrifugo_records import PlainPublish, parse_publication, parse_record, plain_publish, plain_record
 from relay.channels import channel_problem
 from relay.message import Message
 from relay.routing import RoutingTable
@@ -64,11 +64,11 @@ def test_a_broadcast_with_options_keeps_its_data_as_written(data: Any, channels:
 
 def test_the_common_form_takes_the_short_way_and_anything_else_the_full_one() -> None:
     common = b'{"method": "publish", "payload": {"channel": "chat:a", "data": {"n": 1}}}'
-    assert _plain_publish(common) == parse_record(common, {})
-    assert _plain_publish(b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}},"x":1}') is None
-    assert _plain_publish(b'{"method":"publish","payload":{"channel":"chat:\\u0061","data":1}}') is None
-    assert _plain_publish(b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}}') is None
-    assert _plain_publish(b'{"method":"publish","payload":{"channel":"a","data":1},"q":{"channel":"b","data":2}}') \
+    assert plain_publish(common) == parse_record(common, {})
+    assert plain_publish(b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}},"x":1}') is None
+    assert plain_publish(b'{"method":"publish","payload":{"channel":"chat:\\u0061","data":1}}') is None
+    assert plain_publish(b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}}') is None
+    assert plain_publish(b'{"method":"publish","payload":{"channel":"a","data":1},"q":{"channel":"b","data":2}}') \
         is None
     # What the short way refuses, the full way still reads (escapes, extra keys) or refuses.
     assert parse_publication(b'{"method":"publish","payload":{"channel":"chat:\\u0061","data":1}}', {}).channels \
@@ -83,7 +83,7 @@ def test_the_short_way_reads_what_the_full_way_reads_or_leaves_it_to_it(data: An
     # way's record, marked plain only when routing may take it unchecked, or None.
     record = json.dumps({"method": "publish", "payload": {"channel": channel, "data": data}}, ensure_ascii=ascii_,
                         **{k: v for k, v in style.items() if k != "ensure_ascii"}).encode()
-    short = _plain_publish(record)
+    short = plain_publish(record)
     full = parse_record(record, {})
     if short is not None:
         assert isinstance(short, PlainPublish)
@@ -96,7 +96,7 @@ def test_the_short_way_reads_what_the_full_way_reads_or_leaves_it_to_it(data: An
 
 def test_a_plain_publish_to_a_bad_channel_is_routed_to_a_dead_letter() -> None:
     record = b'{"method":"publish","payload":{"channel":"chat:a*b","data":{"n":1}}}'
-    assert _plain_publish(record) is None
+    assert plain_publish(record) is None
     parsed = parse_publication(record, {})
     pubs, rejects = RoutingTable([]).route(Message("s", record, record=parsed))
     assert pubs == [] and len(rejects) == 1 and "reserved" in rejects[0].reason

@@ -77,9 +77,11 @@ def read_publication(value: bytes, fields: Mapping[str, str]) -> tuple[Centrifug
         if plain is not None:
             return plain, ""
     try:
-        return parse_publication(value, fields), ""
+        # Without fields the short way was just tried: the full way only.
+        record = _full_publication(value, fields) if not fields else parse_publication(value, fields)
     except ValueError as err:
         return None, str(err)
+    return record, ""
 
 
 def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
@@ -88,6 +90,11 @@ def parse_publication(value: bytes, fields: Mapping[str, str], method_field: str
         plain = plain_publish(value)
         if plain is not None:
             return plain
+    return _full_publication(value, fields, method_field)
+
+
+def _full_publication(value: bytes, fields: Mapping[str, str], method_field: str = METHOD_FIELD) -> CentrifugoRecord:
+    """`parse_publication` the full way (the common record's short way refused it, or does not apply)."""
     record = parse_record(value, fields, method_field)
     if not record.is_publication:
         raise ValueError(f"Centrifugo method {record.method!r} is not supported (only publish and broadcast)")

@@ -57,7 +57,7 @@ class Message:
     @property
     def position(self) -> str:
         """A stable, printable source position; idempotency keys derive from it."""
-        return f"{self.source}/{self.stream}/{self.offset}" if self.stream else f"{self.source}/{self.offset}"
+        return self.position_key("")
 
     def position_key(self, suffix: str) -> str:
         """An idempotency key: `position` and `suffix` (which says what made it of this message),

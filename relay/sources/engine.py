@@ -173,7 +173,6 @@ class SourceEngine:
         # by one to resume exactly at half. With a large one, whole chunks are counted (cheaper; it
         # may resume a few chunks late).
         self._exact = self.cap <= EXACT_CAP
-        self._commit_interval = float(getattr(reader, "commit_interval", 1.0))
         self._connect_timeout = float(getattr(reader, "connect_timeout", 0.0))
         self._can_pause = callable(getattr(reader, "pause", None)) and callable(getattr(reader, "resume", None))
         self._after: Callable[[Message], int] = getattr(reader, "position_after", None) or _next_offset
@@ -493,7 +492,7 @@ class SourceEngine:
         while True:
             # The interval is read again at least every second: a reader may learn its pace only on
             # connecting (a NATS durable made elsewhere tells its window then).
-            wait = last + float(getattr(self.reader, "commit_interval", self._commit_interval)) - time.monotonic()
+            wait = last + float(getattr(self.reader, "commit_interval", 1.0)) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(min(wait, 1.0))
                 continue

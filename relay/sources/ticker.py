@@ -112,12 +112,8 @@ class Ticker:
         data, seqs = self._data_format(now)
         name, stream = self.name, self._stream
         # Built inline, by position: this runs for every tick.
-        if seqs == 1:
-            messages = [Message(name, data % seq, stream, seq, None, NOTHING, {"seq": seq, "now": now}, read_at)
-                        for seq in range(first, first + n)]
-        else:
-            messages = [Message(name, data % ((seq,) * seqs), stream, seq, None, NOTHING, {"seq": seq, "now": now},
-                                read_at) for seq in range(first, first + n)]
+        messages = [Message(name, data % ((seq,) * seqs), stream, seq, None, NOTHING, {"seq": seq, "now": now},
+                            read_at) for seq in range(first, first + n)]
         return [Batch(stream, messages, end=self._seq + 1)]
 
     async def commit(self, positions: dict[str, int]) -> None:

@@ -242,7 +242,9 @@ def test_the_next_query_is_sent_before_the_rows_read_are_handed_over(
 
     async def read() -> tuple[list[int], list[str]]:
         ids = [m.offset for batch in await reader.read() or [] for m in batch.messages]
-        await asyncio.sleep(0.1)  # what was sent ahead has arrived by now
+        ahead = reader._ahead
+        if ahead is not None:
+            await asyncio.wait([ahead[1]])  # what was sent ahead has arrived
         return ids, list(log)
 
     async def scenario() -> list[tuple[list[int], list[str]]]:
@@ -286,7 +288,8 @@ def test_a_partition_that_becomes_due_is_read_while_another_drains_a_backlog(
         for n in range(8):  # the backlog of partition 0 takes 10 reads
             if n == 1:
                 pg.psql(row.format(p=1, n=1), db)
-                await asyncio.sleep(0.1)  # partition 1 is due again
+                while time.monotonic() < reader._partitions[1].due:  # partition 1 is due again
+                    await asyncio.sleep(0.01)
             reads.append({b.stream: len(b.messages) for b in await reader.read() or []})
         await reader.close()
         return reads

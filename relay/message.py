@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from relay.centrifugo_records import CentrifugoRecord
+from relay.centrifugo_records import CentrifugoRecord, PlainRecord
 
 Ack = Callable[["Message"], None]
 # The headers or attributes of a message that has none: one shared, read-only mapping, not a dict each.
@@ -44,8 +44,9 @@ class Message:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     read_at: float = field(default_factory=time.monotonic)
     # A record in Centrifugo's own consumer format, read by the source (relay/centrifugo_records.py,
-    # a CentrifugoRecord): it names its channels itself and no route applies.
-    record: CentrifugoRecord | None = None
+    # a CentrifugoRecord, or a PlainRecord pair when it is the common one): it names its channels
+    # itself and no route applies.
+    record: CentrifugoRecord | PlainRecord | None = None
     # Why the source could not read this message (a dead letter says so); "" when it could.
     error: str = ""
     # Set by the engine and the pipeline, never by a source (last, so a source's hot loop can pass

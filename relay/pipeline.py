@@ -15,7 +15,6 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import replace
 
 from relay import events
 from relay.dead_letter import DeadLetterFile
@@ -169,7 +168,7 @@ class Pipeline:
             for channel in channels:
                 groups.setdefault(lane_of(channel), []).append(channel)
             for index, group in groups.items():
-                per_lane[index].append(pub if len(groups) == 1 else replace(pub, channels=group))
+                per_lane[index].append(pub if len(groups) == 1 else pub.to_channels(group))
                 pub.message.pending += 1
         return per_lane
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from relay.centrifugo_records import CentrifugoRecord, parse_publication
+from relay.centrifugo_records import CentrifugoRecord, full_record, parse_publication
 from relay.message import Message
 from relay.sources import kafka
 from relay.sources.engine import SourceEngine
@@ -343,7 +343,7 @@ async def test_centrifugo_format_both_forms(kafka_broker: KafkaBroker) -> None:
     emit = Collector()
     async with running(source_for(kafka_broker, topic, unique("g"), format="centrifugo"), emit):
         got = await emit.wait_for(len(records))
-    intents = [m.record for m in got]
+    intents = [full_record(m.record) if m.record is not None else None for m in got]
     errors = [(m.error or None) for m in got]
     # The data as the producer wrote it (json.dumps' spaces kept), as Centrifugo publishes it.
     assert intents[0] == CentrifugoRecord("publish", ("chat:a",), b'{"text": "hi"}', idempotency_key="k1",

@@ -16,6 +16,7 @@ import redis
 from pydantic import ValidationError
 
 from relay import metrics
+from relay.centrifugo_records import full_record
 from relay.config import ConfigError, parse_config
 from relay.message import Message
 from relay.routing import RoutingTable
@@ -197,7 +198,7 @@ async def test_centrifugo_forms_and_poison_entries(redis_server: RedisServer) ->
     ])
     async with running(RedisSource("events", config(redis_server, [stream], format="centrifugo"))) as got:
         messages = await got.wait_for(5)
-    intents = [m.record for m in messages]
+    intents = [full_record(m.record) if m.record is not None else None for m in messages]
     assert intents[0] is not None and (intents[0].channels, intents[0].data) == (("chat:a",), b'{"n": 1}')  # as written
     assert intents[1] is not None and (intents[1].method, intents[1].channels) == (
         "broadcast", ("chat:a", "chat:b"))

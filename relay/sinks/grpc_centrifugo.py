@@ -33,7 +33,7 @@ from relay.proto.centrifugo import api_pb2 as v6
 from relay.proto.centrifugo import api_pb2_grpc as v6_grpc
 from relay.proto.centrifugo_v2 import api_pb2 as v2
 from relay.proto.centrifugo_v2 import api_pb2_grpc as v2_grpc
-from relay.routing import Publication
+from relay.routing import PlainPublication, Publication
 from relay.secrets import Secret, SecretError, load_secret
 from relay.sinks import Failure, Failures
 from relay.tls import channel_credentials, diagnose
@@ -548,7 +548,7 @@ def _encode_all(pubs: list[Publication], keyed: bool) -> tuple[list[bytes], bool
     broadcasts = False
     for pub in pubs:
         channels = pub.channels
-        if len(channels) == 1 and keyed and not (pub.tags or pub.skip_history or pub.delta or pub.version):
+        if type(pub) is PlainPublication and keyed and len(channels) == 1:
             data = pub.data
             key = pub.idempotency_key.encode()
             channel = channel_fields.get(channels[0]) or _channel_field(channels[0])

@@ -544,6 +544,7 @@ def _encode_all(pubs: list[Publication], keyed: bool) -> tuple[list[bytes], bool
     this runs for every publication, and a call per publication costs as much as the writing."""
     encoded: list[bytes] = []
     append = encoded.append
+    join = b"".join  # a tenth cheaper than bytes % (...) for these eleven pieces
     varints, channel_fields = _VARINTS, _CHANNEL_FIELDS
     broadcasts = False
     for pub in pubs:
@@ -555,8 +556,8 @@ def _encode_all(pubs: list[Publication], keyed: bool) -> tuple[list[bytes], bool
             size = len(channel) + len(data) + len(key) + 4 + (len(data) >= 0x80)
             if data and key and size < (1 << 14) - 4 and len(key) < 0x80:  # then every length is in the table
                 length = varints[size]
-                append(b"\n%b\"%b%b\x12%b%b2%b%b" % (varints[1 + len(length) + size], length, channel,
-                                                        varints[len(data)], data, varints[len(key)], key))
+                append(join((b"\n", varints[1 + len(length) + size], b'"', length, channel,
+                             b"\x12", varints[len(data)], data, b"2", varints[len(key)], key)))
                 continue
         broadcasts = broadcasts or len(channels) > 1
         append(encode_command(pub, channels, keyed))

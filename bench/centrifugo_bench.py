@@ -168,10 +168,15 @@ def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False,
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median rate, with every run's rates beside it."""
+    """The run with the median rate, with every run's rates beside it, and the median of the runs'
+    CPU per record (the run of the median rate need not be the run of the median CPU)."""
     middle = dict(sorted(runs, key=lambda r: r["per_second"])[len(runs) // 2])
     middle["runs_per_second"] = [r["per_second"] for r in runs]
     middle["runs_middle_per_second"] = [r["middle_per_second"] for r in runs]
+    cpu = [r["cpu_us_per_record"] for r in runs if r.get("cpu_us_per_record")]
+    if cpu:
+        middle["runs_cpu_us_per_record"] = cpu
+        middle["median_cpu_us_per_record"] = sorted(cpu)[len(cpu) // 2]
     return middle
 
 

@@ -61,12 +61,15 @@ class Commands:
         return out
 
 
-def add(server: RedisServer, stream: str, entries: list[dict[str, str]]) -> None:
+def add(server: RedisServer, stream: str, entries: list[dict[str, str]], ids: list[str] | None = None) -> None:
+    """XADD the entries, with ids given (an entry already added under its id is left as it is) or not."""
     with redis.Redis(port=server.port) as client:
         pipe = client.pipeline(transaction=False)
-        for fields in entries:
-            pipe.xadd(stream, fields)  # type: ignore[arg-type]
-        pipe.execute()
+        for i, fields in enumerate(entries):
+            pipe.xadd(stream, fields, id=ids[i] if ids else "*")  # type: ignore[arg-type]
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception) and "equal or smaller" not in str(result):
+                raise result
 
 
 class Producer(threading.Thread):
@@ -81,10 +84,16 @@ class Producer(threading.Thread):
 
     def run(self) -> None:
         try:
+            last_ms = 0
             for batch in self.batches:
+                # Ids fixed before the first try: when Redis is killed after adding a batch but before
+                # answering, trying again must not add the batch twice (the relay would rightly
+                # deliver both copies). Later than anything added before the producer started.
+                last_ms = max(int(time.time() * 1000) + 1, last_ms + 1)
+                ids = [f"{last_ms}-{i + 1}" for i in range(len(batch))]
                 while True:
                     try:
-                        add(self.server, self.stream, batch)
+                        add(self.server, self.stream, batch, ids)
                         break
                     except redis.ConnectionError:  # the test restarts Redis: try again
                         time.sleep(0.1)

@@ -44,7 +44,7 @@ def child(scenario: str, count: int) -> float:
     """Run one scenario in this process (the relay tree is whatever PYTHONPATH gives); CPU µs per record."""
     import uvloop
 
-    from relay.centrifugo_records import plain_publish, read_publication
+    from relay.centrifugo_records import read_publication
     from relay.config import parse_config
     from relay.dead_letter import DeadLetterFile
     from relay.message import NOTHING, Message
@@ -74,9 +74,7 @@ def child(scenario: str, count: int) -> float:
             for offset in range(self.offset, self.offset + n):
                 value = self.values[offset % len(self.values)]
                 if self.centrifugo:
-                    parsed, error = plain_publish(value), ""
-                    if parsed is None:
-                        parsed, error = read_publication(value, NOTHING)
+                    parsed, error = read_publication(value, NOTHING)
                     messages.append(Message(self.name, value, "bench/0", offset, None, NOTHING, NOTHING, read_at,
                                             parsed, error))
                 else:

@@ -67,10 +67,6 @@ class Message:
             return f"{self.source}/{self.stream}/{self.offset}{suffix}"
         return f"{self.source}/{self.offset}{suffix}"
 
-    def key_prefix(self) -> str:
-        """What `position_key` puts before the offset: the same for every message of a stream."""
-        return f"{self.source}/{self.stream}/" if self.stream else f"{self.source}/"
-
     def settle(self) -> None:
         """Called by the pipeline when nothing more is owed for this message."""
         self.on_settled(self)

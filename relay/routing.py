@@ -343,17 +343,13 @@ class RoutingTable:
         route_into = self.route_into
         append = pubs.append
         quick_routes = self._quick
-        source = stream = None
-        prefix = ""  # position_key's prefix, made once per stream (a chunk is one stream's)
         for message in messages:
             record = message.record
             if message.error:
                 route_into(message, pubs, rejects)
             elif type(record) is tuple:  # a PlainRecord (route_into's first case, inline)
-                if message.stream is not stream or message.source is not source:
-                    source, stream, prefix = message.source, message.stream, message.key_prefix()
                 channels, data = record  # type: ignore[misc]  # mypy does not narrow by `type() is`
-                append(PlainPublication(channels, data, message, f"{prefix}{message.offset}#c"))
+                append(PlainPublication(channels, data, message, message.position_key("#c")))
             elif record is None and (quick := quick_routes.get(message.source)) is not None \
                     and (pub := quick.quick(message)) is not None:
                 append(pub)

@@ -199,8 +199,8 @@ def test_a_centrifugo_command_other_than_publish_is_a_dead_letter_naming_the_met
 
 
 def test_a_chunk_of_plain_records_gets_the_keys_each_message_would_get_alone() -> None:
-    # route_chunk builds the common record's key from its stream's prefix: it must be the key
-    # route_into gives (position + "#c"), with a stream and without, and across streams.
+    # route_chunk writes the common record's way inline: its key must be the one route_into gives
+    # (position + "#c"), with a stream and without, and across streams.
     value = b'{"method":"publish","payload":{"channel":"chat:a","data":{"n":1}}}'
     record, _ = read_publication(value, {})
     messages = [Message("kafka", value, stream, offset, record=record)

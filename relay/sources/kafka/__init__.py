@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from relay import events
 from relay.addresses import parse_host_port
-from relay.centrifugo_records import CentrifugoRecord, PlainRecord, plain_publish, read_publication
+from relay.centrifugo_records import read_publication
 from relay.message import NOTHING, Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import READ_MAX, Batch, Revoke, SourceFatal, SourceUnavailable
@@ -407,11 +407,7 @@ class KafkaSource:
             offset = record.offset
             key = record.key
             if centrifugo:  # the record names its channels: no route reads attributes
-                # The common record first, in one call: read_publication costs a call more.
-                parsed: PlainRecord | CentrifugoRecord | None = None if raw_headers else plain_publish(value)
-                error = ""
-                if parsed is None:
-                    parsed, error = read_publication(value, headers)
+                parsed, error = read_publication(value, headers)
                 append(Message(name, value, stream, offset, None if key is None else key.decode("utf-8", "replace"),
                                headers, NOTHING, read_at, parsed, error))
                 continue

@@ -61,7 +61,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from relay import events
-from relay.centrifugo_records import CentrifugoRecord, PlainRecord, plain_publish, read_publication
+from relay.centrifugo_records import read_publication
 from relay.message import NOTHING, Message
 from relay.secrets import SecretError, load_secret
 from relay.sources.engine import Batch, SourceUnavailable
@@ -654,11 +654,7 @@ class NatsReader:
             return messages
         for seq, (_, _, header, data) in zip(seqs, deliveries, strict=True):
             fields = headers(header) if header else NOTHING
-            # The common record first, in one call: read_publication costs a call more.
-            record: PlainRecord | CentrifugoRecord | None = None if header else plain_publish(data)
-            error = ""
-            if record is None:
-                record, error = read_publication(data, fields)
+            record, error = read_publication(data, fields)
             # The record names its channels: no route reads attributes.
             append(Message(name, data, stream, seq, None, fields, NOTHING, read_at, record, error))
         return messages

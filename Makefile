@@ -1,5 +1,10 @@
 # centrifugo-relay: `make run` and `make test` are all the set-up a new machine needs.
-PYTHON ?= python3
+# The interpreter the venv is made from: the distribution's /usr/bin/python3 when it is 3.11 or newer,
+# else python3 from PATH; `make PYTHON=...` picks another. The relay spends about a tenth less CPU
+# per record on Debian's python3.11 (linked statically) than on pyenv's default build (a shared
+# libpython, no PGO): README.md, "Which Python"; bench/interpreter_bench.py measures it.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+            && echo /usr/bin/python3 || echo python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

@@ -101,12 +101,13 @@ def _centrifugo_rate(broker: KafkaBroker, topic: str, group: str, count: int, wo
     return consumer_rate(consumer, count, workdir, timeline=True)
 
 
-def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0) -> dict[str, Any]:
-    """The relay drains the topic into a Centrifugo with no consumer of its own."""
+def relay_rate(broker: KafkaBroker, topic: str, count: int, workdir: Path, turn: int = 0,
+               python: str = sys.executable) -> dict[str, Any]:
+    """The relay (run by `python`) drains the topic into a Centrifugo with no consumer of its own."""
     body = "\n".join([
         "[sources.events]", 'type = "kafka"', 'format = "centrifugo"', f'brokers = ["{broker.bootstrap}"]',
         f'topics = ["{topic}"]', f'group_id = "relay-{topic}-{turn}"'])
-    return source_rate(body, count, workdir, timeline=True)
+    return source_rate(body, count, workdir, timeline=True, python=python)
 
 
 def consumer_rate(consumer: dict[str, Any], count: int, workdir: Path, *, timeline: bool = False) -> dict[str, Any]:
@@ -134,16 +135,16 @@ def consumer_rate(consumer: dict[str, Any], count: int, workdir: Path, *, timeli
 
 
 def source_rate(body: str, count: int, workdir: Path, *, timeline: bool = False,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The relay with the source table `body` (and `env`, its secrets) drains it into a Centrifugo with
-    no consumer of its own."""
+                env: dict[str, str] | None = None, python: str = sys.executable) -> dict[str, Any]:
+    """The relay (run by `python`) with the source table `body` (and `env`, its secrets) drains it
+    into a Centrifugo with no consumer of its own."""
     server = rig.centrifugo(workdir / "centrifugo", {"log": {"level": "warn"}})
     try:
         with rig.StreamCounter(server.grpc_address, CHANNELS, api_key=server.api_key) as counter:
             started = time.perf_counter()
             cpu_server = rig.cpu_seconds(server.process.pid)
             relay = rig.start_relay(workdir / "relay", server.grpc_address, body, api_key=server.api_key, env=env,
-                                    metrics=True)
+                                    metrics=True, python=python)
             try:
                 result = counter.wait_for(count, alive=relay.alive, timeout=900,
                                           cpu_of=relay.process.pid)  # type: ignore[union-attr]

@@ -98,13 +98,25 @@ class ServerProcess:
 
 
 def start_relay(workdir: Path, address: str, body: str, api_key: str = API_KEY, sink: str = "",
-                metrics: bool = False, env: dict[str, str] | None = None) -> RelayProcess:
+                metrics: bool = False, env: dict[str, str] | None = None,
+                python: str = sys.executable) -> RelayProcess:
     """`relay run` with `body` (sources and routes) publishing to `address`; its log is in workdir;
-    `env` adds variables (a source's secrets)."""
+    `env` adds variables (a source's secrets); `python` runs it."""
     config = "\n".join([
         "[relay]", f'state_dir = "{workdir}/state"', 'log_level = "warning"',
         "[sink]", f'address = "{address}"', f'api_key_env = "{KEY_ENV}"', sink, body])
-    return RelayProcess(workdir, config, env={KEY_ENV: api_key, **(env or {})}, metrics=metrics).start()
+    return RelayProcess(workdir, config, env={KEY_ENV: api_key, **(env or {})}, metrics=metrics,
+                        python=python).start()
+
+
+def interpreter(python: str = sys.executable) -> str:
+    """An interpreter's version, where it really is, and whether it loads libpython as a shared
+    library (README.md, "Which Python": that and PGO move the relay's CPU per record)."""
+    real = os.path.realpath(python)
+    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    linked = subprocess.run(["ldd", real], capture_output=True, text=True).stdout
+    return f"{version} ({real}, libpython {'shared' if 'libpython' in linked else 'static'})"
 
 
 def batch_mean(relay: RelayProcess) -> float:

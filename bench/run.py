@@ -187,7 +187,7 @@ def machine() -> dict[str, Any]:
     changed = _first_line(["sh", "-c", "git status --porcelain -- relay | wc -l"])
     return {
         "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
+        "kernel": platform.release(), "python": rig.interpreter(),
         "packages": {name: _version(name) for name in
                      ("grpcio", "protobuf", "aiokafka", "uvloop", "pydantic", "matplotlib")},
         "kafka": f"Apache Kafka {rig.kafka_version()} (one KRaft node)",

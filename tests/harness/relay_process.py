@@ -18,8 +18,9 @@ class RelayProcess:
     """A relay run from a config file written into `workdir`; stderr goes to a log file."""
 
     def __init__(self, workdir: Path, config_text: str, env: dict[str, str] | None = None,
-                 metrics: bool = True) -> None:
+                 metrics: bool = True, python: str = sys.executable) -> None:
         self.workdir = workdir
+        self.python = python  # the interpreter (of a venv with the relay installed) that runs it
         workdir.mkdir(parents=True, exist_ok=True)
         self.metrics_port = free_port() if metrics else 0
         listen = f'"127.0.0.1:{self.metrics_port}"' if metrics else '""'
@@ -40,7 +41,7 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         self.runs += 1
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen([sys.executable, "-m", "relay", "run", "-c", str(self.config_path)],
+        self.process = subprocess.Popen([self.python, "-m", "relay", "run", "-c", str(self.config_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
         log.close()
         return self

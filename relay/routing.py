@@ -187,6 +187,9 @@ class Route:
             member = name[5:] if name.startswith("json.") and "." not in name[5:] else None
             if name == "key" or member is not None:
                 self._one_field = (self._single.literals[0], member, self._single.literals[1])
+        # The one field's values seen → their well-formed channel, as the one list every publication
+        # to it shares (bounded like _GOOD_CHANNELS): no string, list or check made per message.
+        self._channels_of: dict[str, list[str]] = {}
         self._key_suffix = f"#{index}"  # one message may feed several routes: one key each
         self._skip_history = config.skip_history
 
@@ -244,18 +247,30 @@ class Route:
                 value = msg.key if member is None else parsed.get(member) if type(parsed) is dict else None
                 if type(value) is not str:  # missing, or a JSON value written out: `build` decides
                     return None
-                channel: str | None = before + value + after
+                channels = self._channels_of.get(value) or self._good_channels(value, before + value + after)
             else:
                 try:
                     channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
                 except TemplateError:
                     return None
-            if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
+                if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
+                    return None
+                channels = [channel]
+            if channels is None:
                 return None
-            channels = [channel]
         if self._skip_history:
             return Publication(channels, data, msg, msg.position_key(self._key_suffix), NO_TAGS, True)
         return PlainPublication(channels, data, msg, msg.position_key(self._key_suffix))
+
+    def _good_channels(self, value: str, channel: str) -> list[str] | None:
+        """`[channel]`, remembered for the field's `value`, once `build` found the channel well-formed;
+        None before (`build` checks it and says why when it is not)."""
+        if channel not in _GOOD_CHANNELS:
+            return None
+        if len(self._channels_of) >= GOOD_CHANNELS_MAX:
+            self._channels_of.clear()
+        channels = self._channels_of[value] = [channel]
+        return channels
 
     def _data(self, fields: _Fields) -> bytes:
         msg = fields.message

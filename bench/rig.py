@@ -115,6 +115,8 @@ def interpreter(python: str = sys.executable) -> str:
     real = os.path.realpath(python)
     version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                              capture_output=True, text=True, check=True).stdout.strip()
+    if shutil.which("ldd") is None:
+        return f"{version} ({real})"
     linked = subprocess.run(["ldd", real], capture_output=True, text=True).stdout
     return f"{version} ({real}, libpython {'shared' if 'libpython' in linked else 'static'})"
 

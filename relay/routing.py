@@ -248,6 +248,8 @@ class Route:
                 if type(value) is not str:  # missing, or a JSON value written out: `build` decides
                     return None
                 channels = self._channels_of.get(value) or self._good_channels(value, before + value + after)
+                if channels is None:
+                    return None
             else:
                 try:
                     channel = self._single.render(_Fields(msg, parsed).get) if self._single is not None else None
@@ -256,8 +258,6 @@ class Route:
                 if channel is None or channel not in _GOOD_CHANNELS:  # checked (and remembered) by `build`
                     return None
                 channels = [channel]
-            if channels is None:
-                return None
         if self._skip_history:
             return Publication(channels, data, msg, msg.position_key(self._key_suffix), NO_TAGS, True)
         return PlainPublication(channels, data, msg, msg.position_key(self._key_suffix))

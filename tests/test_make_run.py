@@ -103,11 +103,11 @@ def test_make_run_then_relay_tail_shows_ticks(tmp_path: Path) -> None:
     assert "stopped" in out
 
 
-def _venv_command(*make_args: str, env: dict[str, str] | None = None) -> str:
+def _venv_command(*make_args: str) -> str:
     """The command `make` would make a new venv with (dry run, into a venv path that does not exist)."""
     out = subprocess.run(["make", "-n", "-s", "VENV=/nonexistent/venv", "/nonexistent/venv/.installed", *make_args],
                          cwd=REPO, capture_output=True, text=True, check=True,
-                         env={k: v for k, v in (env or os.environ).items() if k != "PYTHON"}).stdout
+                         env={k: v for k, v in os.environ.items() if k != "PYTHON"}).stdout
     return out.splitlines()[0]
 
 

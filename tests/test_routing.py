@@ -260,3 +260,26 @@ def test_a_chunk_routes_as_each_message_alone(route: str, unmatched: str) -> Non
     assert [seen(p) for p in pubs] == [seen(p) for result in alone for p in result[0]]
     assert rejects == [r for result in alone for r in result[1]]
     assert pubs and rejects
+
+
+def test_channels_remembered_by_key_stay_bounded_and_right() -> None:
+    # The quick way remembers each key's checked channel: keys come from producers, so what it keeps
+    # must stay bounded, and every publication must still get its own key's channel.
+    from relay.routing import _GOOD_CHANNELS, GOOD_CHANNELS_MAX
+    _GOOD_CHANNELS.clear()  # a cache shared with every test before: start with room in it
+    routes = table('[[routes]]\nsource = "events"\nchannel = "chat:{{ key }}"\n')
+    quick = routes._quick["events"]
+
+    def route_twice(keys: list[str]) -> None:  # the second time each channel is known: the quick way
+        for _ in range(2):
+            pubs: list[Publication] = []
+            rejects: list[Rejection] = []
+            routes.route_chunk([Message("events", b"{}", "s/0", i, key=k) for i, k in enumerate(keys)], pubs,
+                               rejects)
+            assert rejects == []
+            assert [p.channels for p in pubs] == [[f"chat:{k}"] for k in keys]
+
+    route_twice([f"a{i}" for i in range(3000)])
+    assert len(quick._channels_of) == 3000
+    route_twice([f"b{i}" for i in range(GOOD_CHANNELS_MAX)])
+    assert len(quick._channels_of) <= GOOD_CHANNELS_MAX
